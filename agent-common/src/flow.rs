@@ -1,0 +1,150 @@
+//! The flow table: one entry per tracked TCP connection to a watched backend port.
+
+/// Identifies a connection from the node's point of view. IPv4 addresses are stored
+/// IPv4-mapped (`::ffff:a.b.c.d`) so one map holds both families. Ports are in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The peer's (client's) address.
+    pub client_addr: [u8; 16],
+    /// The node's local address the client connected to.
+    pub server_addr: [u8; 16],
+    /// The peer's port.
+    pub client_port: u16,
+    /// The node's local port (a configured backend port).
+    pub server_port: u16,
+}
+
+/// `Flow::state`: the node sent SYN-ACK, the client has not acknowledged it yet.
+pub const FLOW_SYN_RECEIVED: u32 = 1;
+/// `Flow::state`: handshake complete; counted in `established`.
+pub const FLOW_ESTABLISHED: u32 = 2;
+
+/// `Flow::counted_in_flight`: counted as idle in the aggregates.
+pub const COUNTED_IDLE: u64 = 0;
+/// `Flow::counted_in_flight`: counted as in flight in the aggregates.
+pub const COUNTED_IN_FLIGHT: u64 = 1;
+/// `Flow::counted_in_flight`: the flow is being removed; no further transition may touch the
+/// aggregates. Written by whoever wins the removal (kernel on FIN/RST, userspace GC).
+pub const COUNTED_REMOVED: u64 = 2;
+
+/// `Flow::fin_seen` bit: the client sent FIN.
+pub const FIN_FROM_CLIENT: u32 = 1;
+/// `Flow::fin_seen` bit: the node sent FIN.
+pub const FIN_FROM_SERVER: u32 = 2;
+
+/// State of one tracked connection. Sequence numbers are raw TCP sequence numbers and are
+/// compared modulo 2^32 (see docs/accounting.md).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// Index of the backend the server port belongs to.
+    pub backend: u32,
+    /// `FLOW_SYN_RECEIVED` or `FLOW_ESTABLISHED`.
+    pub state: u32,
+    /// 1 when the client's newest payload arrived after the node's newest payload: a request
+    /// the node has not started answering.
+    pub request_pending: u32,
+    /// The node's initial sequence number (from its SYN-ACK).
+    pub server_isn: u32,
+    /// Sequence number just past the newest client payload seen.
+    pub client_next_seq: u32,
+    /// Sequence number just past the newest payload (or SYN) the node sent.
+    pub server_next_seq: u32,
+    /// Highest acknowledgment number the client sent: node bytes before it are delivered.
+    pub client_acked: u32,
+    /// `FIN_FROM_CLIENT` | `FIN_FROM_SERVER` bits.
+    pub fin_seen: u32,
+    /// Which aggregate this flow is counted in: `COUNTED_IDLE`, `COUNTED_IN_FLIGHT` or
+    /// `COUNTED_REMOVED`. Changed only by atomic compare-and-swap so that concurrent packets
+    /// in both directions apply each transition to the aggregates exactly once. 64 bits
+    /// because the BPF target has 64-bit atomics only (32-bit ones need alu32).
+    pub counted_in_flight: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the last packet in either direction (for garbage
+    /// collection of vanished flows).
+    pub last_seen_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: repr(C), integer fields only, sizes chosen so there is no implicit padding.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: as above; eight u32 fields put the u64 fields on their alignment.
+    unsafe impl aya::Pod for super::Flow {}
+}
+
+/// `a` is after `b` in TCP sequence space (RFC 793 modular comparison).
+#[inline(always)]
+pub fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// Whether a flow carries work the node has not finished: a request not yet answered, or
+/// response bytes the client has not acknowledged. The kernel and userspace's seeding both
+/// decide with this one function.
+#[inline(always)]
+pub fn carries_work(flow: &Flow) -> bool {
+    flow.state == FLOW_ESTABLISHED
+        && (flow.request_pending != 0 || seq_after(flow.server_next_seq, flow.client_acked))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_has_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<FlowKey>(), 36);
+        assert_eq!(core::mem::size_of::<Flow>(), 8 * 4 + 2 * 8);
+    }
+
+    #[test]
+    fn sequence_comparison_wraps() {
+        assert!(seq_after(1, 0));
+        assert!(!seq_after(0, 0));
+        assert!(seq_after(5, u32::MAX - 5));
+        assert!(!seq_after(u32::MAX - 5, 5));
+    }
+
+    fn established() -> Flow {
+        Flow {
+            state: FLOW_ESTABLISHED,
+            server_next_seq: 1001,
+            client_acked: 1001,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn idle_when_everything_is_acknowledged_and_nothing_is_asked() {
+        assert!(!carries_work(&established()));
+    }
+
+    #[test]
+    fn in_flight_while_a_request_is_pending() {
+        let flow = Flow {
+            request_pending: 1,
+            ..established()
+        };
+        assert!(carries_work(&flow));
+    }
+
+    #[test]
+    fn in_flight_while_response_bytes_are_unacknowledged() {
+        let flow = Flow {
+            server_next_seq: 5001,
+            ..established()
+        };
+        assert!(carries_work(&flow));
+    }
+
+    #[test]
+    fn half_open_handshake_is_never_in_flight() {
+        let flow = Flow {
+            state: FLOW_SYN_RECEIVED,
+            request_pending: 1,
+            ..established()
+        };
+        assert!(!carries_work(&flow));
+    }
+}

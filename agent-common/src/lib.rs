@@ -1,0 +1,29 @@
+//! Wire types shared by the kernel programs (`drain-agent-ebpf`) and userspace (`drain-agent`).
+//!
+//! Everything here is `#[repr(C)]` with explicit padding, and uses integer constants instead of
+//! `bool`/enums so that any bit pattern the other side writes is a valid value.
+#![no_std]
+
+pub mod counters;
+pub mod flow;
+
+/// Names of the maps and programs in the eBPF object. The eBPF crate's `#[map]` statics carry
+/// the same names (the macro takes a literal), and userspace looks them up through these.
+pub mod names {
+    /// `Array<u32>` indexed by local TCP port: 0 = not watched, otherwise backend index + 1.
+    pub const BACKEND_BY_PORT: &str = "BACKEND_BY_PORT";
+    /// `HashMap<FlowKey, Flow>`: one entry per tracked connection.
+    pub const FLOWS: &str = "FLOWS";
+    /// `PerCpuArray<BackendCounters>` indexed by backend index.
+    pub const BACKEND_COUNTERS: &str = "BACKEND_COUNTERS";
+    /// TC classifier for packets arriving at the node (client → server).
+    pub const INGRESS_PROGRAM: &str = "drain_ingress";
+    /// TC classifier for packets leaving the node (server → client).
+    pub const EGRESS_PROGRAM: &str = "drain_egress";
+}
+
+/// Most backends one agent can watch (size of the per-backend counter array).
+pub const MAX_BACKENDS: u32 = 64;
+
+/// Default number of connections the flow table holds; `flow_table_size` in the config changes it.
+pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;

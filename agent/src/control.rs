@@ -1,0 +1,221 @@
+//! The control socket: a Unix stream socket carrying one JSON request line and one JSON
+//! response line per connection. The CLI is its client.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::{fs::PermissionsExt as _, net::UnixStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tracing::{debug, warn};
+
+use crate::status::Status;
+
+/// Longest request line accepted; anything longer is refused, not buffered.
+const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a client asks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    /// The agent's status.
+    Status,
+}
+
+/// What the agent answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Response {
+    Status(Status),
+    Error { message: String },
+}
+
+/// Problems talking to (or serving) the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "cannot reach the agent at {path}: {source}. Is `drain-agent run` running, and is \
+         this the control_socket from its config?"
+    )]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the agent at {path} failed: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent at {path} sent an answer that is not understood: {source}")]
+    Protocol {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the agent refused: {0}")]
+    Refused(String),
+    #[error(
+        "another drain-agent already serves the control socket {0}: stop it first, or give \
+         this one a different control_socket"
+    )]
+    InUse(PathBuf),
+    #[error("cannot create the control socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Sends one request and waits for the answer.
+pub fn request(path: &Path, request: &Request) -> Result<Response, ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io)?;
+    let mut line = serde_json::to_vec(request).expect("requests serialize");
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    let response: Response =
+        serde_json::from_str(&answer).map_err(|source| ControlError::Protocol {
+            path: path.to_owned(),
+            source,
+        })?;
+    match response {
+        Response::Error { message } => Err(ControlError::Refused(message)),
+        other => Ok(other),
+    }
+}
+
+/// Binds the control socket: creates its directory, replaces a stale socket file left by a
+/// dead agent, refuses to steal one a live agent still serves, and allows only the owner.
+pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {
+    let bind_error = |source| ControlError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(bind_error)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(ControlError::InUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(bind_error)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(bind_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
+    Ok(listener)
+}
+
+/// Serves connections until the task is dropped. `answer` computes the reply to a request.
+pub async fn serve<F>(listener: tokio::net::UnixListener, answer: F)
+where
+    F: Fn(Request) -> Response + Clone + Send + 'static,
+{
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(connection) => connection,
+            Err(err) => {
+                warn!(%err, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let answer = answer.clone();
+        tokio::spawn(async move {
+            if let Err(err) = handle(stream, answer).await {
+                debug!(%err, "control connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle<F>(stream: tokio::net::UnixStream, answer: F) -> std::io::Result<()>
+where
+    F: Fn(Request) -> Response,
+{
+    let (read, mut write) = stream.into_split();
+    let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST_BYTES);
+    let mut line = String::new();
+    let response = match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+        Err(_) => Response::Error {
+            message: "no request within 5s".into(),
+        },
+        Ok(Err(err)) => Response::Error {
+            message: format!("unreadable request: {err}"),
+        },
+        Ok(Ok(_)) if !line.ends_with('\n') => Response::Error {
+            message: format!("request must be one JSON line of at most {MAX_REQUEST_BYTES} bytes"),
+        },
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
+            Ok(request) => answer(request),
+            Err(err) => Response::Error {
+                message: format!(
+                    "malformed request ({err}); expected e.g. {{\"command\":\"status\"}}"
+                ),
+            },
+        },
+    };
+    let mut out = serde_json::to_vec(&response).expect("responses serialize");
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format() {
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"command":"status"}"#
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"command":"reboot"}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn garbage_gets_an_error_and_status_an_answer() {
+        let dir = std::env::temp_dir().join(format!("drain-agent-control-{}", std::process::id()));
+        let path = dir.join("control.sock");
+        let listener = bind(&path).unwrap();
+        let server = tokio::spawn(serve(listener, |request| match request {
+            Request::Status => Response::Error {
+                message: "status seen".into(),
+            },
+        }));
+        let client_path = path.clone();
+        let (garbage, status) = tokio::task::spawn_blocking(move || {
+            let mut stream = UnixStream::connect(&client_path).unwrap();
+            stream.write_all(b"not json\n").unwrap();
+            let mut answer = String::new();
+            BufReader::new(stream).read_line(&mut answer).unwrap();
+            (answer, request(&client_path, &Request::Status))
+        })
+        .await
+        .unwrap();
+        assert!(garbage.contains("malformed request"), "{garbage}");
+        assert!(matches!(status, Err(ControlError::Refused(m)) if m == "status seen"));
+        assert!(matches!(bind(&path), Err(ControlError::InUse(_))));
+        server.abort();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -1,0 +1,126 @@
+//! Where connection numbers come from: the eBPF programs, or /proc in degraded mode.
+
+pub mod ebpf;
+pub mod procfs;
+pub mod sockets;
+
+use std::time::Duration;
+
+use crate::config::Config;
+
+/// Which source `run --kernel` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelMode {
+    /// TC programs track every connection; in-flight and idle are exact.
+    Ebpf,
+    /// Degraded: counts established sockets from /proc/net/tcp{,6}; no in-flight tracking.
+    Procfs,
+}
+
+impl KernelMode {
+    /// The name status reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KernelMode::Ebpf => "ebpf",
+            KernelMode::Procfs => "procfs",
+        }
+    }
+}
+
+/// One backend's numbers at one moment. `None` where the source cannot know.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendSample {
+    /// Flow-table entries (eBPF mode).
+    pub tracked: Option<u64>,
+    pub established: u64,
+    pub in_flight: Option<u64>,
+    pub accepted: Option<u64>,
+    pub closed: Option<u64>,
+    pub reset_by_client: Option<u64>,
+    pub reset_by_server: Option<u64>,
+    pub flow_table_full: Option<u64>,
+    pub vanished: Option<u64>,
+    /// Time since the last in-flight → idle transition.
+    pub since_last_idle: Option<Duration>,
+}
+
+/// A loaded connection source.
+pub enum Tracker {
+    Ebpf(Box<ebpf::EbpfTracker>),
+    Procfs(procfs::ProcfsTracker),
+}
+
+impl Tracker {
+    /// Loads the chosen source for `config`.
+    pub fn start(config: &Config, mode: KernelMode) -> Result<Tracker, TrackerError> {
+        Ok(match mode {
+            KernelMode::Ebpf => Tracker::Ebpf(Box::new(ebpf::EbpfTracker::start(config)?)),
+            KernelMode::Procfs => Tracker::Procfs(procfs::ProcfsTracker::new(config)),
+        })
+    }
+
+    pub fn mode(&self) -> KernelMode {
+        match self {
+            Tracker::Ebpf(_) => KernelMode::Ebpf,
+            Tracker::Procfs(_) => KernelMode::Procfs,
+        }
+    }
+
+    /// Current numbers per backend, in config order. O(backends × CPUs) in eBPF mode.
+    pub fn sample(&self) -> Result<Vec<BackendSample>, TrackerError> {
+        match self {
+            Tracker::Ebpf(tracker) => tracker.sample(),
+            Tracker::Procfs(tracker) => tracker.sample(),
+        }
+    }
+
+    /// Size of the kernel flow table (eBPF mode).
+    pub fn flow_table_size(&self) -> Option<u32> {
+        match self {
+            Tracker::Ebpf(tracker) => Some(tracker.flow_table_size()),
+            Tracker::Procfs(_) => None,
+        }
+    }
+
+    /// Removes tracked connections whose socket is gone (eBPF mode); returns how many.
+    pub fn collect_garbage(&mut self) -> Result<u64, TrackerError> {
+        match self {
+            Tracker::Ebpf(tracker) => tracker.collect_garbage(),
+            Tracker::Procfs(_) => Ok(0),
+        }
+    }
+}
+
+/// Why the connection source could not start or be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error(
+        "the eBPF programs could not be loaded: {source}. drain-agent needs CAP_BPF, \
+         CAP_NET_ADMIN and CAP_PERFMON (run it as root, or grant them in the systemd unit) and a \
+         kernel >= 6.6 with BTF. Where that cannot be had, `drain-agent run --kernel procfs` \
+         counts established connections only, without in-flight tracking"
+    )]
+    Load {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "kernel {found} is too old: drain-agent attaches its TC programs as links (TCX, kernel \
+         >= 6.6) so that they detach when the agent stops and the node keeps serving. Upgrade \
+         the kernel, or run with `--kernel procfs` (established connections only)"
+    )]
+    KernelTooOld { found: String },
+    #[error("could not attach the {direction} program to interface `{interface}`: {source}")]
+    Attach {
+        interface: String,
+        direction: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("reading {what} failed: {source}")]
+    Read {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}

@@ -1,0 +1,49 @@
+"""A small WSGI API for drain-agent's tests, served by gunicorn (gthread, keep-alive).
+
+GET /            -> 200 "ok"
+GET /slow?ms=N   -> sleeps N ms, then 200
+GET /bytes?n=N   -> N bytes of body, streamed in 64 KiB chunks
+Every response carries X-API-Version from $API_VERSION (default "1.0").
+"""
+import os
+import time
+from urllib.parse import parse_qs
+
+VERSION = os.environ.get("API_VERSION", "1.0")
+CHUNK = b"x" * 65536
+
+
+def _int(query, name, default):
+    try:
+        return max(0, int(query.get(name, [default])[0]))
+    except ValueError:
+        return default
+
+
+def app(environ, start_response):
+    path = environ.get("PATH_INFO", "/")
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    headers = [("X-API-Version", VERSION)]
+    if path == "/slow":
+        time.sleep(_int(query, "ms", 1000) / 1000.0)
+        body = b"slow ok\n"
+    elif path == "/bytes":
+        n = _int(query, "n", 0)
+        start_response("200 OK", headers + [("Content-Type", "application/octet-stream"),
+                                            ("Content-Length", str(n))])
+        return _stream(n)
+    elif path in ("/", "/healthz"):
+        body = b"ok\n"
+    else:
+        start_response("404 Not Found", headers + [("Content-Length", "10")])
+        return [b"not found\n"]
+    start_response("200 OK", headers + [("Content-Type", "text/plain"),
+                                        ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def _stream(n):
+    while n > 0:
+        part = CHUNK if n >= len(CHUNK) else CHUNK[:n]
+        n -= len(part)
+        yield part
