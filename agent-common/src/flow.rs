@@ -55,6 +55,11 @@ pub struct Flow {
     pub client_acked: u32,
     /// `FIN_FROM_CLIENT` | `FIN_FROM_SERVER` bits.
     pub fin_seen: u32,
+    /// 1 when the client's latest ACK advertised a zero receive window: the node holds
+    /// response bytes it may not send yet, although everything it sent is acknowledged.
+    pub client_window_closed: u32,
+    /// Explicit padding: keeps the u64 fields aligned without an implicit hole.
+    pub _padding: u32,
     /// Which aggregate this flow is counted in: `COUNTED_IDLE`, `COUNTED_IN_FLIGHT` or
     /// `COUNTED_REMOVED`. Changed only by atomic compare-and-swap so that concurrent packets
     /// in both directions apply each transition to the aggregates exactly once. 64 bits
@@ -69,7 +74,7 @@ pub struct Flow {
 mod user {
     // SAFETY: repr(C), integer fields only, sizes chosen so there is no implicit padding.
     unsafe impl aya::Pod for super::FlowKey {}
-    // SAFETY: as above; eight u32 fields put the u64 fields on their alignment.
+    // SAFETY: as above; ten u32 fields (one of them padding) align the u64 fields.
     unsafe impl aya::Pod for super::Flow {}
 }
 
@@ -79,13 +84,15 @@ pub fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
-/// Whether a flow carries work the node has not finished: a request not yet answered, or
-/// response bytes the client has not acknowledged. The kernel and userspace's seeding both
-/// decide with this one function.
+/// Whether a flow carries work the node has not finished: a request not yet answered,
+/// response bytes the client has not acknowledged, or a response stalled by the client's
+/// closed receive window (docs/accounting.md).
 #[inline(always)]
 pub fn carries_work(flow: &Flow) -> bool {
     flow.state == FLOW_ESTABLISHED
-        && (flow.request_pending != 0 || seq_after(flow.server_next_seq, flow.client_acked))
+        && (flow.request_pending != 0
+            || seq_after(flow.server_next_seq, flow.client_acked)
+            || flow.client_window_closed != 0)
 }
 
 #[cfg(test)]
@@ -95,7 +102,7 @@ mod tests {
     #[test]
     fn layout_has_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 36);
-        assert_eq!(core::mem::size_of::<Flow>(), 8 * 4 + 2 * 8);
+        assert_eq!(core::mem::size_of::<Flow>(), 10 * 4 + 2 * 8);
     }
 
     #[test]
@@ -133,6 +140,15 @@ mod tests {
     fn in_flight_while_response_bytes_are_unacknowledged() {
         let flow = Flow {
             server_next_seq: 5001,
+            ..established()
+        };
+        assert!(carries_work(&flow));
+    }
+
+    #[test]
+    fn in_flight_while_the_client_window_is_closed() {
+        let flow = Flow {
+            client_window_closed: 1,
             ..established()
         };
         assert!(carries_work(&flow));

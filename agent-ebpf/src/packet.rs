@@ -37,6 +37,8 @@ pub struct Segment {
     pub seq: u32,
     pub ack: u32,
     pub flags: u8,
+    /// The raw (unscaled) receive window; only "zero or not" is used.
+    pub window: u16,
     pub payload_len: u32,
 }
 
@@ -105,6 +107,7 @@ pub fn parse(ctx: &TcContext, direction: Direction) -> Option<Segment> {
         seq: u32::from_be_bytes(tcp.seq),
         ack: u32::from_be_bytes(tcp.ack_seq),
         flags,
+        window: u16::from_be_bytes(tcp.window),
         payload_len,
     })
 }

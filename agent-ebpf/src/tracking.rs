@@ -67,8 +67,14 @@ pub fn from_client(segment: &Segment) {
             counters.accepted += 1;
         }
     }
-    if segment.has(TCP_ACK) && seq_after(segment.ack, flow.client_acked) {
-        flow.client_acked = segment.ack;
+    if segment.has(TCP_ACK) {
+        if seq_after(segment.ack, flow.client_acked) {
+            flow.client_acked = segment.ack;
+        }
+        let closed = u32::from(segment.window == 0);
+        if flow.client_window_closed != closed {
+            flow.client_window_closed = closed;
+        }
     }
     if segment.payload_len != 0 {
         let end_seq = segment.seq.wrapping_add(segment.payload_len);
@@ -143,6 +149,8 @@ fn start(segment: &Segment) {
         server_next_seq: segment.seq.wrapping_add(1),
         client_acked: segment.seq,
         fin_seen: 0,
+        client_window_closed: 0,
+        _padding: 0,
         // SAFETY: helper without preconditions.
         last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };

@@ -116,6 +116,7 @@ impl Agent {
             kernel: tracker.mode().as_str().to_string(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             flow_table,
+            attachments: tracker.attachments(),
             backends: self
                 .config
                 .backends

@@ -13,8 +13,20 @@ pub struct Status {
     pub uptime_seconds: f64,
     /// Connections the flow table holds and can hold (eBPF mode only).
     pub flow_table: Option<FlowTableStatus>,
+    /// The kernel programs and where they are attached (eBPF mode); the ids match bpftool's.
+    pub attachments: Vec<Attachment>,
     /// One entry per configured backend, in config order.
     pub backends: Vec<BackendStatus>,
+}
+
+/// One TC program attached to one interface.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attachment {
+    pub interface: String,
+    /// "ingress" or "egress".
+    pub direction: String,
+    /// Kernel program id (`bpftool prog show id N`).
+    pub program_id: u32,
 }
 
 /// Flow table fill level.

@@ -1,1 +1,440 @@
+//! Harness for drain-agent's privileged integration tests: network namespaces joined by veth,
+//! a real HTTP API server (gunicorn), the real agent binary, and real TCP/HTTP clients.
+//!
+//! Everything a test creates is owned by a guard that removes it on drop, also when the test
+//! panics. Tests panic with context instead of returning errors, so a failure points at a line.
 
+pub mod http;
+
+use std::{
+    fs::File,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The node's addresses inside every lab (the lab's own namespaces; nothing outside sees them).
+pub const NODE_V4: &str = "198.18.0.2";
+pub const CLIENT_V4: &str = "198.18.0.1";
+pub const NODE_V6: &str = "2001:db8:da::2";
+pub const CLIENT_V6: &str = "2001:db8:da::1";
+
+static NEXT_LAB: AtomicUsize = AtomicUsize::new(0);
+
+/// Fails the test unless it runs as root: these tests load BPF programs and create namespaces.
+/// They never skip, in CI or elsewhere: a skipped privileged test would hide a regression.
+pub fn require_root() {
+    let uid = nix::unistd::geteuid();
+    assert!(
+        uid.is_root(),
+        "this test needs root (BPF, network namespaces); run it with `cargo xtask test` as root"
+    );
+}
+
+/// The agent binary: $DRAIN_AGENT_BIN (set by `cargo xtask test`) or target/release.
+pub fn agent_binary() -> PathBuf {
+    let path = std::env::var_os("DRAIN_AGENT_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/drain-agent"),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} does not exist: build it with `cargo xtask build` (or run `cargo xtask test`)",
+        path.display()
+    );
+    path
+}
+
+/// Runs a command to completion and returns its output.
+pub fn command_output(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot start {program} {args:?}: {err}"))
+}
+
+/// Runs a command that must succeed.
+pub fn must(program: &str, args: &[&str]) -> String {
+    let out = command_output(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `condition` every 20 ms until it holds; panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!(
+            "drain-agent-{tag}-{}-{}",
+            std::process::id(),
+            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Process {
+    child: Child,
+    name: String,
+}
+
+impl Process {
+    pub fn spawn(name: &str, command: &mut Command) -> Process {
+        let child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {name}: {err}"));
+        Process {
+            child,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends a signal (e.g. SIGKILL to simulate a crash) without reaping.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal)
+            .unwrap_or_else(|err| panic!("cannot signal {}: {err}", self.name));
+    }
+
+    /// Waits for it to exit.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A network namespace; on drop every process in it is killed and the namespace deleted
+/// (which deletes its veth end too).
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn create(name: String) -> Netns {
+        // Leftover from a crashed run with the same pid: remove it first.
+        let _ = command_output("ip", &["netns", "del", &name]);
+        must("ip", &["netns", "add", &name]);
+        let netns = Netns { name };
+        netns.ip(&["link", "set", "lo", "up"]);
+        netns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NAME ...`
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        must("ip", &full)
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.name])
+            .arg(program)
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `f` on a thread that lives in this namespace: sockets it creates belong here and
+    /// can be used from any thread afterwards.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let name = self.name.clone();
+        let thread = std::thread::spawn(move || {
+            enter_netns(&name);
+            f()
+        });
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let pids = command_output("ip", &["netns", "pids", &self.name]);
+        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+            let _ = command_output("kill", &["-9", pid]);
+        }
+        let _ = command_output("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// Moves the calling thread into network namespace `name` (sockets it opens belong there).
+pub fn enter_netns(name: &str) {
+    let path = format!("/run/netns/{name}");
+    let file = File::open(&path).unwrap_or_else(|err| panic!("open {path}: {err}"));
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|err| panic!("setns {path}: {err}"));
+}
+
+/// A client host and an API node joined by a veth pair (eth0 on both sides), IPv4 and IPv6.
+pub struct Lab {
+    pub dir: TempDir,
+    pub client: Netns,
+    pub node: Netns,
+}
+
+impl Lab {
+    pub fn new() -> Lab {
+        require_root();
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
+        );
+        let client = Netns::create(format!("da-client-{id}"));
+        let node = Netns::create(format!("da-node-{id}"));
+        client.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            node.name(),
+        ]);
+        for (netns, v4, v6) in [(&client, CLIENT_V4, CLIENT_V6), (&node, NODE_V4, NODE_V6)] {
+            netns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
+            netns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+            netns.ip(&["link", "set", "eth0", "up"]);
+        }
+        Lab {
+            dir: TempDir::new("lab"),
+            client,
+            node,
+        }
+    }
+
+    /// Starts the test API (gunicorn, gthread workers, long keep-alive) on `port`, IPv4 and
+    /// IPv6, and waits until it answers.
+    pub fn start_api(&self, port: u16) -> Process {
+        let app_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("app");
+        let log = File::create(self.dir.path().join(format!("gunicorn-{port}.log"))).unwrap();
+        let mut command = self.node.command("/usr/bin/python3");
+        command
+            .args([
+                "-m",
+                "gunicorn",
+                "--worker-class",
+                "gthread",
+                "--workers",
+                "2",
+            ])
+            .args([
+                "--threads",
+                "64",
+                "--keep-alive",
+                "300",
+                "--backlog",
+                "4096",
+            ])
+            .args(["--bind", &format!("[::]:{port}"), "--chdir"])
+            .arg(&app_dir)
+            .arg("api:app")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let process = Process::spawn("gunicorn", &mut command);
+        let addr = SocketAddr::new(NODE_V4.parse().unwrap(), port);
+        wait_until(Duration::from_secs(15), "the API server to answer", || {
+            self.client.run(move || {
+                http::Connection::connect(addr)
+                    .and_then(|mut connection| connection.get("/"))
+                    .is_ok_and(|response| response.status == 200)
+            })
+        });
+        process
+    }
+
+    /// Writes an agent config watching eth0 with the given backends (`name`, ports) and
+    /// `extra` top-level TOML, starts the agent in the node namespace, and waits until its
+    /// control socket answers.
+    pub fn start_agent(&self, backends: &[(&str, &[u16])], extra: &str, kernel: &str) -> Agent {
+        let socket = self.dir.path().join("control.sock");
+        let mut config = format!(
+            "interfaces = [\"eth0\"]\ncontrol_socket = \"{}\"\n{extra}\n",
+            socket.display()
+        );
+        for (name, ports) in backends {
+            let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+            config.push_str(&format!(
+                "[[backend]]\nname = \"{name}\"\nports = [{}]\n",
+                ports.join(", ")
+            ));
+        }
+        let config_path = self.dir.path().join("agent.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log_path = self.dir.path().join("agent.log");
+        let log = File::create(&log_path).unwrap();
+        let mut command = self.node.command(agent_binary());
+        command
+            .args(["run", "--kernel", kernel, "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "debug")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let mut agent = Agent {
+            process: Process::spawn("drain-agent", &mut command),
+            socket,
+            log: log_path,
+        };
+        wait_until(
+            Duration::from_secs(10),
+            "the agent's control socket",
+            || {
+                assert!(
+                    agent.process.running(),
+                    "the agent exited:\n{}",
+                    agent.log()
+                );
+                agent.try_status().is_some()
+            },
+        );
+        agent
+    }
+
+    /// Opens a TCP connection from the client namespace.
+    pub fn connect(&self, addr: SocketAddr) -> http::Connection {
+        self.client
+            .run(move || http::Connection::connect(addr))
+            .unwrap_or_else(|err| panic!("connect to {addr}: {err}"))
+    }
+
+    /// Established TCP connections on local port `port` in the node namespace, per `ss`.
+    pub fn ss_established(&self, port: u16) -> usize {
+        let filter = format!("( sport = :{port} )");
+        let mut command = self.node.command("ss");
+        command.args(["-Htn", "state", "established", &filter]);
+        let out = command.output().expect("run ss");
+        assert!(out.status.success(), "ss failed");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    /// The node's address in the given family.
+    pub fn node_addr(v6: bool, port: u16) -> SocketAddr {
+        let ip: IpAddr = if v6 { NODE_V6 } else { NODE_V4 }.parse().unwrap();
+        SocketAddr::new(ip, port)
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Lab::new()
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    pub process: Process,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// `drain-agent status --json`, parsed; `None` if the agent does not answer.
+    pub fn try_status(&self) -> Option<Value> {
+        let out = Command::new(agent_binary())
+            .args(["status", "--json", "--control-socket"])
+            .arg(&self.socket)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_status()
+            .unwrap_or_else(|| panic!("the agent does not answer status:\n{}", self.log()))
+    }
+
+    /// One backend's entry in `status --json`.
+    pub fn backend(&self, name: &str) -> Value {
+        let status = self.status();
+        status["backends"]
+            .as_array()
+            .and_then(|backends| backends.iter().find(|b| b["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("backend {name} missing from status: {status}"))
+    }
+
+    /// A numeric field of a backend (panics on null).
+    pub fn count(&self, backend: &str, field: &str) -> u64 {
+        let entry = self.backend(backend);
+        entry[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{backend}.{field} is not a number: {entry}"))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

@@ -1,1 +1,128 @@
-fn main() {}
+//! `cargo xtask`: the one entry point for setting up a machine, building, running and testing.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "drain-agent's build and test plumbing")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (idempotent): Debian packages, the nightly's
+    /// rust-src, bpf-linker built against LLVM 22.
+    Setup,
+    /// Build the release binary with the eBPF object embedded.
+    Build,
+    /// Build, then run the agent with the given arguments (as root).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Lint (fmt, clippy on both sides) and run the whole suite: unit and privileged tests.
+    Test {
+        /// Extra arguments for the test binaries, e.g. a test name filter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Task::Setup => setup::ensure(),
+        Task::Build => {
+            setup::ensure()?;
+            build(&root).map(drop)
+        }
+        Task::Run { args } => {
+            setup::ensure()?;
+            let binary = build(&root)?;
+            let status = Command::new(&binary)
+                .args(&args)
+                .status()
+                .with_context(|| format!("starting {}", binary.display()))?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Test { args } => {
+            setup::ensure()?;
+            test(&root, &args)
+        }
+    }
+}
+
+/// `cargo build --release -p drain-agent`; returns the binary's path.
+fn build(root: &Path) -> Result<PathBuf> {
+    cargo(&["build", "--release", "--package", "drain-agent"])?;
+    Ok(root.join("target/release/drain-agent"))
+}
+
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    cargo(&["fmt", "--all", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
+    cargo(&[
+        "clippy",
+        "--release",
+        "--all-targets",
+        "--",
+        "--deny",
+        "warnings",
+    ])?;
+    // The eBPF crate only builds for the BPF target, with the nightly toolchain.
+    run(Command::new("rustup").args([
+        "run",
+        "nightly",
+        "cargo",
+        "clippy",
+        "--release",
+        "--package",
+        "drain-agent-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "--deny",
+        "warnings",
+    ]))?;
+    let binary = build(root)?;
+    let mut command = Command::new("cargo");
+    command
+        .args(["test", "--release", "--"])
+        .args(args)
+        .env("DRAIN_AGENT_BIN", &binary);
+    run(&mut command)
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    run(Command::new("cargo").args(args))
+}
+
+/// Runs a command with inherited output; fails naming it when it fails.
+pub fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}

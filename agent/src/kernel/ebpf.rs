@@ -20,7 +20,7 @@ use drain_agent_common::{
 use tracing::{debug, info, warn};
 
 use super::{BackendSample, TrackerError, sockets};
-use crate::config::Config;
+use crate::{config::Config, status::Attachment};
 
 /// The eBPF object, built by build.rs from agent-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drain-agent"));
@@ -42,6 +42,7 @@ struct Collected {
 /// The loaded and attached kernel side. Dropping it detaches everything.
 pub struct EbpfTracker {
     ebpf: Ebpf,
+    attachments: Vec<Attachment>,
     backends: usize,
     flow_table_size: u32,
     flow_idle_check: Duration,
@@ -83,6 +84,7 @@ impl EbpfTracker {
             }
         }
 
+        let mut attachments = Vec::new();
         for (program, attach_type, direction) in [
             (names::INGRESS_PROGRAM, TcAttachType::Ingress, "ingress"),
             (names::EGRESS_PROGRAM, TcAttachType::Egress, "egress"),
@@ -95,6 +97,7 @@ impl EbpfTracker {
                 .try_into()
                 .map_err(load_error)?;
             classifier.load().map_err(load_error)?;
+            let program_id = classifier.info().map_err(load_error)?.id();
             for interface in &config.interfaces {
                 classifier
                     .attach(interface, attach_type)
@@ -103,7 +106,15 @@ impl EbpfTracker {
                         direction,
                         source: Box::new(err),
                     })?;
-                debug!(interface, direction, "attached TC program as a TCX link");
+                debug!(
+                    interface,
+                    direction, program_id, "attached TC program as a TCX link"
+                );
+                attachments.push(Attachment {
+                    interface: interface.clone(),
+                    direction: direction.to_string(),
+                    program_id,
+                });
             }
         }
         info!(
@@ -115,6 +126,7 @@ impl EbpfTracker {
 
         Ok(EbpfTracker {
             ebpf,
+            attachments,
             backends: config.backends.len(),
             flow_table_size: config.flow_table_size,
             flow_idle_check: config.flow_idle_check,
@@ -151,6 +163,11 @@ impl EbpfTracker {
                 })
             })
             .collect()
+    }
+
+    /// Where the programs are attached.
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
     }
 
     /// Size of the flow table.

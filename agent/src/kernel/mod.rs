@@ -6,7 +6,7 @@ pub mod sockets;
 
 use std::time::Duration;
 
-use crate::config::Config;
+use crate::{config::Config, status::Attachment};
 
 /// Which source `run --kernel` uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -79,6 +79,14 @@ impl Tracker {
         match self {
             Tracker::Ebpf(tracker) => Some(tracker.flow_table_size()),
             Tracker::Procfs(_) => None,
+        }
+    }
+
+    /// Where the kernel programs are attached (eBPF mode).
+    pub fn attachments(&self) -> Vec<Attachment> {
+        match self {
+            Tracker::Ebpf(tracker) => tracker.attachments().to_vec(),
+            Tracker::Procfs(_) => Vec::new(),
         }
     }
 
