@@ -29,9 +29,9 @@ pub const COUNTED_IN_FLIGHT: u64 = 1;
 pub const COUNTED_REMOVED: u64 = 2;
 
 /// `Flow::fin_seen` bit: the client sent FIN.
-pub const FIN_FROM_CLIENT: u32 = 1;
+pub const FIN_FROM_CLIENT: u64 = 1;
 /// `Flow::fin_seen` bit: the node sent FIN.
-pub const FIN_FROM_SERVER: u32 = 2;
+pub const FIN_FROM_SERVER: u64 = 2;
 
 /// State of one tracked connection. Sequence numbers are raw TCP sequence numbers and are
 /// compared modulo 2^32 (see docs/accounting.md).
@@ -53,13 +53,12 @@ pub struct Flow {
     pub server_next_seq: u32,
     /// Highest acknowledgment number the client sent: node bytes before it are delivered.
     pub client_acked: u32,
-    /// `FIN_FROM_CLIENT` | `FIN_FROM_SERVER` bits.
-    pub fin_seen: u32,
     /// 1 when the client's latest ACK advertised a zero receive window: the node holds
     /// response bytes it may not send yet, although everything it sent is acknowledged.
     pub client_window_closed: u32,
-    /// Explicit padding: keeps the u64 fields aligned without an implicit hole.
-    pub _padding: u32,
+    /// `FIN_FROM_CLIENT` | `FIN_FROM_SERVER` bits, set by atomic fetch-or: the two FINs
+    /// often cross on two CPUs, and the one that completes the pair removes the flow.
+    pub fin_seen: u64,
     /// Which aggregate this flow is counted in: `COUNTED_IDLE`, `COUNTED_IN_FLIGHT` or
     /// `COUNTED_REMOVED`. Changed only by atomic compare-and-swap so that concurrent packets
     /// in both directions apply each transition to the aggregates exactly once. 64 bits
@@ -74,7 +73,7 @@ pub struct Flow {
 mod user {
     // SAFETY: repr(C), integer fields only, sizes chosen so there is no implicit padding.
     unsafe impl aya::Pod for super::FlowKey {}
-    // SAFETY: as above; ten u32 fields (one of them padding) align the u64 fields.
+    // SAFETY: as above; eight u32 fields put the u64 fields on their alignment.
     unsafe impl aya::Pod for super::Flow {}
 }
 
@@ -102,7 +101,7 @@ mod tests {
     #[test]
     fn layout_has_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 36);
-        assert_eq!(core::mem::size_of::<Flow>(), 10 * 4 + 2 * 8);
+        assert_eq!(core::mem::size_of::<Flow>(), 8 * 4 + 3 * 8);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! established when the client acknowledges it, and removed on RST or once both sides sent FIN.
 //! Every change of "carries work" moves the flow between the in-flight and idle aggregates.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xchg};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xchg};
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
@@ -84,8 +84,9 @@ pub fn from_client(segment: &Segment) {
             flow.request_pending = 1;
         }
     }
-    if segment.has(TCP_FIN) {
-        flow.fin_seen |= FIN_FROM_CLIENT;
+    if segment.has(TCP_FIN) && fin(flow, FIN_FROM_CLIENT) {
+        end(segment, flow, Ending::Closed);
+        return;
     }
     settle(segment, flow);
 }
@@ -121,8 +122,9 @@ pub fn from_server(segment: &Segment) {
             flow.request_pending = 0;
         }
     }
-    if segment.has(TCP_FIN) {
-        flow.fin_seen |= FIN_FROM_SERVER;
+    if segment.has(TCP_FIN) && fin(flow, FIN_FROM_SERVER) {
+        end(segment, flow, Ending::Closed);
+        return;
     }
     settle(segment, flow);
 }
@@ -150,7 +152,6 @@ fn start(segment: &Segment) {
         client_acked: segment.seq,
         fin_seen: 0,
         client_window_closed: 0,
-        _padding: 0,
         // SAFETY: helper without preconditions.
         last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
@@ -166,14 +167,18 @@ fn start(segment: &Segment) {
     }
 }
 
-/// After a segment: move the flow between idle and in flight if that changed, and remove it
-/// once both sides have sent FIN.
+/// Records one side's FIN; true when this completes the pair (the connection is closed).
+#[inline(always)]
+fn fin(flow: &mut Flow, side: u64) -> bool {
+    // SAFETY: a valid, aligned u64 in map memory for this program run.
+    let before =
+        unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(&mut flow.fin_seen, side) };
+    before & side == 0 && (before | side) == FIN_FROM_CLIENT | FIN_FROM_SERVER
+}
+
+/// After a segment: move the flow between idle and in flight if that changed.
 #[inline(always)]
 fn settle(segment: &Segment, flow: &mut Flow) {
-    if flow.fin_seen == FIN_FROM_CLIENT | FIN_FROM_SERVER {
-        end(segment, flow, Ending::Closed);
-        return;
-    }
     let wanted = if carries_work(flow) {
         COUNTED_IN_FLIGHT
     } else {

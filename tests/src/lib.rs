@@ -426,6 +426,29 @@ impl Agent {
             .unwrap_or_else(|| panic!("backend {name} missing from status: {status}"))
     }
 
+    /// Polls a backend's status until `condition` holds and returns it; panics with the last
+    /// status seen after `timeout`.
+    pub fn wait_backend(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        condition: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let backend = self.backend(name);
+            if condition(&backend) {
+                return backend;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}; last status: {backend}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A numeric field of a backend (panics on null).
     pub fn count(&self, backend: &str, field: &str) -> u64 {
         let entry = self.backend(backend);

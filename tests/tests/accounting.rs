@@ -170,11 +170,12 @@ fn burst(v6: bool) {
     let failures: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
     assert_eq!(failures, 0, "client requests failed");
 
-    wait_until(Duration::from_secs(10), "all connections to close", || {
-        let backend = agent.backend(BACKEND);
-        backend["established"] == 0 && backend["in_flight"] == 0
-    });
-    let backend = agent.backend(BACKEND);
+    let backend = agent.wait_backend(
+        BACKEND,
+        Duration::from_secs(10),
+        "all connections to close",
+        |b| b["established"] == 0 && b["in_flight"] == 0,
+    );
     assert_eq!(backend["accepted"], CONNECTIONS as u64, "{backend}");
     let ended = backend["closed"].as_u64().unwrap() + backend["reset"].as_u64().unwrap();
     assert_eq!(ended, CONNECTIONS as u64, "closed + reset: {backend}");

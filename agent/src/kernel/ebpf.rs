@@ -68,9 +68,7 @@ impl EbpfTracker {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::FLOWS, config.flow_table_size)
             .load(EBPF_OBJECT)
-            .map_err(|err| TrackerError::Load {
-                source: Box::new(err),
-            })?;
+            .map_err(TrackerError::load)?;
 
         {
             let mut ports: Array<&mut MapData, u32> =
@@ -92,7 +90,7 @@ impl EbpfTracker {
             let classifier: &mut SchedClassifier = ebpf
                 .program_mut(program)
                 .ok_or_else(|| TrackerError::Load {
-                    source: format!("program {program} missing from the eBPF object").into(),
+                    cause: format!("program {program} missing from the eBPF object"),
                 })?
                 .try_into()
                 .map_err(load_error)?;
@@ -239,7 +237,7 @@ impl EbpfTracker {
 
 fn map<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, TrackerError> {
     ebpf.map(name).ok_or_else(|| TrackerError::Load {
-        source: format!("map {name} missing from the eBPF object").into(),
+        cause: format!("map {name} missing from the eBPF object"),
     })
 }
 
@@ -248,14 +246,12 @@ fn map_mut<'a>(
     name: &'static str,
 ) -> Result<&'a mut aya::maps::Map, TrackerError> {
     ebpf.map_mut(name).ok_or_else(|| TrackerError::Load {
-        source: format!("map {name} missing from the eBPF object").into(),
+        cause: format!("map {name} missing from the eBPF object"),
     })
 }
 
-fn load_error(err: impl std::error::Error + Send + Sync + 'static) -> TrackerError {
-    TrackerError::Load {
-        source: Box::new(err),
-    }
+fn load_error(err: impl std::error::Error) -> TrackerError {
+    TrackerError::load(err)
 }
 
 fn read_error<E: std::error::Error + Send + Sync + 'static>(

@@ -103,32 +103,50 @@ impl Tracker {
 #[derive(Debug, thiserror::Error)]
 pub enum TrackerError {
     #[error(
-        "the eBPF programs could not be loaded: {source}. drain-agent needs CAP_BPF, \
+        "the eBPF programs could not be loaded ({cause}). drain-agent needs CAP_BPF, \
          CAP_NET_ADMIN and CAP_PERFMON (run it as root, or grant them in the systemd unit) and a \
          kernel >= 6.6 with BTF. Where that cannot be had, `drain-agent run --kernel procfs` \
          counts established connections only, without in-flight tracking"
     )]
-    Load {
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
+    Load { cause: String },
     #[error(
         "kernel {found} is too old: drain-agent attaches its TC programs as links (TCX, kernel \
          >= 6.6) so that they detach when the agent stops and the node keeps serving. Upgrade \
          the kernel, or run with `--kernel procfs` (established connections only)"
     )]
     KernelTooOld { found: String },
-    #[error("could not attach the {direction} program to interface `{interface}`: {source}")]
+    #[error("could not attach the {direction} program to interface `{interface}`")]
     Attach {
         interface: String,
         direction: &'static str,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("reading {what} failed: {source}")]
+    #[error("reading {what} failed")]
     Read {
         what: &'static str,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+impl TrackerError {
+    /// A load failure, described by its innermost cause (e.g. "Operation not permitted"),
+    /// which is what tells the operator what is missing.
+    pub fn load(err: impl std::error::Error) -> TrackerError {
+        let outer = err.to_string();
+        let mut innermost: &dyn std::error::Error = &err;
+        while let Some(inner) = innermost.source() {
+            innermost = inner;
+        }
+        // aya repeats its context at every level; the outermost and innermost say it all.
+        let innermost = innermost.to_string();
+        TrackerError::Load {
+            cause: if innermost == outer || outer.contains(&innermost) {
+                outer
+            } else {
+                format!("{outer}: {innermost}")
+            },
+        }
+    }
 }
