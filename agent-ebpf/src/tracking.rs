@@ -40,7 +40,7 @@ enum Ending {
 /// A segment from the client.
 #[inline(always)]
 pub fn from_client(segment: &Segment) {
-    let Some(flow) = FLOWS.get_ptr_mut(&segment.key) else {
+    let Some(flow) = FLOWS.get_ptr_mut(segment.key) else {
         // Flows start at the node's SYN-ACK; anything else (a stray ACK after close, a SYN
         // not yet answered) is not a connection to count.
         return;
@@ -100,7 +100,7 @@ pub fn from_server(segment: &Segment) {
         }
         return;
     }
-    let Some(flow) = FLOWS.get_ptr_mut(&segment.key) else {
+    let Some(flow) = FLOWS.get_ptr_mut(segment.key) else {
         return;
     };
     // SAFETY: as in from_client.
@@ -132,7 +132,7 @@ pub fn from_server(segment: &Segment) {
 /// The node sent SYN-ACK: start tracking (or ignore a retransmitted SYN-ACK).
 #[inline(always)]
 fn start(segment: &Segment) {
-    if let Some(existing) = FLOWS.get_ptr_mut(&segment.key) {
+    if let Some(existing) = FLOWS.get_ptr_mut(segment.key) {
         // SAFETY: as in from_client.
         let existing = unsafe { &mut *existing };
         if existing.server_isn == segment.seq {
@@ -155,7 +155,7 @@ fn start(segment: &Segment) {
         // SAFETY: helper without preconditions.
         last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
-    let inserted = FLOWS.insert(&segment.key, &flow, BPF_NOEXIST as u64);
+    let inserted = FLOWS.insert(segment.key, flow, BPF_NOEXIST as u64);
     let Some(counters) = counters(segment.backend) else {
         return;
     };
@@ -225,7 +225,7 @@ fn end(segment: &Segment, flow: &mut Flow, ending: Ending) {
         return;
     }
     let was_established = flow.state == FLOW_ESTABLISHED;
-    let _ = FLOWS.remove(&segment.key);
+    let _ = FLOWS.remove(segment.key);
     let Some(counters) = counters(flow.backend) else {
         return;
     };
