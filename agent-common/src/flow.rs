@@ -56,6 +56,11 @@ pub struct Flow {
     /// 1 when the client's latest ACK advertised a zero receive window: the node holds
     /// response bytes it may not send yet, although everything it sent is acknowledged.
     pub client_window_closed: u32,
+    /// 1 for a connection that existed before the agent started (seeded from the socket
+    /// table) until the client's first segment sets the client-side sequence numbers.
+    pub client_unsynced: u32,
+    /// Likewise for the node's side, until the node's first segment.
+    pub server_unsynced: u32,
     /// `FIN_FROM_CLIENT` | `FIN_FROM_SERVER` bits, set by atomic fetch-or: the two FINs
     /// often cross on two CPUs, and the one that completes the pair removes the flow.
     pub fin_seen: u64,
@@ -73,7 +78,7 @@ pub struct Flow {
 mod user {
     // SAFETY: repr(C), integer fields only, sizes chosen so there is no implicit padding.
     unsafe impl aya::Pod for super::FlowKey {}
-    // SAFETY: as above; eight u32 fields put the u64 fields on their alignment.
+    // SAFETY: as above; ten u32 fields put the u64 fields on their alignment.
     unsafe impl aya::Pod for super::Flow {}
 }
 
@@ -101,7 +106,7 @@ mod tests {
     #[test]
     fn layout_has_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 36);
-        assert_eq!(core::mem::size_of::<Flow>(), 8 * 4 + 3 * 8);
+        assert_eq!(core::mem::size_of::<Flow>(), 10 * 4 + 3 * 8);
     }
 
     #[test]

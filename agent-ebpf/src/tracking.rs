@@ -67,6 +67,9 @@ pub fn from_client(segment: &Segment) {
             counters.accepted += 1;
         }
     }
+    if flow.client_unsynced != 0 {
+        sync_client(segment, flow);
+    }
     if segment.has(TCP_ACK) {
         if seq_after(segment.ack, flow.client_acked) {
             flow.client_acked = segment.ack;
@@ -114,6 +117,9 @@ pub fn from_server(segment: &Segment) {
     if flow.state != FLOW_ESTABLISHED {
         return;
     }
+    if flow.server_unsynced != 0 {
+        sync_server(segment, flow);
+    }
     if segment.payload_len != 0 {
         let end_seq = segment.seq.wrapping_add(segment.payload_len);
         // New response bytes answer every request byte received before them.
@@ -152,6 +158,8 @@ fn start(segment: &Segment) {
         client_acked: segment.seq,
         fin_seen: 0,
         client_window_closed: 0,
+        client_unsynced: 0,
+        server_unsynced: 0,
         // SAFETY: helper without preconditions.
         last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
     };
@@ -165,6 +173,31 @@ fn start(segment: &Segment) {
         // EEXIST: the other direction raced us to the same tuple; nothing lost.
         Err(_) => {}
     }
+}
+
+/// First client segment of a connection that predates the agent: take its sequence numbers as
+/// the baseline, so the payload it carries (if any) counts as a new request.
+#[inline(always)]
+fn sync_client(segment: &Segment, flow: &mut Flow) {
+    flow.client_next_seq = segment.seq;
+    flow.client_acked = segment.ack;
+    if flow.server_unsynced != 0 {
+        // Until the node sends, assume it has nothing outstanding beyond what the client acked.
+        flow.server_next_seq = segment.ack;
+    }
+    flow.client_unsynced = 0;
+}
+
+/// First node segment of a connection that predates the agent: its payload counts as new
+/// response bytes.
+#[inline(always)]
+fn sync_server(segment: &Segment, flow: &mut Flow) {
+    flow.server_next_seq = segment.seq;
+    if flow.client_unsynced != 0 {
+        flow.client_acked = segment.seq;
+        flow.client_next_seq = segment.ack;
+    }
+    flow.server_unsynced = 0;
 }
 
 /// Records one side's FIN; true when this completes the pair (the connection is closed).

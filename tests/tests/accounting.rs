@@ -319,3 +319,64 @@ fn procfs_mode_counts_established_like_ss() {
     assert!(backend["in_flight"].is_null(), "{backend}");
     assert!(backend["idle"].is_null(), "{backend}");
 }
+
+#[test]
+fn connections_older_than_the_agent_are_counted_and_tracked() {
+    let lab = Lab::new();
+    let _api = lab.start_api(API);
+    let addr = Lab::node_addr(false, API);
+    let mut connections = idle_connections(&lab, addr, 5);
+    let mut slow = lab.connect(addr);
+    slow.send("/slow?ms=2000").unwrap();
+
+    let agent = lab.start_agent(&[(BACKEND, &[API])], "quiet_period = \"50ms\"", "ebpf");
+    let backend = agent.backend(BACKEND);
+    assert_eq!(backend["established"], 6, "{backend}");
+    assert_eq!(lab.ss_established(API), 6);
+    assert_eq!(
+        backend["accepted"], 0,
+        "seeded connections were not accepted while we watched"
+    );
+
+    // A new request on an old connection is seen from its first byte.
+    connections[0].send("/slow?ms=1000").unwrap();
+    wait_for(&agent, "in_flight", 1, Duration::from_millis(500));
+    // The request that was already running shows up once its response starts; all end idle.
+    assert_eq!(slow.read_response().unwrap().status, 200);
+    assert_eq!(connections[0].read_response().unwrap().status, 200);
+    wait_for(&agent, "in_flight", 0, QUIET + MARGIN);
+    assert_eq!(agent.count(BACKEND, "idle"), 6);
+    drop(connections);
+    drop(slow);
+    wait_for(&agent, "established", 0, Duration::from_secs(2));
+    assert_eq!(agent.count(BACKEND, "closed"), 6);
+}
+
+#[test]
+fn a_connection_that_vanishes_without_fin_or_rst_is_garbage_collected() {
+    let lab = Lab::new();
+    let _api = lab.start_api(API);
+    let agent = lab.start_agent(&[(BACKEND, &[API])], "flow_idle_check = \"2s\"", "ebpf");
+    let _connection = idle_connections(&lab, Lab::node_addr(false, API), 1);
+    wait_for(&agent, "established", 1, Duration::from_secs(2));
+
+    // Destroy the node's socket while the link is down, so no RST reaches the wire.
+    lab.node.ip(&["link", "set", "eth0", "down"]);
+    let mut kill = lab.node.command("ss");
+    kill.args(["-K", "-tn", "state", "established", "( sport = :8080 )"]);
+    assert!(kill.status().unwrap().success(), "ss -K failed");
+    lab.node.ip(&["link", "set", "eth0", "up"]);
+    assert_eq!(lab.ss_established(API), 0);
+    assert_eq!(
+        agent.count(BACKEND, "established"),
+        1,
+        "nothing on the wire said it closed"
+    );
+
+    let backend = agent.wait_backend(BACKEND, Duration::from_secs(6), "garbage collection", |b| {
+        b["established"] == 0
+    });
+    assert_eq!(backend["vanished"], 1, "{backend}");
+    assert_eq!(backend["in_flight"], 0, "{backend}");
+    assert_eq!(agent.status()["flow_table"]["entries"], 0);
+}

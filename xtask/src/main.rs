@@ -3,8 +3,9 @@
 mod setup;
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -99,10 +100,42 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
     let binary = build(root)?;
     let mut command = Command::new("cargo");
     command
-        .args(["test", "--release", "--"])
+        .args(["test", "--release", "--no-fail-fast", "--"])
         .args(args)
-        .env("DRAIN_AGENT_BIN", &binary);
-    run(&mut command)
+        .env("DRAIN_AGENT_BIN", &binary)
+        .stdout(Stdio::piped());
+    let mut child = command.spawn().context("starting cargo test")?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    // Echo the runner's output and add up its per-binary "test result" lines, so the run
+    // ends on one total for the whole suite.
+    let mut totals = [0u64; 3];
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            for (total, word) in totals.iter_mut().zip(["passed", "failed", "ignored"]) {
+                *total += count_before(counts, word);
+            }
+        }
+    }
+    let status = child.wait()?;
+    let [passed, failed, ignored] = totals;
+    println!("{passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() || failed > 0 {
+        bail!("the test suite failed");
+    }
+    Ok(())
+}
+
+/// In "ok. 17 passed; 0 failed; ...", the number before `word`.
+fn count_before(counts: &str, word: &str) -> u64 {
+    counts
+        .split(';')
+        .find_map(|part| {
+            let mut words = part.split_whitespace().rev();
+            (words.next() == Some(word)).then(|| words.next()?.parse().ok())?
+        })
+        .unwrap_or(0)
 }
 
 fn cargo(args: &[&str]) -> Result<()> {

@@ -14,7 +14,7 @@ use aya::{
 };
 use drain_agent_common::{
     counters::BackendCounters,
-    flow::{COUNTED_IN_FLIGHT, FLOW_ESTABLISHED, Flow, FlowKey},
+    flow::{COUNTED_IDLE, COUNTED_IN_FLIGHT, FLOW_ESTABLISHED, Flow, FlowKey},
     names,
 };
 use tracing::{debug, info, warn};
@@ -25,17 +25,21 @@ use crate::{config::Config, status::Attachment};
 /// The eBPF object, built by build.rs from agent-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drain-agent"));
 
+/// bpf_map_update_elem flag: insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
 /// First kernel with TCX links: programs attached as links detach when the agent's process
 /// ends, so a crashed agent never leaves code in the node's data path.
 const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
 
-/// Corrections the garbage collector made for flows it removed, per backend. The kernel's
-/// counters are per-CPU and written without locks, so userspace keeps its share apart.
+/// Userspace's share of a backend's gauges: connections it seeded into the flow table at
+/// start (positive) and flows its garbage collector removed (negative). The kernel's counters
+/// are per-CPU and written without locks, so userspace keeps its share apart and adds it.
 #[derive(Debug, Default, Clone, Copy)]
-struct Collected {
-    tracked: u64,
-    established: u64,
-    in_flight: u64,
+struct Adjustment {
+    tracked: i64,
+    established: i64,
+    in_flight: i64,
     vanished: u64,
 }
 
@@ -46,7 +50,7 @@ pub struct EbpfTracker {
     backends: usize,
     flow_table_size: u32,
     flow_idle_check: Duration,
-    collected: Vec<Collected>,
+    adjustments: Vec<Adjustment>,
     started: Instant,
 }
 
@@ -128,9 +132,80 @@ impl EbpfTracker {
             backends: config.backends.len(),
             flow_table_size: config.flow_table_size,
             flow_idle_check: config.flow_idle_check,
-            collected: vec![Collected::default(); config.backends.len()],
+            adjustments: vec![Adjustment::default(); config.backends.len()],
             started: Instant::now(),
-        })
+        }
+        .with_existing_connections(config))
+    }
+
+    /// Adds the connections that were established before the programs were attached, from
+    /// the socket table: without them a restarted agent would undercount and could call a
+    /// node drained while an older connection still carries a request. They start with
+    /// unknown sequence numbers, which their first segment in each direction sets.
+    fn with_existing_connections(mut self, config: &Config) -> EbpfTracker {
+        let sockets = match sockets::tcp_sockets() {
+            Ok(sockets) => sockets,
+            Err(err) => {
+                warn!(%err, "cannot read the socket table: connections older than the agent are not counted");
+                return self;
+            }
+        };
+        let Ok(flows) = map_mut(&mut self.ebpf, names::FLOWS) else {
+            return self;
+        };
+        let Ok(mut flows) = HashMap::<&mut MapData, FlowKey, Flow>::try_from(flows) else {
+            return self;
+        };
+        let now = monotonic_now();
+        let mut seeded = 0;
+        for socket in sockets {
+            if socket.state != procfs::net::TcpState::Established {
+                continue;
+            }
+            let Some(backend) = config.backend_of_port(socket.local.port()) else {
+                continue;
+            };
+            let (server_addr, server_port) = sockets::to_flow_bytes(socket.local);
+            let (client_addr, client_port) = sockets::to_flow_bytes(socket.remote);
+            let key = FlowKey {
+                client_addr,
+                server_addr,
+                client_port,
+                server_port,
+            };
+            // Unread request bytes or unacknowledged response bytes: in flight now.
+            let busy = socket.rx_queue > 0 || socket.tx_queue > 0;
+            let flow = Flow {
+                backend: backend as u32,
+                state: FLOW_ESTABLISHED,
+                request_pending: u32::from(busy),
+                client_unsynced: 1,
+                server_unsynced: 1,
+                counted_in_flight: if busy {
+                    COUNTED_IN_FLIGHT
+                } else {
+                    COUNTED_IDLE
+                },
+                last_seen_ns: now,
+                ..Flow::default()
+            };
+            // NOEXIST: a connection the programs already track (handshake seen) stays theirs.
+            if flows.insert(key, flow, BPF_NOEXIST).is_err() {
+                continue;
+            }
+            let adjustment = &mut self.adjustments[backend];
+            adjustment.tracked += 1;
+            adjustment.established += 1;
+            adjustment.in_flight += i64::from(busy);
+            seeded += 1;
+        }
+        if seeded > 0 {
+            info!(
+                seeded,
+                "counted connections established before the agent started"
+            );
+        }
+        self
     }
 
     /// Sums the per-CPU counters of every backend: O(backends × CPUs), never the flow table.
@@ -145,17 +220,19 @@ impl EbpfTracker {
                     .get(&(index as u32), 0)
                     .map_err(read_error("the backend counters"))?;
                 let total = BackendCounters::sum(per_cpu.iter());
-                let collected = self.collected[index];
+                let adjustment = self.adjustments[index];
                 Ok(BackendSample {
-                    tracked: Some(total.tracked.wrapping_sub(collected.tracked)),
-                    established: total.established.wrapping_sub(collected.established),
-                    in_flight: Some(total.in_flight.wrapping_sub(collected.in_flight)),
+                    tracked: Some(total.tracked.wrapping_add_signed(adjustment.tracked)),
+                    established: total
+                        .established
+                        .wrapping_add_signed(adjustment.established),
+                    in_flight: Some(total.in_flight.wrapping_add_signed(adjustment.in_flight)),
                     accepted: Some(total.accepted),
                     closed: Some(total.closed),
                     reset_by_client: Some(total.reset_by_client),
                     reset_by_server: Some(total.reset_by_server),
                     flow_table_full: Some(total.flow_table_full),
-                    vanished: Some(total.vanished + collected.vanished),
+                    vanished: Some(total.vanished + adjustment.vanished),
                     since_last_idle: (total.last_idle_ns != 0)
                         .then(|| Duration::from_nanos(now.saturating_sub(total.last_idle_ns))),
                 })
@@ -217,16 +294,16 @@ impl EbpfTracker {
             if flows.remove(&key).is_err() {
                 continue;
             }
-            let Some(collected) = self.collected.get_mut(flow.backend as usize) else {
+            let Some(adjustment) = self.adjustments.get_mut(flow.backend as usize) else {
                 continue;
             };
-            collected.tracked += 1;
+            adjustment.tracked -= 1;
             if flow.state == FLOW_ESTABLISHED {
-                collected.established += 1;
-                collected.vanished += 1;
+                adjustment.established -= 1;
+                adjustment.vanished += 1;
             }
             if flow.counted_in_flight == COUNTED_IN_FLIGHT {
-                collected.in_flight += 1;
+                adjustment.in_flight -= 1;
             }
             removed += 1;
             warn!(%local, %remote, "removed a tracked connection whose socket is gone");

@@ -13,6 +13,10 @@ pub struct Socket {
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub state: TcpState,
+    /// Bytes received and not yet read by the application (an unread request).
+    pub rx_queue: u32,
+    /// Bytes sent and not yet acknowledged (or not yet sent).
+    pub tx_queue: u32,
 }
 
 /// Every TCP socket (IPv4 and IPv6) in this network namespace.
@@ -32,6 +36,8 @@ pub fn tcp_sockets() -> Result<Vec<Socket>, TrackerError> {
             local: mapped(entry.local_address),
             remote: mapped(entry.remote_address),
             state: entry.state,
+            rx_queue: entry.rx_queue,
+            tx_queue: entry.tx_queue,
         });
     }
     Ok(sockets)
@@ -43,6 +49,14 @@ pub fn mapped(addr: SocketAddr) -> SocketAddr {
         IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port()),
         IpAddr::V6(_) => addr,
     }
+}
+
+/// A socket address as flow-table bytes (16 bytes, IPv4-mapped for IPv4) and port.
+pub fn to_flow_bytes(addr: SocketAddr) -> ([u8; 16], u16) {
+    let IpAddr::V6(v6) = mapped(addr).ip() else {
+        unreachable!("mapped() returns IPv6");
+    };
+    (v6.octets(), addr.port())
 }
 
 /// A flow-table address (16 bytes, IPv4-mapped for IPv4) as a socket address.
@@ -76,5 +90,6 @@ mod tests {
             8774,
         );
         assert_eq!(mapped(v4), flow);
+        assert_eq!(from_flow_bytes(to_flow_bytes(v4).0, 8774), flow);
     }
 }
