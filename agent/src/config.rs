@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
+    net::SocketAddr,
     ops::Range,
     path::{Path, PathBuf},
     time::Duration,
@@ -40,18 +41,120 @@ pub struct Config {
     pub flow_table_size: u32,
     /// Silence after which the garbage collector checks a tracked connection's socket.
     pub flow_idle_check: Duration,
+    /// Where the HAProxy agent-check responder listens (none: no responder).
+    pub agent_check_listen: Option<SocketAddr>,
+    /// HAProxy instances in front of this node.
+    pub load_balancers: Vec<LoadBalancer>,
     /// The API services on this node.
     pub backends: Vec<Backend>,
 }
 
-/// One API service on this node: a name and the local TCP ports it serves.
+/// One HAProxy instance and how to reach its runtime API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadBalancer {
+    pub name: String,
+    pub runtime_api: RuntimeApi,
+    /// Deadline for one runtime API command.
+    pub timeout: Duration,
+}
+
+/// Address of an HAProxy runtime API ("stats socket").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeApi {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl fmt::Display for RuntimeApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuntimeApi::Unix(path) => write!(f, "unix:{}", path.display()),
+            RuntimeApi::Tcp(address) => write!(f, "tcp:{address}"),
+        }
+    }
+}
+
+/// What to do when in-flight work outlives `drain_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    /// Put the server back in service and fail.
+    Abort,
+    /// Go on with the restart and report how many in-flight connections were cut.
+    Force,
+}
+
+/// The HAProxy backend and server that stand for this node's backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaproxyServer {
+    pub backend: String,
+    pub server: String,
+}
+
+/// How the service is restarted (and rolled back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `systemctl restart UNIT`.
+    SystemdUnit(String),
+    /// A command and its arguments, run without a shell.
+    Command(Vec<String>),
+}
+
+/// A restart or rollback step with its deadline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub action: Action,
+    pub timeout: Duration,
+}
+
+/// How the service proves it is healthy after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub probe: Probe,
+    /// How long to keep trying before the restart counts as failed.
+    pub timeout: Duration,
+}
+
+/// One health probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// GET `path` on `address` (host:port) over HTTP/1.1; healthy on status `expect`.
+    Http {
+        url: String,
+        address: String,
+        host: String,
+        path: String,
+        expect: u16,
+    },
+    /// A TCP connection to host:port succeeds.
+    Tcp(String),
+}
+
+/// One API service on this node: its ports, and how to drain, restart and verify it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
-    /// Name the operator uses for it (and, later, the HAProxy backend it maps to).
+    /// Name the operator uses for it (CLI, status, agent-send).
     pub name: String,
     /// Local TCP ports.
     pub ports: Vec<u16>,
+    /// This node's server in HAProxy (on every configured load balancer).
+    pub haproxy: Option<HaproxyServer>,
+    /// Never drain if fewer other servers of the HAProxy backend would stay UP.
+    pub min_serving: u32,
+    /// Longest wait for in-flight work to finish.
+    pub drain_timeout: Duration,
+    pub on_timeout: OnTimeout,
+    pub restart: Option<Step>,
+    pub health: Option<HealthCheck>,
+    pub rollback: Option<Step>,
 }
+
+/// Defaults for the drain settings.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+pub const DEFAULT_MIN_SERVING: u32 = 1;
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(120);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_RUNTIME_API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A configuration problem, located in the file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,8 +192,20 @@ struct RawConfig {
     flow_table_size: Option<Spanned<i64>>,
     #[serde(default, with = "humantime_serde")]
     flow_idle_check: Option<Duration>,
+    agent_check_listen: Option<Spanned<String>>,
+    #[serde(default, rename = "load_balancer")]
+    load_balancers: Vec<Spanned<RawLoadBalancer>>,
     #[serde(default, rename = "backend")]
     backends: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLoadBalancer {
+    name: Spanned<String>,
+    runtime_api: Spanned<String>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
 }
 
 #[derive(Deserialize)]
@@ -98,6 +213,40 @@ struct RawConfig {
 struct RawBackend {
     name: Spanned<String>,
     ports: Spanned<Vec<Spanned<i64>>>,
+    haproxy: Option<Spanned<RawHaproxy>>,
+    min_serving: Option<Spanned<i64>>,
+    #[serde(default, with = "humantime_serde")]
+    drain_timeout: Option<Duration>,
+    on_timeout: Option<OnTimeout>,
+    restart: Option<Spanned<RawStep>>,
+    health: Option<Spanned<RawHealth>>,
+    rollback: Option<Spanned<RawStep>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHaproxy {
+    backend: String,
+    server: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    systemd_unit: Option<String>,
+    command: Option<Vec<String>>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    http: Option<String>,
+    expect: Option<u16>,
+    tcp: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    timeout: Option<Duration>,
 }
 
 impl Config {
@@ -273,8 +422,153 @@ impl Config {
                 port_owner.insert(port, index);
                 ports.push(port);
             }
-            backends.push(Backend { name, ports });
+            let key = |field: &str| Some(format!("backend[{index}].{field}"));
+            let haproxy = backend.haproxy.map(|haproxy| {
+                let haproxy = haproxy.into_inner();
+                HaproxyServer {
+                    backend: haproxy.backend,
+                    server: haproxy.server,
+                }
+            });
+            let min_serving = match backend.min_serving {
+                None => DEFAULT_MIN_SERVING,
+                Some(value) => u32::try_from(*value.get_ref()).map_err(|_| {
+                    at(
+                        Some(value.span()),
+                        key("min_serving"),
+                        format!("{} is not a server count: use 0 or more", value.get_ref()),
+                    )
+                })?,
+            };
+            let step =
+                |raw: Option<Spanned<RawStep>>, field: &str| -> Result<Option<Step>, ConfigError> {
+                    let Some(raw) = raw else { return Ok(None) };
+                    let span = raw.span();
+                    let raw = raw.into_inner();
+                    let action = match (raw.systemd_unit, raw.command) {
+                        (Some(unit), None) if !unit.trim().is_empty() => Action::SystemdUnit(unit),
+                        (None, Some(command)) if !command.is_empty() && !command[0].is_empty() => {
+                            Action::Command(command)
+                        }
+                        _ => {
+                            return Err(at(
+                                Some(span),
+                                key(field),
+                                "give exactly one of `systemd_unit = \"name.service\"` or \
+                             `command = [\"program\", \"arg\", ...]`"
+                                    .into(),
+                            ));
+                        }
+                    };
+                    Ok(Some(Step {
+                        action,
+                        timeout: raw.timeout.unwrap_or(DEFAULT_STEP_TIMEOUT),
+                    }))
+                };
+            let restart = step(backend.restart, "restart")?;
+            let rollback = step(backend.rollback, "rollback")?;
+            let health = match backend.health {
+                None => None,
+                Some(raw) => {
+                    let span = raw.span();
+                    let raw = raw.into_inner();
+                    let probe = match (raw.http, raw.tcp) {
+                        (Some(url), None) => parse_http_probe(&url, raw.expect.unwrap_or(200))
+                            .map_err(|message| {
+                                at(Some(span.clone()), key("health.http"), message)
+                            })?,
+                        (None, Some(address)) if raw.expect.is_none() => {
+                            if !address.contains(':') {
+                                return Err(at(
+                                    Some(span),
+                                    key("health.tcp"),
+                                    format!("`{address}` needs a port, e.g. \"127.0.0.1:8774\""),
+                                ));
+                            }
+                            Probe::Tcp(address)
+                        }
+                        _ => {
+                            return Err(at(
+                                Some(span),
+                                key("health"),
+                                "give exactly one of `http = \"http://host:port/path\"` (with an \
+                                 optional `expect = 200`) or `tcp = \"host:port\"`"
+                                    .into(),
+                            ));
+                        }
+                    };
+                    Some(HealthCheck {
+                        probe,
+                        timeout: raw.timeout.unwrap_or(DEFAULT_HEALTH_TIMEOUT),
+                    })
+                }
+            };
+            backends.push(Backend {
+                name,
+                ports,
+                haproxy,
+                min_serving,
+                drain_timeout: backend.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+                on_timeout: backend.on_timeout.unwrap_or(OnTimeout::Abort),
+                restart,
+                health,
+                rollback,
+            });
         }
+
+        let mut load_balancers: Vec<LoadBalancer> = Vec::new();
+        for (index, raw) in raw.load_balancers.into_iter().enumerate() {
+            let raw = raw.into_inner();
+            let name_span = raw.name.span();
+            let name = raw.name.into_inner();
+            if name.trim().is_empty() || load_balancers.iter().any(|lb| lb.name == name) {
+                return Err(at(
+                    Some(name_span),
+                    Some(format!("load_balancer[{index}].name")),
+                    format!("load balancer name {name:?} is empty or used twice"),
+                ));
+            }
+            let api_span = raw.runtime_api.span();
+            let runtime_api = parse_runtime_api(raw.runtime_api.get_ref()).map_err(|message| {
+                at(
+                    Some(api_span),
+                    Some(format!("load_balancer[{index}].runtime_api")),
+                    message,
+                )
+            })?;
+            load_balancers.push(LoadBalancer {
+                name,
+                runtime_api,
+                timeout: raw.timeout.unwrap_or(DEFAULT_RUNTIME_API_TIMEOUT),
+            });
+        }
+        if load_balancers.is_empty() {
+            if let Some(backend) = backends.iter().find(|backend| backend.haproxy.is_some()) {
+                return Err(at(
+                    None,
+                    Some("load_balancer".into()),
+                    format!(
+                        "backend `{}` names an HAProxy server but no [[load_balancer]] is \
+                         configured: add one with `name` and `runtime_api`",
+                        backend.name
+                    ),
+                ));
+            }
+        }
+
+        let agent_check_listen = match raw.agent_check_listen {
+            None => None,
+            Some(address) => Some(address.get_ref().parse::<SocketAddr>().map_err(|_| {
+                at(
+                    Some(address.span()),
+                    Some("agent_check_listen".into()),
+                    format!(
+                        "`{}` is not an address:port to listen on, e.g. \"0.0.0.0:9500\"",
+                        address.get_ref()
+                    ),
+                )
+            })?),
+        };
 
         Ok(Config {
             path: path.to_owned(),
@@ -285,6 +579,8 @@ impl Config {
             quiet_period: raw.quiet_period.unwrap_or(DEFAULT_QUIET_PERIOD),
             flow_table_size,
             flow_idle_check: raw.flow_idle_check.unwrap_or(DEFAULT_FLOW_IDLE_CHECK),
+            agent_check_listen,
+            load_balancers,
             backends,
         })
     }
@@ -307,12 +603,67 @@ impl Config {
         Ok(())
     }
 
+    /// A backend by name.
+    pub fn backend(&self, name: &str) -> Option<&Backend> {
+        self.backends.iter().find(|backend| backend.name == name)
+    }
+
     /// The backend serving a local port.
     pub fn backend_of_port(&self, port: u16) -> Option<usize> {
         self.backends
             .iter()
             .position(|backend| backend.ports.contains(&port))
     }
+}
+
+/// "unix:/path" or "tcp:host:port".
+fn parse_runtime_api(text: &str) -> Result<RuntimeApi, String> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        if path.starts_with('/') {
+            return Ok(RuntimeApi::Unix(PathBuf::from(path)));
+        }
+    } else if let Some(address) = text.strip_prefix("tcp:") {
+        if address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port != 0)
+        }) {
+            return Ok(RuntimeApi::Tcp(address.to_string()));
+        }
+    }
+    Err(format!(
+        "`{text}` is not a runtime API address: use \"unix:/run/haproxy/admin.sock\" or \
+         \"tcp:192.0.2.10:9999\""
+    ))
+}
+
+/// "http://host:port/path" (plain HTTP: the check runs on the node itself).
+fn parse_http_probe(url: &str, expect: u16) -> Result<Probe, String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        format!("`{url}` must start with http:// (use a `tcp` check for TLS-only services)")
+    })?;
+    let (authority, path) = match rest.find('/') {
+        Some(slash) => (&rest[..slash], &rest[slash..]),
+        None => (rest, "/"),
+    };
+    let has_port = authority
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    let address = if has_port {
+        authority.to_string()
+    } else if !authority.is_empty() && !authority.contains(':') {
+        format!("{authority}:80")
+    } else {
+        return Err(format!("`{url}` has no usable host"));
+    };
+    if !(100..=599).contains(&expect) {
+        return Err(format!("expect = {expect} is not an HTTP status"));
+    }
+    Ok(Probe::Http {
+        url: url.to_string(),
+        address,
+        host: authority.to_string(),
+        path: path.to_string(),
+        expect,
+    })
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -449,6 +800,149 @@ ports = [8778, 8779]
             message,
             "agent.toml: interfaces: interface `nosuchif0` does not exist on this node \
              (see `ip link`); name the interface the API traffic arrives on"
+        );
+    }
+
+    const DRAIN: &str = r#"
+interfaces = ["eth0"]
+agent_check_listen = "0.0.0.0:9500"
+
+[[load_balancer]]
+name = "lb1"
+runtime_api = "unix:/run/haproxy/admin.sock"
+
+[[load_balancer]]
+name = "lb2"
+runtime_api = "tcp:192.0.2.10:9999"
+
+[[backend]]
+name = "nova-api"
+ports = [8774]
+haproxy = { backend = "nova-api", server = "controller" }
+min_serving = 1
+drain_timeout = "2m"
+on_timeout = "force"
+restart = { systemd_unit = "nova-api.service" }
+health = { http = "http://127.0.0.1:8774/healthz", expect = 200, timeout = "60s" }
+rollback = { command = ["/usr/local/bin/rollback", "nova-api"] }
+"#;
+
+    #[test]
+    fn drain_settings_parse() {
+        let config = parse(DRAIN).unwrap();
+        assert_eq!(
+            config.agent_check_listen,
+            Some("0.0.0.0:9500".parse().unwrap())
+        );
+        assert_eq!(
+            config.load_balancers[0].runtime_api,
+            RuntimeApi::Unix("/run/haproxy/admin.sock".into())
+        );
+        assert_eq!(
+            config.load_balancers[1].runtime_api,
+            RuntimeApi::Tcp("192.0.2.10:9999".into())
+        );
+        let backend = config.backend("nova-api").unwrap();
+        assert_eq!(
+            backend.haproxy,
+            Some(HaproxyServer {
+                backend: "nova-api".into(),
+                server: "controller".into()
+            })
+        );
+        assert_eq!(backend.drain_timeout, Duration::from_secs(120));
+        assert_eq!(backend.on_timeout, OnTimeout::Force);
+        assert_eq!(
+            backend.restart.as_ref().unwrap().action,
+            Action::SystemdUnit("nova-api.service".into())
+        );
+        let Probe::Http {
+            address,
+            path,
+            expect,
+            ..
+        } = &backend.health.as_ref().unwrap().probe
+        else {
+            panic!("http probe expected");
+        };
+        assert_eq!(
+            (address.as_str(), path.as_str(), *expect),
+            ("127.0.0.1:8774", "/healthz", 200)
+        );
+        assert_eq!(
+            backend.rollback.as_ref().unwrap().action,
+            Action::Command(vec!["/usr/local/bin/rollback".into(), "nova-api".into()])
+        );
+    }
+
+    #[test]
+    fn drain_settings_reject_bad_values() {
+        for (from, to, expected) in [
+            (
+                "unix:/run/haproxy/admin.sock",
+                "unix:admin.sock",
+                "load_balancer[0].runtime_api: `unix:admin.sock` is not a runtime API address",
+            ),
+            (
+                "tcp:192.0.2.10:9999",
+                "192.0.2.10:9999",
+                "load_balancer[1].runtime_api",
+            ),
+            (
+                "on_timeout = \"force\"",
+                "on_timeout = \"later\"",
+                "unknown variant `later`",
+            ),
+            (
+                "{ systemd_unit = \"nova-api.service\" }",
+                "{ }",
+                "backend[0].restart: give exactly one of",
+            ),
+            (
+                "http = \"http://127.0.0.1:8774/healthz\"",
+                "http = \"https://x/\"",
+                "must start with http://",
+            ),
+            (
+                "\"0.0.0.0:9500\"",
+                "\"9500\"",
+                "agent_check_listen: `9500` is not an address:port",
+            ),
+            (
+                "min_serving = 1",
+                "min_serving = -1",
+                "backend[0].min_serving: -1 is not a server count",
+            ),
+            (
+                "name = \"lb2\"",
+                "name = \"lb1\"",
+                "load balancer name \"lb1\" is empty or used twice",
+            ),
+        ] {
+            assert!(DRAIN.contains(from), "{from}");
+            let message = error(&DRAIN.replace(from, to));
+            assert!(
+                message.contains(expected),
+                "{expected:?} not in {message:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn haproxy_server_without_load_balancer_is_an_error() {
+        let text: String = DRAIN
+            .lines()
+            .filter(|line| {
+                !line.contains("runtime_api")
+                    && !line.contains("load_balancer")
+                    && !line.starts_with("name = \"lb")
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            error(&text).contains("no [[load_balancer]] is configured"),
+            "{}",
+            error(&text)
         );
     }
 
