@@ -23,6 +23,9 @@ pub struct BackendCounters {
     pub reset_by_client: u64,
     /// Connections ended by a RST sent by the node (total).
     pub reset_by_server: u64,
+    /// Connections that ended while carrying a request: reset or vanished while in flight,
+    /// or closed with a request the node never answered (total).
+    pub cut_in_flight: u64,
     /// New connections that could not be tracked because the flow table was full (total).
     pub flow_table_full: u64,
     /// Tracked connections that disappeared without FIN or RST (total): a new handshake reused
@@ -49,6 +52,7 @@ impl BackendCounters {
                 closed: acc.closed.wrapping_add(c.closed),
                 reset_by_client: acc.reset_by_client.wrapping_add(c.reset_by_client),
                 reset_by_server: acc.reset_by_server.wrapping_add(c.reset_by_server),
+                cut_in_flight: acc.cut_in_flight.wrapping_add(c.cut_in_flight),
                 flow_table_full: acc.flow_table_full.wrapping_add(c.flow_table_full),
                 vanished: acc.vanished.wrapping_add(c.vanished),
                 last_idle_ns: acc.last_idle_ns.max(c.last_idle_ns),

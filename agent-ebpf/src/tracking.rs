@@ -272,6 +272,14 @@ fn end(segment: &Segment, flow: &mut Flow, ending: Ending) {
         return; // a handshake that never completed was never counted
     }
     counters.established = counters.established.wrapping_sub(1);
+    let cut = match ending {
+        // A graceful close is a cut only if the client asked and the node never answered.
+        Ending::Closed => flow.request_pending != 0,
+        _ => counted == COUNTED_IN_FLIGHT,
+    };
+    if cut {
+        counters.cut_in_flight += 1;
+    }
     match ending {
         Ending::Closed => counters.closed += 1,
         Ending::ResetByClient => counters.reset_by_client += 1,

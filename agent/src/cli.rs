@@ -1,6 +1,6 @@
 //! Command-line interface: `run` starts the agent, the other commands talk to it.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
@@ -39,6 +39,41 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = KernelMode::Ebpf)]
         kernel: KernelMode,
     },
+    /// Drain a backend: HAProxy stops sending it new requests, and the agent waits until
+    /// in-flight work is done, then moves the server to MAINT.
+    Drain {
+        /// The backend's name in the config.
+        backend: String,
+        /// Return only when the backend is drained (or the drain failed).
+        #[arg(long)]
+        wait: bool,
+        /// Print the final report as JSON (with --wait).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: AgentAddress,
+    },
+    /// Put a backend back in service (cancels its drain if one is running).
+    Resume {
+        backend: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: AgentAddress,
+    },
+    /// The whole cycle: drain, restart the service, verify its health, put it back.
+    ///
+    /// Exit codes: 0 done; 1 error; 2 usage or config; 3 refused for safety (nothing
+    /// changed); 4 drain timed out and was aborted; 5 the service stayed unhealthy and the
+    /// server is left in MAINT; 6 rolled back and serving on the previous version.
+    Cycle {
+        backend: String,
+        /// Print the final report as JSON instead of progress and a summary.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: AgentAddress,
+    },
     /// Show each backend's connections as the running agent sees them.
     Status {
         /// Print one JSON object instead of a table.
@@ -76,6 +111,9 @@ pub enum Failure {
     /// Bad config or usage: exit code 2, nothing was changed.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// An operation that ended with a non-zero exit code; its message was printed.
+    #[error("{message}")]
+    Operation { exit_code: u8, message: String },
     /// Anything else: exit code 1.
     #[error(transparent)]
     Other(#[from] anyhow::Error),
@@ -85,6 +123,7 @@ impl Failure {
     pub fn exit_code(&self) -> ExitCode {
         match self {
             Failure::Config(_) => ExitCode::from(2),
+            Failure::Operation { exit_code, .. } => ExitCode::from(*exit_code),
             Failure::Other(_) => ExitCode::from(1),
         }
     }
@@ -106,6 +145,22 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
             crate::agent::run(config, kernel)?;
             Ok(())
         }
+        Command::Drain {
+            backend,
+            wait,
+            json,
+            target,
+        } => operate(&target, &Request::Drain { backend, wait }, json),
+        Command::Resume {
+            backend,
+            json,
+            target,
+        } => operate(&target, &Request::Resume { backend }, json),
+        Command::Cycle {
+            backend,
+            json,
+            target,
+        } => operate(&target, &Request::Cycle { backend }, json),
         Command::Status { json, target } => {
             let socket = target.socket()?;
             let Response::Status(status) = control::request(&socket, &Request::Status)? else {
@@ -123,5 +178,62 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+    }
+}
+
+/// Sends a drain, resume or cycle request, shows progress, and turns the outcome into the
+/// exit code.
+fn operate(target: &AgentAddress, request: &Request, json: bool) -> Result<(), Failure> {
+    let socket = target.socket()?;
+    let terminal = std::io::stderr().is_terminal();
+    let mut last_phase = None;
+    let mut drew_line = false;
+    let answer = control::request_streaming(&socket, request, |response| {
+        let Response::Progress(progress) = response else {
+            return;
+        };
+        if json {
+            return;
+        }
+        if terminal {
+            // One live line, redrawn in place.
+            eprint!("\r\x1b[2K{}", progress.render());
+            drew_line = true;
+        } else if last_phase != Some(progress.phase) {
+            eprintln!("{}", progress.render());
+        }
+        last_phase = Some(progress.phase);
+    })?;
+    if drew_line {
+        eprintln!();
+    }
+    match answer {
+        Response::Started { backend } => {
+            println!(
+                "{backend}: draining; the load balancers confirmed. `drain-agent status` shows \
+                 progress, `drain-agent resume {backend}` cancels"
+            );
+            Ok(())
+        }
+        Response::Report(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serializes")
+                );
+            } else {
+                print!("{}", report.render());
+            }
+            if report.exit_code == 0 {
+                Ok(())
+            } else {
+                Err(Failure::Operation {
+                    exit_code: report.exit_code,
+                    message: report.message.clone(),
+                })
+            }
+        }
+        Response::Refused { exit_code, message } => Err(Failure::Operation { exit_code, message }),
+        other => Err(anyhow::anyhow!("unexpected answer from the agent: {other:?}").into()),
     }
 }

@@ -12,7 +12,12 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::{debug, warn};
 
-use crate::status::Status;
+use tokio::sync::mpsc;
+
+use crate::{
+    drain::{Progress, Report},
+    status::Status,
+};
 
 /// Longest request line accepted; anything longer is refused, not buffered.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
@@ -21,18 +26,38 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a client asks.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "command", rename_all = "kebab-case")]
+#[serde(tag = "command", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     /// The agent's status.
     Status,
+    /// Drain a backend; with `wait`, answer only when it is drained.
+    Drain { backend: String, wait: bool },
+    /// Put a backend back in service (cancelling its drain).
+    Resume { backend: String },
+    /// Drain, restart, verify and put back.
+    Cycle { backend: String },
 }
 
-/// What the agent answers.
+/// What the agent answers: one line, or for drains and cycles a stream of progress lines
+/// ending with a report (or a refusal).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Response {
     Status(Status),
-    Error { message: String },
+    /// The load balancers confirmed the drain; it goes on in the agent.
+    Started {
+        backend: String,
+    },
+    Progress(Progress),
+    Report(Box<Report>),
+    /// The operation did not start; nothing was changed.
+    Refused {
+        exit_code: u8,
+        message: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Problems talking to (or serving) the control socket.
@@ -76,6 +101,16 @@ pub enum ControlError {
 
 /// Sends one request and waits for the answer.
 pub fn request(path: &Path, request: &Request) -> Result<Response, ControlError> {
+    request_streaming(path, request, |_| {})
+}
+
+/// Sends one request; every answer line but the last goes to `on_progress`, the last is
+/// returned. Waits as long as the operation runs.
+pub fn request_streaming(
+    path: &Path,
+    request: &Request,
+    mut on_progress: impl FnMut(&Response),
+) -> Result<Response, ControlError> {
     let io = |source| ControlError::Io {
         path: path.to_owned(),
         source,
@@ -84,22 +119,32 @@ pub fn request(path: &Path, request: &Request) -> Result<Response, ControlError>
         path: path.to_owned(),
         source,
     })?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(io)?;
     let mut line = serde_json::to_vec(request).expect("requests serialize");
     line.push(b'\n');
     stream.write_all(&line).map_err(io)?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
-    let response: Response =
-        serde_json::from_str(&answer).map_err(|source| ControlError::Protocol {
+    let mut reader = BufReader::new(stream);
+    let mut last: Option<Response> = None;
+    loop {
+        let mut answer = String::new();
+        if reader.read_line(&mut answer).map_err(io)? == 0 {
+            break;
+        }
+        let response: Response =
+            serde_json::from_str(&answer).map_err(|source| ControlError::Protocol {
+                path: path.to_owned(),
+                source,
+            })?;
+        if let Some(previous) = last.replace(response) {
+            on_progress(&previous);
+        }
+    }
+    match last {
+        None => Err(ControlError::Io {
             path: path.to_owned(),
-            source,
-        })?;
-    match response {
-        Response::Error { message } => Err(ControlError::Refused(message)),
-        other => Ok(other),
+            source: std::io::ErrorKind::UnexpectedEof.into(),
+        }),
+        Some(Response::Error { message }) => Err(ControlError::Refused(message)),
+        Some(other) => Ok(other),
     }
 }
 
@@ -124,10 +169,11 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Serves connections until the task is dropped. `answer` computes the reply to a request.
+/// Serves connections until the task is dropped. `answer` starts answering a request and
+/// returns the channel its answer lines arrive on; the connection closes when it closes.
 pub async fn serve<F>(listener: tokio::net::UnixListener, answer: F)
 where
-    F: Fn(Request) -> Response + Clone + Send + 'static,
+    F: Fn(Request) -> mpsc::Receiver<Response> + Clone + Send + 'static,
 {
     loop {
         let (stream, _) = match listener.accept().await {
@@ -149,33 +195,37 @@ where
 
 async fn handle<F>(stream: tokio::net::UnixStream, answer: F) -> std::io::Result<()>
 where
-    F: Fn(Request) -> Response,
+    F: Fn(Request) -> mpsc::Receiver<Response>,
 {
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST_BYTES);
     let mut line = String::new();
-    let response = match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
-        Err(_) => Response::Error {
-            message: "no request within 5s".into(),
-        },
-        Ok(Err(err)) => Response::Error {
-            message: format!("unreadable request: {err}"),
-        },
-        Ok(Ok(_)) if !line.ends_with('\n') => Response::Error {
-            message: format!("request must be one JSON line of at most {MAX_REQUEST_BYTES} bytes"),
-        },
-        Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-            Ok(request) => answer(request),
-            Err(err) => Response::Error {
-                message: format!(
-                    "malformed request ({err}); expected e.g. {{\"command\":\"status\"}}"
-                ),
-            },
-        },
+    let error = |message: String| Response::Error { message };
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
+        Err(_) => Err(error("no request within 5s".into())),
+        Ok(Err(err)) => Err(error(format!("unreadable request: {err}"))),
+        Ok(Ok(_)) if !line.ends_with('\n') => Err(error(format!(
+            "request must be one JSON line of at most {MAX_REQUEST_BYTES} bytes"
+        ))),
+        Ok(Ok(_)) => serde_json::from_str::<Request>(&line).map_err(|err| {
+            error(format!(
+                "malformed request ({err}); expected e.g. {{\"command\":\"status\"}}"
+            ))
+        }),
     };
-    let mut out = serde_json::to_vec(&response).expect("responses serialize");
-    out.push(b'\n');
-    write.write_all(&out).await?;
+    let mut answers = match request {
+        Ok(request) => answer(request),
+        Err(response) => {
+            let (sender, receiver) = mpsc::channel(1);
+            let _ = sender.try_send(response);
+            receiver
+        }
+    };
+    while let Some(response) = answers.recv().await {
+        let mut out = serde_json::to_vec(&response).expect("responses serialize");
+        out.push(b'\n');
+        write.write_all(&out).await?;
+    }
     write.shutdown().await
 }
 
@@ -190,6 +240,14 @@ mod tests {
             r#"{"command":"status"}"#
         );
         assert!(serde_json::from_str::<Request>(r#"{"command":"reboot"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&Request::Drain {
+                backend: "nova-api".into(),
+                wait: true
+            })
+            .unwrap(),
+            r#"{"command":"drain","backend":"nova-api","wait":true}"#
+        );
     }
 
     #[tokio::test]
@@ -197,10 +255,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("drain-agent-control-{}", std::process::id()));
         let path = dir.join("control.sock");
         let listener = bind(&path).unwrap();
-        let server = tokio::spawn(serve(listener, |request| match request {
-            Request::Status => Response::Error {
-                message: "status seen".into(),
-            },
+        let server = tokio::spawn(serve(listener, |request| {
+            let (sender, receiver) = mpsc::channel(1);
+            let _ = sender.try_send(Response::Error {
+                message: format!("seen {request:?}"),
+            });
+            receiver
         }));
         let client_path = path.clone();
         let (garbage, status) = tokio::task::spawn_blocking(move || {
@@ -213,7 +273,7 @@ mod tests {
         .await
         .unwrap();
         assert!(garbage.contains("malformed request"), "{garbage}");
-        assert!(matches!(status, Err(ControlError::Refused(m)) if m == "status seen"));
+        assert!(matches!(status, Err(ControlError::Refused(m)) if m == "seen Status"));
         assert!(matches!(bind(&path), Err(ControlError::InUse(_))));
         server.abort();
         let _ = std::fs::remove_dir_all(dir);

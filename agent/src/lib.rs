@@ -2,9 +2,14 @@
 //! stages) drains, restarts and restores the node behind HAProxy.
 
 pub mod agent;
+pub mod agent_check;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod drain;
+pub mod haproxy;
+pub mod health;
 pub mod kernel;
 pub mod logging;
+pub mod service;
 pub mod status;

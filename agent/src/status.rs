@@ -13,6 +13,8 @@ pub struct Status {
     pub uptime_seconds: f64,
     /// Connections the flow table holds and can hold (eBPF mode only).
     pub flow_table: Option<FlowTableStatus>,
+    /// The drain or cycle running on this node, if any (e.g. "cycle nova-api").
+    pub running: Option<String>,
     /// The kernel programs and where they are attached (eBPF mode); the ids match bpftool's.
     pub attachments: Vec<Attachment>,
     /// One entry per configured backend, in config order.
@@ -65,6 +67,10 @@ pub struct BackendStatus {
     pub flow_table_full: Option<u64>,
     /// Tracked connections that disappeared without FIN or RST (garbage-collected).
     pub vanished: Option<u64>,
+    /// Connections that ended while carrying a request.
+    pub cut_in_flight: Option<u64>,
+    /// Why the backend is in its phase, when it failed.
+    pub reason: Option<String>,
 }
 
 impl Status {

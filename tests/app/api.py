@@ -3,6 +3,7 @@
 GET /            -> 200 "ok"
 GET /slow?ms=N   -> sleeps N ms, then 200
 GET /bytes?n=N   -> N bytes of body, streamed in 64 KiB chunks
+GET /healthz     -> 200, or 503 when the version starts with "broken"
 Every response carries X-API-Version from $API_VERSION (default "1.0").
 """
 import os
@@ -32,6 +33,9 @@ def app(environ, start_response):
         start_response("200 OK", headers + [("Content-Type", "application/octet-stream"),
                                             ("Content-Length", str(n))])
         return _stream(n)
+    elif path == "/healthz" and VERSION.startswith("broken"):
+        start_response("503 Service Unavailable", headers + [("Content-Length", "7")])
+        return [b"broken\n"]
     elif path in ("/", "/healthz"):
         body = b"ok\n"
     else:

@@ -45,6 +45,11 @@ impl Connection {
         self.send_with(path, "Connection: close\r\n")
     }
 
+    /// Sends a request written out in full.
+    pub fn send_raw(&mut self, request: &str) -> io::Result<()> {
+        self.reader.get_mut().write_all(request.as_bytes())
+    }
+
     fn send_with(&mut self, path: &str, headers: &str) -> io::Result<()> {
         let request = format!("GET {path} HTTP/1.1\r\nHost: api\r\n{headers}\r\n");
         self.reader.get_mut().write_all(request.as_bytes())

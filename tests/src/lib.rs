@@ -5,6 +5,8 @@
 //! panics. Tests panic with context instead of returning errors, so a failure points at a line.
 
 pub mod http;
+pub mod load;
+pub mod topology;
 
 use std::{
     fs::File,
@@ -330,35 +332,7 @@ impl Lab {
                 ports.join(", ")
             ));
         }
-        let config_path = self.dir.path().join("agent.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let log_path = self.dir.path().join("agent.log");
-        let log = File::create(&log_path).unwrap();
-        let mut command = self.node.command(agent_binary());
-        command
-            .args(["run", "--kernel", kernel, "--config"])
-            .arg(&config_path)
-            .env("RUST_LOG", "debug")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        let mut agent = Agent {
-            process: Process::spawn("drain-agent", &mut command),
-            socket,
-            log: log_path,
-        };
-        wait_until(
-            Duration::from_secs(10),
-            "the agent's control socket",
-            || {
-                assert!(
-                    agent.process.running(),
-                    "the agent exited:\n{}",
-                    agent.log()
-                );
-                agent.try_status().is_some()
-            },
-        );
-        agent
+        start_agent_in(&self.node, self.dir.path(), &config, kernel)
     }
 
     /// Opens a TCP connection from the client namespace.
@@ -391,10 +365,51 @@ impl Default for Lab {
     }
 }
 
+/// Writes `config` (which must set `control_socket` to DIR/control.sock) to DIR/agent.toml,
+/// starts `drain-agent run` in `netns`, and waits until its control socket answers.
+pub fn start_agent_with_config(netns: &Netns, dir: &Path, config: &str) -> Agent {
+    start_agent_in(netns, dir, config, "ebpf")
+}
+
+fn start_agent_in(netns: &Netns, dir: &Path, config: &str, kernel: &str) -> Agent {
+    let socket = dir.join("control.sock");
+    let config_path = dir.join("agent.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let log_path = dir.join("agent.log");
+    let log = File::create(&log_path).unwrap();
+    let mut command = netns.command(agent_binary());
+    command
+        .args(["run", "--kernel", kernel, "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", "debug")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let mut agent = Agent {
+        process: Process::spawn("drain-agent", &mut command),
+        socket,
+        config: config_path,
+        log: log_path,
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the agent's control socket",
+        || {
+            assert!(
+                agent.process.running(),
+                "the agent exited:\n{}",
+                agent.log()
+            );
+            agent.try_status().is_some()
+        },
+    );
+    agent
+}
+
 /// A running agent.
 pub struct Agent {
     pub process: Process,
     pub socket: PathBuf,
+    pub config: PathBuf,
     pub log: PathBuf,
 }
 
@@ -459,5 +474,36 @@ impl Agent {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `drain-agent ARGS --control-socket SOCKET` (a CLI command against this agent).
+    pub fn cli(&self, args: &[&str]) -> CliOutcome {
+        let out = Command::new(agent_binary())
+            .args(args)
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .output()
+            .expect("run drain-agent");
+        CliOutcome {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// What a CLI command printed and returned.
+#[derive(Debug)]
+pub struct CliOutcome {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutcome {
+    /// The JSON printed on stdout (for `--json` commands).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|err| panic!("not JSON ({err}): {self:?}"))
     }
 }

@@ -41,6 +41,7 @@ struct Adjustment {
     established: i64,
     in_flight: i64,
     vanished: u64,
+    cut_in_flight: u64,
 }
 
 /// The loaded and attached kernel side. Dropping it detaches everything.
@@ -233,6 +234,7 @@ impl EbpfTracker {
                     reset_by_server: Some(total.reset_by_server),
                     flow_table_full: Some(total.flow_table_full),
                     vanished: Some(total.vanished + adjustment.vanished),
+                    cut_in_flight: Some(total.cut_in_flight + adjustment.cut_in_flight),
                     since_last_idle: (total.last_idle_ns != 0)
                         .then(|| Duration::from_nanos(now.saturating_sub(total.last_idle_ns))),
                 })
@@ -304,6 +306,7 @@ impl EbpfTracker {
             }
             if flow.counted_in_flight == COUNTED_IN_FLIGHT {
                 adjustment.in_flight -= 1;
+                adjustment.cut_in_flight += 1;
             }
             removed += 1;
             warn!(%local, %remote, "removed a tracked connection whose socket is gone");

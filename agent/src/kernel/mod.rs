@@ -40,6 +40,7 @@ pub struct BackendSample {
     pub reset_by_server: Option<u64>,
     pub flow_table_full: Option<u64>,
     pub vanished: Option<u64>,
+    pub cut_in_flight: Option<u64>,
     /// Time since the last in-flight → idle transition.
     pub since_last_idle: Option<Duration>,
 }

@@ -1,0 +1,211 @@
+//! What a drain or cycle tells the operator: progress while it runs, a report at the end,
+//! and the exit code the CLI returns.
+
+use serde::{Deserialize, Serialize};
+
+use super::phase::Phase;
+
+/// Exit codes of `drain`, `resume` and `cycle` (also in docs/operations.md).
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// The agent, a load balancer or the service answered with an error.
+    pub const ERROR: u8 = 1;
+    /// Usage or configuration error (unknown backend, HAProxy server not found).
+    pub const CONFIG: u8 = 2;
+    /// Refused for safety; nothing was changed.
+    pub const REFUSED: u8 = 3;
+    /// In-flight work outlived drain_timeout with on_timeout = "abort": the server was put
+    /// back in service.
+    pub const DRAIN_TIMEOUT: u8 = 4;
+    /// The restarted service never became healthy (even after rollback): the server is left
+    /// in MAINT on every load balancer.
+    pub const FAILED: u8 = 5;
+    /// The restart failed its health check, the rollback made the service healthy again and
+    /// the server is back in service on the old version.
+    pub const ROLLED_BACK: u8 = 6;
+}
+
+/// How an operation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Ok,
+    Error,
+    Refused,
+    DrainTimeout,
+    Cancelled,
+    RolledBack,
+    Failed,
+}
+
+impl Outcome {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Ok => exit::OK,
+            Outcome::Error | Outcome::Cancelled => exit::ERROR,
+            Outcome::Refused => exit::REFUSED,
+            Outcome::DrainTimeout => exit::DRAIN_TIMEOUT,
+            Outcome::RolledBack => exit::ROLLED_BACK,
+            Outcome::Failed => exit::FAILED,
+        }
+    }
+}
+
+/// A live progress line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    pub backend: String,
+    pub phase: Phase,
+    pub in_flight: Option<u64>,
+    pub idle: Option<u64>,
+    /// Requests HAProxy still has on (or queued for) this server, summed over load balancers.
+    pub lb_sessions: u64,
+    pub elapsed_ms: u64,
+}
+
+impl Progress {
+    /// The one-line rendering for a terminal.
+    pub fn render(&self) -> String {
+        let show = |value: Option<u64>| value.map_or_else(|| "-".into(), |v| v.to_string());
+        format!(
+            "{:<10} in-flight {:>4}  idle {:>4}  lb-sessions {:>4}  {:>6.1}s",
+            self.phase.as_str(),
+            show(self.in_flight),
+            show(self.idle),
+            self.lb_sessions,
+            self.elapsed_ms as f64 / 1000.0
+        )
+    }
+}
+
+/// Connection counts at one moment.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counts {
+    pub established: u64,
+    pub in_flight: Option<u64>,
+    pub idle: Option<u64>,
+}
+
+/// One phase's timing, relative to the start of the operation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PhaseTiming {
+    pub phase: Phase,
+    pub started_ms: u64,
+    pub duration_ms: u64,
+}
+
+/// What one load balancer confirmed, in milliseconds since the operation started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LoadBalancerReport {
+    pub name: String,
+    /// Answered the runtime API at the start.
+    pub reachable: bool,
+    pub drain_confirmed_ms: Option<u64>,
+    pub maint_confirmed_ms: Option<u64>,
+    pub ready_confirmed_ms: Option<u64>,
+    /// The last problem with this load balancer, if any.
+    pub error: Option<String>,
+}
+
+/// What the kernel saw on the backend's ports while the operation ran.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KernelSeen {
+    /// RSTs the node sent on the service ports.
+    pub resets_by_node: u64,
+    /// RSTs clients sent.
+    pub resets_by_clients: u64,
+    /// Connections that ended while carrying a request (reset, or closed unanswered).
+    pub cut_in_flight: u64,
+    /// New connections accepted.
+    pub accepted: u64,
+}
+
+/// The final report of a drain or cycle.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub backend: String,
+    /// "drain" or "cycle".
+    pub operation: String,
+    pub outcome: Outcome,
+    pub exit_code: u8,
+    /// One sentence for the operator: what happened and, when it failed, what to do.
+    pub message: String,
+    pub phase: Phase,
+    pub phases: Vec<PhaseTiming>,
+    pub at_drain_start: Option<Counts>,
+    /// When the kernel's in-flight count last reached 0 (ms since the drain started).
+    pub in_flight_zero_ms: Option<u64>,
+    /// When the backend counted as drained (ms since the drain started).
+    pub drained_ms: Option<u64>,
+    /// In-flight connections when the deadline forced the drain to end (on_timeout = force).
+    pub forced_with_in_flight: Option<u64>,
+    pub restart_ms: Option<u64>,
+    /// From the start of the restart until the health check passed.
+    pub time_to_healthy_ms: Option<u64>,
+    /// Whether the rollback ran, and how it went.
+    pub rollback: Option<String>,
+    pub load_balancers: Vec<LoadBalancerReport>,
+    pub kernel: Option<KernelSeen>,
+    pub total_ms: u64,
+}
+
+impl Report {
+    /// The human-readable summary `cycle`/`drain` print at the end.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "{} {}: {} — {}\n",
+            self.operation,
+            self.backend,
+            serde_json::to_value(self.outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            self.message
+        );
+        for timing in &self.phases {
+            out.push_str(&format!(
+                "  {:<10} {:>8.3}s\n",
+                timing.phase.as_str(),
+                timing.duration_ms as f64 / 1000.0
+            ));
+        }
+        if let Some(counts) = &self.at_drain_start {
+            let show = |v: Option<u64>| v.map_or_else(|| "-".into(), |v| v.to_string());
+            out.push_str(&format!(
+                "  at drain start: {} established, {} in flight, {} idle\n",
+                counts.established,
+                show(counts.in_flight),
+                show(counts.idle)
+            ));
+        }
+        if let Some(zero) = self.in_flight_zero_ms {
+            out.push_str(&format!(
+                "  in-flight reached 0 after {:.3}s\n",
+                zero as f64 / 1000.0
+            ));
+        }
+        for lb in &self.load_balancers {
+            let at = |v: Option<u64>| {
+                v.map_or_else(|| "-".into(), |v| format!("{:.3}s", v as f64 / 1000.0))
+            };
+            out.push_str(&format!(
+                "  {}: drain {} maint {} ready {}{}\n",
+                lb.name,
+                at(lb.drain_confirmed_ms),
+                at(lb.maint_confirmed_ms),
+                at(lb.ready_confirmed_ms),
+                lb.error
+                    .as_ref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            ));
+        }
+        if let Some(kernel) = &self.kernel {
+            out.push_str(&format!(
+                "  kernel: {} resets sent by the node, {} connections cut with a request in flight\n",
+                kernel.resets_by_node, kernel.cut_in_flight
+            ));
+        }
+        out
+    }
+}

@@ -1,0 +1,120 @@
+//! Restarting (and rolling back) the API service: `systemctl restart UNIT` or a command.
+
+use std::{process::Stdio, time::Duration};
+
+use tokio::process::Command;
+
+use crate::config::{Action, Step};
+
+/// Why a restart or rollback step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("`{command}` could not be started: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("`{command}` exited with {status}: {output}")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        output: String,
+    },
+    #[error("`{command}` did not finish within {timeout:?} and was killed")]
+    Timeout { command: String, timeout: Duration },
+}
+
+/// The command line a step runs, for messages.
+pub fn describe(action: &Action) -> String {
+    match action {
+        Action::SystemdUnit(unit) => format!("systemctl restart {unit}"),
+        Action::Command(argv) => argv.join(" "),
+    }
+}
+
+/// Runs a step to completion within its timeout; its output goes to the error on failure.
+pub async fn run(step: &Step) -> Result<(), StepError> {
+    let command_line = describe(&step.action);
+    let mut command = match &step.action {
+        Action::SystemdUnit(unit) => {
+            let mut command = Command::new("systemctl");
+            command.args(["restart", unit]);
+            command
+        }
+        Action::Command(argv) => {
+            let mut command = Command::new(&argv[0]);
+            command.args(&argv[1..]);
+            command
+        }
+    };
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = command.spawn().map_err(|source| StepError::Spawn {
+        command: command_line.clone(),
+        source,
+    })?;
+    let output = match tokio::time::timeout(step.timeout, child.wait_with_output()).await {
+        Err(_) => {
+            return Err(StepError::Timeout {
+                command: command_line,
+                timeout: step.timeout,
+            });
+        }
+        Ok(result) => result.map_err(|source| StepError::Spawn {
+            command: command_line.clone(),
+            source,
+        })?,
+    };
+    if output.status.success() {
+        return Ok(());
+    }
+    let mut text = String::from_utf8_lossy(&output.stderr).trim().to_string();
+    if text.is_empty() {
+        text = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    }
+    text.truncate(500);
+    Err(StepError::Failed {
+        command: command_line,
+        status: output.status,
+        output: text,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(argv: &[&str], timeout: Duration) -> Step {
+        Step {
+            action: Action::Command(argv.iter().map(|s| s.to_string()).collect()),
+            timeout,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_command_step_reports_status_output_and_deadline() {
+        run(&step(&["true"], Duration::from_secs(5))).await.unwrap();
+        let failed = run(&step(
+            &["sh", "-c", "echo broken >&2; exit 3"],
+            Duration::from_secs(5),
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            failed.contains("exit status: 3") && failed.contains("broken"),
+            "{failed}"
+        );
+        let slow = run(&step(&["sleep", "5"], Duration::from_millis(100)))
+            .await
+            .unwrap_err();
+        assert!(matches!(slow, StepError::Timeout { .. }), "{slow}");
+        let missing = run(&step(&["/nonexistent/restart"], Duration::from_secs(1)))
+            .await
+            .unwrap_err();
+        assert!(matches!(missing, StepError::Spawn { .. }), "{missing}");
+    }
+}

@@ -1,0 +1,42 @@
+#!/bin/sh
+# Runs the test API under gunicorn as a daemon, the way a service manager would.
+#   serve-api.sh start|stop|restart STATE_DIR PORT
+# The version it serves comes from STATE_DIR/version (default 1.0); a restart waits for the
+# old master to exit (graceful: in-flight requests finish) before starting the new one.
+# STATE_DIR/restart-delay, if present, holds extra seconds the restart takes.
+set -eu
+action=$1 dir=$2 port=$3
+pidfile="$dir/gunicorn.pid"
+app_dir=$(cd "$(dirname "$0")" && pwd)
+
+stop() {
+    [ -f "$pidfile" ] || return 0
+    pid=$(cat "$pidfile")
+    kill -TERM "$pid" 2>/dev/null || true
+    i=0
+    while kill -0 "$pid" 2>/dev/null; do
+        sleep 0.05
+        i=$((i + 1))
+        if [ "$i" -ge 600 ]; then kill -KILL "$pid" 2>/dev/null || true; break; fi
+    done
+    rm -f "$pidfile"
+}
+
+start() {
+    if [ -f "$dir/restart-delay" ]; then sleep "$(cat "$dir/restart-delay")"; fi
+    API_VERSION=$(cat "$dir/version" 2>/dev/null || echo 1.0) \
+    /usr/bin/python3 -m gunicorn --daemon --pid "$pidfile" \
+        --worker-class gthread --workers 2 --threads 32 --keep-alive 300 \
+        --graceful-timeout 30 --backlog 4096 --bind "[::]:$port" \
+        --chdir "$app_dir" --log-file "$dir/gunicorn.log" api:app
+    # gunicorn --daemon returns before the workers listen; wait for the pidfile.
+    i=0
+    while [ ! -s "$pidfile" ] && [ "$i" -lt 200 ]; do sleep 0.05; i=$((i + 1)); done
+}
+
+case "$action" in
+    start) start ;;
+    stop) stop ;;
+    restart) stop; start ;;
+    *) echo "usage: $0 start|stop|restart STATE_DIR PORT" >&2; exit 2 ;;
+esac

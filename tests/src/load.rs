@@ -1,0 +1,103 @@
+//! The third-party load generator (oha) at a constant rate, with per-request accounting.
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use crate::{Netns, Process};
+
+/// A running oha; `finish` waits for it and returns its JSON summary.
+pub struct Load {
+    process: Process,
+    output: PathBuf,
+}
+
+/// What the load generator counted.
+#[derive(Debug)]
+pub struct LoadResult {
+    pub total: u64,
+    pub ok_2xx: u64,
+    pub non_2xx: u64,
+    pub errors: u64,
+    pub summary: Value,
+}
+
+impl Load {
+    /// `rate` requests per second over `connections` keep-alive connections for `duration`.
+    pub fn start(
+        netns: &Netns,
+        dir: &Path,
+        url: &str,
+        rate: u32,
+        duration: Duration,
+        connections: u32,
+    ) -> Load {
+        let output = dir.join("oha.json");
+        let log = File::create(dir.join("oha.log")).unwrap();
+        let mut command = netns.command(oha_binary());
+        command
+            .args(["--no-tui", "--output-format", "json", "-o"])
+            .arg(&output)
+            .args(["-q", &rate.to_string(), "-c", &connections.to_string()])
+            .args(["-z", &format!("{}s", duration.as_secs()), url])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        Load {
+            process: Process::spawn("oha", &mut command),
+            output,
+        }
+    }
+
+    pub fn finish(mut self, timeout: Duration) -> LoadResult {
+        let status = self.process.wait(timeout);
+        let text = std::fs::read_to_string(&self.output).unwrap_or_default();
+        assert!(status.success(), "oha failed ({status}): {text}");
+        let summary: Value =
+            serde_json::from_str(&text).unwrap_or_else(|err| panic!("oha JSON ({err}): {text}"));
+        let mut ok_2xx = 0;
+        let mut non_2xx = 0;
+        for (code, count) in summary["statusCodeDistribution"]
+            .as_object()
+            .into_iter()
+            .flatten()
+        {
+            let count = count.as_u64().unwrap_or(0);
+            if code.starts_with('2') {
+                ok_2xx += count;
+            } else {
+                non_2xx += count;
+            }
+        }
+        let errors = summary["errorDistribution"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(_, count)| count.as_u64().unwrap_or(0))
+            .sum();
+        LoadResult {
+            total: ok_2xx + non_2xx + errors,
+            ok_2xx,
+            non_2xx,
+            errors,
+            summary,
+        }
+    }
+}
+
+/// oha from `cargo xtask setup` ($CARGO_HOME/bin) or PATH.
+pub fn oha_binary() -> PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .unwrap_or_default();
+    let installed = home.join("bin/oha");
+    if installed.exists() {
+        installed
+    } else {
+        PathBuf::from("oha")
+    }
+}

@@ -1,0 +1,410 @@
+//! The drain cycle against real components: Debian's HAProxy (two instances), gunicorn API
+//! nodes restarted by a service script, drain-agents with their kernel programs, and oha
+//! hammering the load balancer at a constant rate.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use drain_agent_tests::{
+    Agent,
+    http::Connection,
+    load::Load,
+    topology::{
+        API_PORT, FRONTEND_PORT, Haproxy, Host, Topology, haproxy_config, start_api,
+        start_node_agent,
+    },
+    wait_until,
+};
+use serde_json::Value;
+
+struct Tier {
+    topology: Topology,
+    lbs: Vec<Haproxy>,
+    agents: Vec<Agent>,
+}
+
+/// client, lb1, lb2, node1, node2: APIs on 1.0, an agent per node, HAProxy on both LBs, and
+/// every server UP everywhere.
+fn tier(extra_backend: &str) -> Tier {
+    let topology = Topology::new(&["client", "lb1", "lb2", "node1", "node2"]);
+    let nodes: Vec<&Host> = vec![topology.host("node1"), topology.host("node2")];
+    let lb_hosts: Vec<&Host> = vec![topology.host("lb1"), topology.host("lb2")];
+    for node in &nodes {
+        start_api(node, "1.0");
+    }
+    let agents = nodes
+        .iter()
+        .map(|node| start_node_agent(node, &lb_hosts, extra_backend, ""))
+        .collect();
+    let lbs: Vec<Haproxy> = lb_hosts
+        .iter()
+        .map(|lb| Haproxy::start(lb, &haproxy_config(lb, &nodes)))
+        .collect();
+    for lb in &lbs {
+        for node in ["node1", "node2"] {
+            wait_until(
+                Duration::from_secs(10),
+                &format!("{node} UP on HAProxy"),
+                || lb.status(node) == "UP",
+            );
+        }
+    }
+    Tier {
+        topology,
+        lbs,
+        agents,
+    }
+}
+
+impl Tier {
+    fn node(&self, name: &str) -> &Host {
+        self.topology.host(name)
+    }
+
+    /// The version a node serves, asked directly.
+    fn version_of(&self, node: &str) -> String {
+        let addr = SocketAddr::new(self.node(node).v4.into(), API_PORT);
+        self.topology.host("client").netns.run(move || {
+            let mut connection = Connection::connect(addr).unwrap();
+            connection.get("/").unwrap().version.unwrap_or_default()
+        })
+    }
+}
+
+fn report(outcome: &drain_agent_tests::CliOutcome) -> Value {
+    outcome.json()
+}
+
+#[test]
+fn rolling_cycle_under_load_loses_no_request() {
+    let tier = tier("drain_timeout = \"30s\"");
+    let client = tier.topology.host("client");
+    let url = format!("http://{}:{FRONTEND_PORT}/", tier.topology.host("lb1").v4);
+    let load = Load::start(
+        &client.netns,
+        &client.dir,
+        &url,
+        200,
+        Duration::from_secs(20),
+        16,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    // A slow request pinned to node1 is in flight when its drain starts.
+    let lb1 = tier.topology.host("lb1").addr(FRONTEND_PORT);
+    let mut slow = Some(std::thread::spawn({
+        let client = client.netns.name().to_string();
+        move || {
+            drain_agent_tests::enter_netns(&client);
+            let mut connection = Connection::connect(lb1).unwrap();
+            connection
+                .send_raw("GET /slow?ms=3000 HTTP/1.1\r\nHost: api\r\nx-node: node1\r\n\r\n")
+                .unwrap();
+            let status = connection.read_response().unwrap().status;
+            (status, Instant::now())
+        }
+    }));
+    std::thread::sleep(Duration::from_millis(500));
+
+    for (index, node) in ["node1", "node2"].iter().enumerate() {
+        std::fs::write(tier.node(node).dir.join("version"), "2.0").unwrap();
+        let cycle_started = Instant::now();
+        let outcome = tier.agents[index].cli(&["cycle", "api", "--json"]);
+        assert_eq!(outcome.code, Some(0), "cycle {node}: {outcome:?}");
+        let report = report(&outcome);
+        eprintln!(
+            "cycle {node}: {}",
+            serde_json::to_string_pretty(&report).unwrap()
+        );
+        assert_eq!(report["outcome"], "ok");
+        assert_eq!(report["phase"], "serving");
+        for lb in report["load_balancers"].as_array().unwrap() {
+            for field in [
+                "drain_confirmed_ms",
+                "maint_confirmed_ms",
+                "ready_confirmed_ms",
+            ] {
+                assert!(
+                    lb[field].is_u64(),
+                    "{node}: {} did not confirm {field}: {lb}",
+                    lb["name"]
+                );
+            }
+        }
+        assert_eq!(report["kernel"]["cut_in_flight"], 0, "{node}: requests cut");
+        assert_eq!(tier.version_of(node), "2.0");
+
+        if let Some(slow) = slow.take() {
+            let (status, finished) = slow.join().unwrap();
+            assert_eq!(status, 200, "the slow request in flight at drain start");
+            let drained_at =
+                cycle_started + Duration::from_millis(report["drained_ms"].as_u64().unwrap());
+            assert!(
+                drained_at + Duration::from_millis(100) >= finished,
+                "drained {:?} before the slow request finished",
+                finished.saturating_duration_since(drained_at)
+            );
+            assert!(
+                drained_at <= finished + Duration::from_secs(1),
+                "drain finished {:?} after the slow request",
+                drained_at - finished
+            );
+            assert!(report["at_drain_start"]["in_flight"].as_u64().unwrap() >= 1);
+        }
+    }
+    for lb in &tier.lbs {
+        for node in ["node1", "node2"] {
+            assert_eq!(lb.status(node), "UP", "{node} back in rotation");
+        }
+    }
+
+    let result = load.finish(Duration::from_secs(60));
+    eprintln!("load: {result:?}");
+    assert!(result.total >= 3000, "too little load: {result:?}");
+    assert_eq!(
+        result.errors, 0,
+        "failed requests: {}",
+        result.summary["errorDistribution"]
+    );
+    assert_eq!(
+        result.non_2xx, 0,
+        "non-2xx: {}",
+        result.summary["statusCodeDistribution"]
+    );
+}
+
+#[test]
+fn a_load_balancer_that_was_down_learns_the_state_from_agent_check() {
+    let tier = tier("");
+    // lb2 is down before the cycle starts.
+    let mut lbs = tier.lbs;
+    let mut lb2 = lbs.pop().unwrap();
+    lb2.process.signal(nix::sys::signal::Signal::SIGKILL);
+    lb2.process.wait(Duration::from_secs(5));
+    // node1's restart takes a while, long enough to bring lb2 back mid-cycle.
+    std::fs::write(tier.topology.host("node1").dir.join("restart-delay"), "4").unwrap();
+    std::fs::write(tier.topology.host("node1").dir.join("version"), "2.0").unwrap();
+
+    let cycle = std::thread::spawn({
+        let socket = tier.agents[0].socket.clone();
+        move || {
+            let out = std::process::Command::new(drain_agent_tests::agent_binary())
+                .args(["cycle", "api", "--json", "--control-socket"])
+                .arg(socket)
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        }
+    });
+    wait_until(Duration::from_secs(10), "node1 restarting", || {
+        tier.agents[0].backend("api")["state"] == "restarting"
+    });
+    let lb2_host = tier.topology.host("lb2");
+    let nodes = [tier.topology.host("node1"), tier.topology.host("node2")];
+    let lb2 = Haproxy::start(lb2_host, &haproxy_config(lb2_host, &nodes));
+    wait_until(
+        Duration::from_secs(3),
+        "lb2 to put node1 in MAINT via agent-check",
+        || lb2.status("node1").starts_with("MAINT"),
+    );
+    // Requests through lb2 while node1 restarts all go to node2.
+    for _ in 0..20 {
+        let addr = lb2_host.addr(FRONTEND_PORT);
+        let status = tier
+            .topology
+            .host("client")
+            .netns
+            .run(move || Connection::connect(addr).unwrap().get("/").unwrap().status);
+        assert_eq!(status, 200);
+    }
+    assert_eq!(
+        lb2.stat("node1", "stot"),
+        "0",
+        "lb2 sent a connection to the restarting node1"
+    );
+
+    let (code, stdout) = cycle.join().unwrap();
+    assert_eq!(code, Some(0), "{stdout}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let lb2_report = report["load_balancers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|lb| lb["name"] == "lb2")
+        .unwrap()
+        .clone();
+    assert!(
+        lb2_report["ready_confirmed_ms"].is_u64(),
+        "lb2 reachable again by the end: {lb2_report}"
+    );
+    wait_until(Duration::from_secs(3), "node1 UP on lb2", || {
+        lb2.status("node1") == "UP"
+    });
+    assert_eq!(lbs[0].status("node1"), "UP");
+}
+
+#[test]
+fn a_restart_that_never_gets_healthy_rolls_back_and_leaves_the_server_in_maint() {
+    let marker_dir = drain_agent_tests::TempDir::new("rollback");
+    let marker = marker_dir.path().join("rollback-ran");
+    let tier = tier(&format!(
+        "rollback = {{ command = [\"touch\", \"{}\"] }}",
+        marker.display()
+    ));
+    std::fs::write(tier.node("node1").dir.join("version"), "broken").unwrap();
+    let outcome = tier.agents[0].cli(&["cycle", "api"]);
+    assert_eq!(outcome.code, Some(5), "{outcome:?}");
+    assert!(marker.exists(), "the rollback command did not run");
+    assert!(
+        outcome.stderr.contains("left in MAINT on lb1, lb2")
+            && outcome.stderr.contains("drain-agent resume api"),
+        "{}",
+        outcome.stderr
+    );
+    for lb in &tier.lbs {
+        assert!(
+            lb.status("node1").starts_with("MAINT"),
+            "node1 on an LB: {}",
+            lb.status("node1")
+        );
+        assert_eq!(lb.status("node2"), "UP");
+    }
+    let backend = tier.agents[0].backend("api");
+    assert_eq!(backend["state"], "failed");
+    assert!(
+        backend["reason"].as_str().unwrap().contains("not healthy"),
+        "{backend}"
+    );
+    // Still failed a while later: the agent-check keeps it in MAINT.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(tier.lbs[0].status("node1").starts_with("MAINT"));
+}
+
+#[test]
+fn refusals_change_nothing() {
+    let tier = tier("");
+    // min_serving: node2 is in MAINT, so draining node1 would leave nothing UP.
+    tier.lbs[0].command("set server api/node2 state maint");
+    let outcome = tier.agents[0].cli(&["cycle", "api"]);
+    assert_eq!(outcome.code, Some(3), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("api/node2 is MAINT"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(
+        outcome.stderr.contains("min_serving = 1"),
+        "{}",
+        outcome.stderr
+    );
+    for lb in &tier.lbs {
+        assert_eq!(lb.status("node1"), "UP", "nothing may change on a refusal");
+    }
+    assert_eq!(tier.agents[0].backend("api")["state"], "serving");
+    tier.lbs[0].command("set server api/node2 state ready");
+
+    // Unknown backend name on the CLI.
+    let outcome = tier.agents[0].cli(&["drain", "nova"]);
+    assert_eq!(outcome.code, Some(2), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("no backend named `nova`"),
+        "{}",
+        outcome.stderr
+    );
+
+    // A second operation while one runs.
+    std::fs::write(tier.node("node1").dir.join("restart-delay"), "3").unwrap();
+    let socket = tier.agents[0].socket.clone();
+    let running = std::thread::spawn(move || {
+        std::process::Command::new(drain_agent_tests::agent_binary())
+            .args(["cycle", "api", "--control-socket"])
+            .arg(socket)
+            .output()
+            .unwrap()
+    });
+    wait_until(Duration::from_secs(10), "the cycle to run", || {
+        tier.agents[0].status()["running"] == "cycle api"
+    });
+    let outcome = tier.agents[0].cli(&["drain", "api"]);
+    assert_eq!(outcome.code, Some(3), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("`cycle api` is already running"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(running.join().unwrap().status.success());
+}
+
+#[test]
+fn a_wrong_haproxy_server_name_or_a_missing_socket_is_a_clear_error() {
+    let topology = Topology::new(&["lb1", "node1", "node2"]);
+    let (lb, node1, node2) = (
+        topology.host("lb1"),
+        topology.host("node1"),
+        topology.host("node2"),
+    );
+    start_api(node1, "1.0");
+    start_api(node2, "1.0");
+    let haproxy = Haproxy::start(lb, &haproxy_config(lb, &[node1, node2]));
+
+    // The server is called node1 in HAProxy; this agent says nodeX.
+    let config = |server: &str, lbs: &str, agent_check: bool| {
+        format!(
+            "interfaces = [\"eth0\"]\ncontrol_socket = \"{socket}\"\n{check}\n{lbs}\n\
+             [[backend]]\nname = \"api\"\nports = [{API_PORT}]\n\
+             haproxy = {{ backend = \"api\", server = \"{server}\" }}\n\
+             restart = {{ command = [\"true\"] }}\n",
+            socket = node1.dir.join("control.sock").display(),
+            check = if agent_check {
+                "agent_check_listen = \"0.0.0.0:9500\""
+            } else {
+                ""
+            },
+        )
+    };
+    let lb1 = format!(
+        "[[load_balancer]]\nname = \"lb1\"\nruntime_api = \"unix:{}\"\n",
+        haproxy.socket.display()
+    );
+    let agent = drain_agent_tests::start_agent_with_config(
+        &node1.netns,
+        &node1.dir,
+        &config("nodeX", &lb1, true),
+    );
+    let outcome = agent.cli(&["cycle", "api"]);
+    assert_eq!(outcome.code, Some(2), "{outcome:?}");
+    assert!(
+        outcome
+            .stderr
+            .contains("load balancer lb1: HAProxy has no server `nodeX` in backend `api`"),
+        "{}",
+        outcome.stderr
+    );
+    drop(agent);
+
+    // A second load balancer whose socket does not exist, and no agent-check to fall back on.
+    let lbs = format!(
+        "{lb1}\n[[load_balancer]]\nname = \"lb2\"\nruntime_api = \"unix:/nonexistent/admin.sock\"\n"
+    );
+    let agent = drain_agent_tests::start_agent_with_config(
+        &node1.netns,
+        &node1.dir,
+        &config("node1", &lbs, false),
+    );
+    let outcome = agent.cli(&["cycle", "api"]);
+    assert_eq!(outcome.code, Some(3), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains(
+            "load balancer lb2: cannot reach the runtime API at unix:/nonexistent/admin.sock"
+        ),
+        "{}",
+        outcome.stderr
+    );
+    assert_eq!(haproxy.status("node1"), "UP", "lb1 must be left untouched");
+    assert_eq!(agent.backend("api")["state"], "serving");
+}
