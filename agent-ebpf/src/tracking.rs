@@ -49,11 +49,11 @@ pub fn from_client(segment: &Segment) {
     let flow = unsafe { &mut *flow };
     touch(flow);
 
-    if segment.has(TCP_RST) {
-        end(segment, flow, Ending::ResetByClient);
-        return;
-    }
     if flow.state == FLOW_SYN_RECEIVED {
+        if segment.has(TCP_RST) {
+            end(segment, flow, Ending::ResetByClient);
+            return;
+        }
         // The handshake completes with the first ACK that covers the node's SYN.
         if segment.has(TCP_SYN)
             || !segment.has(TCP_ACK)
@@ -70,10 +70,19 @@ pub fn from_client(segment: &Segment) {
     if flow.client_unsynced != 0 {
         sync_client(segment, flow);
     }
+    if segment.has(TCP_ACK) && seq_after(segment.ack, flow.client_acked) {
+        flow.client_acked = segment.ack;
+    }
+    if segment.has(TCP_RST) {
+        // A RST acknowledges what the client received (HAProxy resets its health-check
+        // connections right after reading the answer); only then does it end the flow, so a
+        // fully answered connection is not counted as cut. Its window field means nothing.
+        flow.client_window_closed = 0;
+        settle(segment, flow);
+        end(segment, flow, Ending::ResetByClient);
+        return;
+    }
     if segment.has(TCP_ACK) {
-        if seq_after(segment.ack, flow.client_acked) {
-            flow.client_acked = segment.ack;
-        }
         let closed = u32::from(segment.window == 0);
         if flow.client_window_closed != closed {
             flow.client_window_closed = closed;

@@ -28,10 +28,11 @@ impl AdminState {
         }
     }
 
-    /// Whether a `show stat` status shows this state.
+    /// Whether a `show stat` status shows this state. Ready means taking traffic again:
+    /// HAProxy's own health check has passed ("UP", "UP 1/3") or checks are off.
     pub fn shown_by(self, status: &str) -> bool {
         match self {
-            AdminState::Ready => !status.starts_with("MAINT") && !status.starts_with("DRAIN"),
+            AdminState::Ready => status.starts_with("UP") || status == "no check",
             AdminState::Drain => status.starts_with("DRAIN"),
             AdminState::Maint => status.starts_with("MAINT"),
         }
@@ -315,7 +316,8 @@ nova-api,BACKEND,0,0,3,5,800,218,,,,,,,0,0,0,0,UP,1,1,0,,0,100,0,,1,3,0,,218,,1,
         assert!(AdminState::Drain.shown_by("DRAIN (agent)"));
         assert!(AdminState::Maint.shown_by("MAINT (via agent)"));
         assert!(AdminState::Ready.shown_by("UP"));
-        assert!(AdminState::Ready.shown_by("DOWN 1/2"));
+        assert!(AdminState::Ready.shown_by("UP 1/3"));
+        assert!(!AdminState::Ready.shown_by("DOWN 1/2"));
         assert!(!AdminState::Ready.shown_by("MAINT"));
     }
 }

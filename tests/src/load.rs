@@ -40,7 +40,8 @@ impl Load {
         let log = File::create(dir.join("oha.log")).unwrap();
         let mut command = netns.command(oha_binary());
         command
-            .args(["--no-tui", "--output-format", "json", "-o"])
+            .args(["--no-tui", "--wait-ongoing-requests-after-deadline"])
+            .args(["--output-format", "json", "-o"])
             .arg(&output)
             .args(["-q", &rate.to_string(), "-c", &connections.to_string()])
             .args(["-z", &format!("{}s", duration.as_secs()), url])

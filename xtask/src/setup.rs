@@ -19,10 +19,15 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "curl",
-    // The real HTTP API server the tests drive.
+    // The real HTTP API server the tests drive, and the load balancer in front of it.
     "gunicorn",
     "python3-gunicorn",
+    "haproxy",
+    "keepalived",
 ];
+
+/// The third-party load generator (per-request status and error accounting, JSON output).
+const OHA_VERSION: &str = "1.16.0";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -32,7 +37,28 @@ pub fn ensure() -> Result<()> {
     debian_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    oha()?;
     Ok(())
+}
+
+fn oha() -> Result<()> {
+    let version = Command::new(cargo_bin("oha")).arg("--version").output();
+    if version.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(OHA_VERSION)) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing oha {OHA_VERSION} (the load generator; about 5 minutes)");
+    run(Command::new("cargo").args(["install", "--locked", "oha", "--version", OHA_VERSION]))
+}
+
+/// A binary `cargo install` put in $CARGO_HOME/bin.
+fn cargo_bin(name: &str) -> std::path::PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".cargo"))
+        })
+        .unwrap_or_default();
+    home.join("bin").join(name)
 }
 
 fn debian_packages() -> Result<()> {

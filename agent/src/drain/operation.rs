@@ -31,6 +31,10 @@ use crate::{
 const KERNEL_POLL: Duration = Duration::from_millis(10);
 /// How often HAProxy's view is read while draining.
 const LB_POLL: Duration = Duration::from_millis(200);
+/// How long a load balancer may take to show DRAIN or MAINT after the command.
+const STATE_CONFIRM_WITHIN: Duration = Duration::from_secs(5);
+/// How long it may take to show the server UP again (its health checks must pass).
+const READY_CONFIRM_WITHIN: Duration = Duration::from_secs(30);
 /// How often progress lines are sent.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
@@ -627,9 +631,14 @@ impl Run {
         };
         let mut first_error = None;
         for (lb, report) in self.lbs.iter().zip(self.report.load_balancers.iter_mut()) {
+            // Ready waits for HAProxy's health check to see the service (rise checks).
+            let confirm_within = match state {
+                AdminState::Ready => READY_CONFIRM_WITHIN,
+                AdminState::Drain | AdminState::Maint => STATE_CONFIRM_WITHIN,
+            };
             let confirmed = async {
                 lb.set_state(&server, state).await?;
-                let deadline = Instant::now() + Duration::from_secs(5);
+                let deadline = Instant::now() + confirm_within;
                 loop {
                     let stat = lb.server(&server).await?;
                     if state.shown_by(&stat.status) || Instant::now() >= deadline {
@@ -647,7 +656,10 @@ impl Run {
                     AdminState::Ready => report.ready_confirmed_ms = at,
                 },
                 Ok(false) => {
-                    report.error = Some(format!("did not show {} within 5s", state.as_str()));
+                    report.error = Some(format!(
+                        "did not show {} within {confirm_within:?}",
+                        state.as_str()
+                    ));
                 }
                 Err(err) if err.is_unreachable() => {
                     report.reachable = false;
