@@ -3,10 +3,12 @@
 GET /            -> 200 "ok"
 GET /slow?ms=N   -> sleeps N ms, then 200
 GET /bytes?n=N   -> N bytes of body, streamed in 64 KiB chunks
+GET /mix         -> 200 after 1-10 ms, or 0.2-2 s for one request in ten
 GET /healthz     -> 200, or 503 when the version starts with "broken"
 Every response carries X-API-Version from $API_VERSION (default "1.0").
 """
 import os
+import random
 import time
 from urllib.parse import parse_qs
 
@@ -28,6 +30,13 @@ def app(environ, start_response):
     if path == "/slow":
         time.sleep(_int(query, "ms", 1000) / 1000.0)
         body = b"slow ok\n"
+    elif path == "/mix":
+        # An API's realistic mix: most calls are quick, one in ten takes 0.2-2 s.
+        if random.random() < 0.1:
+            time.sleep(random.uniform(0.2, 2.0))
+        else:
+            time.sleep(random.uniform(0.001, 0.01))
+        body = b"mix ok\n"
     elif path == "/bytes":
         n = _int(query, "n", 0)
         start_response("200 OK", headers + [("Content-Type", "application/octet-stream"),

@@ -6,6 +6,9 @@
 
 pub mod http;
 pub mod load;
+pub mod demo;
+pub mod tier;
+pub mod timeline;
 pub mod topology;
 
 use std::{
@@ -89,6 +92,13 @@ pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> 
 pub struct TempDir(PathBuf);
 
 impl TempDir {
+    /// A directory at a fixed path (emptied first), removed on drop.
+    pub fn at(path: PathBuf) -> TempDir {
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create dir");
+        TempDir(path)
+    }
+
     pub fn new(tag: &str) -> TempDir {
         let path = std::env::temp_dir().join(format!(
             "drain-agent-{tag}-{}-{}",

@@ -36,6 +36,31 @@ impl Load {
         duration: Duration,
         connections: u32,
     ) -> Load {
+        Load::spawn(netns, dir, url, rate, duration, connections, &[])
+    }
+
+    /// Like `start`, with a new connection for every request (up to `connections` at once).
+    pub fn start_fresh_connections(
+        netns: &Netns,
+        dir: &Path,
+        url: &str,
+        rate: u32,
+        duration: Duration,
+        connections: u32,
+    ) -> Load {
+        let fresh = ["--disable-keepalive"];
+        Load::spawn(netns, dir, url, rate, duration, connections, &fresh)
+    }
+
+    fn spawn(
+        netns: &Netns,
+        dir: &Path,
+        url: &str,
+        rate: u32,
+        duration: Duration,
+        connections: u32,
+        extra: &[&str],
+    ) -> Load {
         let output = dir.join("oha.json");
         let log = File::create(dir.join("oha.log")).unwrap();
         let mut command = netns.command(oha_binary());
@@ -44,6 +69,9 @@ impl Load {
             .args(["--output-format", "json", "-o"])
             .arg(&output)
             .args(["-q", &rate.to_string(), "-c", &connections.to_string()])
+            // A request unanswered for 30 s counts as failed instead of hanging the run.
+            .args(["-t", "30s"])
+            .args(extra)
             .args(["-z", &format!("{}s", duration.as_secs()), url])
             .stdout(log.try_clone().unwrap())
             .stderr(log);

@@ -49,7 +49,8 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Hosts get 198.18.0.(10+i) and 2001:db8:da::(10+i) in the order given.
+    /// Hosts get 198.18.0.(10+i) and 2001:db8:da::(10+i) in the order given. Names are
+    /// unique to this process, so tests can build topologies in parallel.
     pub fn new(names: &[&str]) -> Topology {
         require_root();
         let id = format!(
@@ -57,24 +58,22 @@ impl Topology {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let dir = TempDir::new("topology");
-        let switch = Netns::create(format!("da-sw-{id}"));
+        Topology::build(&format!("da-{{}}-{id}"), TempDir::new("topology"), names)
+    }
+
+    /// Like `new`, with namespaces named by `pattern` ("{}" stands for the host name) and
+    /// files under `dir`; what `cargo xtask lab` uses so that `lab down` can find them.
+    pub fn build(pattern: &str, dir: TempDir, names: &[&str]) -> Topology {
+        require_root();
+        let switch = Netns::create(pattern.replace("{}", "switch"));
         switch.ip(&["link", "add", "br0", "type", "bridge"]);
         switch.ip(&["link", "set", "br0", "up"]);
         let mut hosts = Vec::new();
         for (index, name) in names.iter().enumerate() {
-            let netns = Netns::create(format!("da-{name}-{id}"));
+            let netns = Netns::create(pattern.replace("{}", name));
             let port = format!("p{index}");
             switch.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
+                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
                 netns.name(),
             ]);
             switch.ip(&["link", "set", &port, "master", "br0", "up"]);

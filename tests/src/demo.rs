@@ -1,0 +1,377 @@
+//! The main job, end to end: a rolling upgrade of every API node under constant load, with a
+//! VIP failover halfway, measured from the client side. `cargo xtask demo` runs the full
+//! version; the demo test a shorter one.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+use crate::{
+    http::Connection,
+    load::Load,
+    tier::{ApiTier, VIP},
+    topology::FRONTEND_PORT,
+    wait_until,
+};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Requests per second the load generator sends to the VIP.
+    pub rate: u32,
+    /// How long the load runs; the upgrade must fit inside it.
+    pub duration: Duration,
+    /// Version the nodes are upgraded to.
+    pub to_version: String,
+    /// Stop HAProxy on the VIP holder halfway through.
+    pub failover: bool,
+    /// Where report.json and timeline.svg go.
+    pub results: PathBuf,
+}
+
+/// One client-side probe request (our own, to see versions over time).
+#[derive(Debug, Clone)]
+struct Probe {
+    at_ms: u64,
+    status: Option<u16>,
+    version: Option<String>,
+}
+
+/// One sample of the load balancers' counters.
+#[derive(Debug, Clone)]
+struct LbSample {
+    at_ms: u64,
+    /// Requests the frontends have received so far, summed over running load balancers.
+    requests: u64,
+    /// 5xx answers the frontends sent so far.
+    errors_5xx: u64,
+    vip_holder: Option<String>,
+}
+
+/// Runs the demo on a started tier and returns the report (also written to the results
+/// folder with the timeline picture).
+pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
+    std::fs::create_dir_all(&options.results).expect("create the results folder");
+    let started = Instant::now();
+    let client = tier.topology.host("client");
+    let url = format!("http://{VIP}:{FRONTEND_PORT}/mix");
+    // New connection per request: what survives a VIP move (see docs/demo.md).
+    let load = Load::start_fresh_connections(&client.netns, &client.dir, &url, options.rate, options.duration, 128);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let probes = Arc::new(Mutex::new(Vec::new()));
+    let probe_thread = spawn_probe(client.netns.name(), started, stop.clone(), probes.clone());
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let sampler = spawn_sampler(tier, started, stop.clone(), samples.clone());
+
+    std::thread::sleep(Duration::from_secs(3));
+    let mut nodes = Vec::new();
+    let mut failover = Value::Null;
+    let halfway = tier.nodes.len() / 2;
+    let mut all_ok = true;
+    for (index, node) in tier.nodes.iter().enumerate() {
+        if options.failover && index == halfway {
+            failover = fail_over(tier, started);
+        }
+        std::fs::write(tier.topology.host(node).dir.join("version"), &options.to_version).unwrap();
+        let cycle_started_ms = started.elapsed().as_millis() as u64;
+        let outcome = tier.agents[index].cli(&["cycle", "api", "--json"]);
+        let report: Value = serde_json::from_str(&outcome.stdout).unwrap_or_else(|_| {
+            json!({"outcome": "error", "message": outcome.stderr.trim()})
+        });
+        all_ok &= outcome.code == Some(0);
+        eprintln!(
+            "demo: {node}: {} in {:.1}s ({})",
+            report["outcome"].as_str().unwrap_or("?"),
+            report["total_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
+            report["message"].as_str().unwrap_or("")
+        );
+        nodes.push(json!({
+            "name": node,
+            "cycle_started_ms": cycle_started_ms,
+            "exit_code": outcome.code,
+            "in_flight_at_drain_start": report["at_drain_start"]["in_flight"],
+            "idle_at_drain_start": report["at_drain_start"]["idle"],
+            "drain_ms": report["drained_ms"],
+            "restart_ms": report["restart_ms"],
+            "time_to_healthy_ms": report["time_to_healthy_ms"],
+            "cut_in_flight": report["kernel"]["cut_in_flight"],
+            "resets_by_node": report["kernel"]["resets_by_node"],
+            "report": report,
+        }));
+        if !all_ok {
+            break;
+        }
+    }
+    let mut final_versions = serde_json::Map::new();
+    for node in &tier.nodes {
+        final_versions.insert(node.clone(), json!(version_of(tier, node)));
+    }
+
+    let result = load.finish(options.duration + Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    probe_thread.join().expect("probe thread");
+    sampler.join().expect("sampler thread");
+    let probes = probes.lock().unwrap().clone();
+    let samples = samples.lock().unwrap().clone();
+
+    let latency = &result.summary["latencyPercentiles"];
+    let report = json!({
+        "ok": all_ok && result.errors == 0 && result.non_2xx == 0
+            && final_versions.values().all(|v| v.as_str() == Some(options.to_version.as_str())),
+        "duration_ms": started.elapsed().as_millis() as u64,
+        "load": {
+            "url": url,
+            "rate_per_second": options.rate,
+            "requests": result.total,
+            "succeeded_2xx": result.ok_2xx,
+            "failed": result.errors,
+            "non_2xx": result.non_2xx,
+            "errors": result.summary["errorDistribution"],
+            "latency_p50_ms": latency["p50"].as_f64().map(|s| s * 1000.0),
+            "latency_p99_ms": latency["p99"].as_f64().map(|s| s * 1000.0),
+        },
+        "nodes": nodes,
+        "final_versions": final_versions,
+        "failover": failover,
+        "versions_seen": versions_seen(&probes),
+        "probe": {
+            "requests": probes.len(),
+            "failed": probes.iter().filter(|p| p.status != Some(200)).count(),
+        },
+    });
+    std::fs::write(
+        options.results.join("report.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .expect("write report.json");
+    std::fs::write(
+        options.results.join("timeline.svg"),
+        crate::timeline::render(&report, &samples_json(&samples), &probes_json(&probes)),
+    )
+    .expect("write timeline.svg");
+    report
+}
+
+/// Gracefully stops HAProxy on the VIP holder (SIGUSR1: with `grace`, listeners stay open
+/// until keepalived has moved the VIP) and waits for the VIP to move.
+fn fail_over(tier: &ApiTier, started: Instant) -> Value {
+    let holder = tier.vip_holder().unwrap_or_else(|| "lb1".into());
+    let stopped_at_ms = started.elapsed().as_millis() as u64;
+    tier.lb(&holder)
+        .process
+        .signal(nix::sys::signal::Signal::SIGUSR1);
+    let mut moved_to = None;
+    wait_until(Duration::from_secs(15), "keepalived to move the VIP", || {
+        moved_to = tier.vip_holder().filter(|now| *now != holder);
+        moved_to.is_some()
+    });
+    let moved_at_ms = started.elapsed().as_millis() as u64;
+    eprintln!(
+        "demo: HAProxy on {holder} stopped at {:.1}s; the VIP moved to {} at {:.1}s",
+        stopped_at_ms as f64 / 1000.0,
+        moved_to.as_deref().unwrap_or("?"),
+        moved_at_ms as f64 / 1000.0
+    );
+    json!({
+        "haproxy_stopped_on": holder,
+        "stopped_at_ms": stopped_at_ms,
+        "vip_moved_to": moved_to,
+        "vip_moved_at_ms": moved_at_ms,
+    })
+}
+
+/// Our own client asking the VIP which version answers, 10 times a second.
+fn spawn_probe(
+    client: &str,
+    started: Instant,
+    stop: Arc<AtomicBool>,
+    probes: Arc<Mutex<Vec<Probe>>>,
+) -> JoinHandle<()> {
+    let client = client.to_string();
+    std::thread::spawn(move || {
+        crate::enter_netns(&client);
+        let vip = SocketAddr::new(VIP.into(), FRONTEND_PORT);
+        while !stop.load(Ordering::Relaxed) {
+            let at_ms = started.elapsed().as_millis() as u64;
+            let response = Connection::connect(vip).and_then(|mut c| {
+                c.send_closing("/")?;
+                c.read_response()
+            });
+            probes.lock().unwrap().push(Probe {
+                at_ms,
+                status: response.as_ref().ok().map(|r| r.status),
+                version: response.ok().and_then(|r| r.version),
+            });
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+}
+
+/// Reads the load balancers' frontend counters and the VIP holder every 250 ms.
+fn spawn_sampler(
+    tier: &ApiTier,
+    started: Instant,
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<LbSample>>>,
+) -> JoinHandle<()> {
+    let sockets: Vec<PathBuf> = tier.lbs.iter().map(|lb| lb.socket.clone()).collect();
+    let lb_netns: Vec<String> = ["lb1", "lb2"]
+        .iter()
+        .map(|name| tier.topology.host(name).netns.name().to_string())
+        .collect();
+    std::thread::spawn(move || {
+        // Counters of a load balancer that stopped stay at their last value.
+        let mut last = vec![(0u64, 0u64); sockets.len()];
+        while !stop.load(Ordering::Relaxed) {
+            let at_ms = started.elapsed().as_millis() as u64;
+            for (index, socket) in sockets.iter().enumerate() {
+                if let Some(counters) = frontend_counters(socket) {
+                    last[index] = counters;
+                }
+            }
+            let vip_holder = lb_netns.iter().zip(["lb1", "lb2"]).find_map(|(netns, name)| {
+                let out = std::process::Command::new("ip")
+                    .args(["-n", netns, "-4", "-o", "addr", "show", "dev", "eth0"])
+                    .output()
+                    .ok()?;
+                String::from_utf8_lossy(&out.stdout)
+                    .contains(&format!("inet {VIP}/"))
+                    .then(|| name.to_string())
+            });
+            samples.lock().unwrap().push(LbSample {
+                at_ms,
+                requests: last.iter().map(|c| c.0).sum(),
+                errors_5xx: last.iter().map(|c| c.1).sum(),
+                vip_holder,
+            });
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    })
+}
+
+/// (req_tot, hrsp_5xx) of the "api" frontend, from the admin socket.
+fn frontend_counters(socket: &Path) -> Option<(u64, u64)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream.write_all(b"show stat -1 1 -1\n").ok()?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out).ok()?;
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name);
+    let (req, err) = (column("req_tot")?, column("hrsp_5xx")?);
+    let row: Vec<&str> = lines.find(|line| line.starts_with("api,FRONTEND"))?.split(',').collect();
+    Some((row.get(req)?.parse().ok()?, row.get(err)?.parse().ok()?))
+}
+
+fn version_of(tier: &ApiTier, node: &str) -> Option<String> {
+    let addr = tier.topology.host(node).addr(crate::topology::API_PORT);
+    tier.topology.host("client").netns.run(move || {
+        Connection::connect(addr).ok()?.get("/").ok()?.version
+    })
+}
+
+/// For each version: when it was first and last seen, and how often.
+fn versions_seen(probes: &[Probe]) -> Value {
+    let mut versions: Vec<(String, u64, u64, u64)> = Vec::new();
+    for probe in probes {
+        let Some(version) = &probe.version else { continue };
+        match versions.iter_mut().find(|v| &v.0 == version) {
+            Some(entry) => {
+                entry.2 = probe.at_ms;
+                entry.3 += 1;
+            }
+            None => versions.push((version.clone(), probe.at_ms, probe.at_ms, 1)),
+        }
+    }
+    Value::Array(
+        versions
+            .into_iter()
+            .map(|(version, first, last, count)| {
+                json!({"version": version, "first_seen_ms": first, "last_seen_ms": last, "responses": count})
+            })
+            .collect(),
+    )
+}
+
+fn samples_json(samples: &[LbSample]) -> Value {
+    Value::Array(
+        samples
+            .iter()
+            .map(|s| json!({"at_ms": s.at_ms, "requests": s.requests, "errors_5xx": s.errors_5xx, "vip_holder": s.vip_holder}))
+            .collect(),
+    )
+}
+
+fn probes_json(probes: &[Probe]) -> Value {
+    Value::Array(
+        probes
+            .iter()
+            .map(|p| json!({"at_ms": p.at_ms, "status": p.status, "version": p.version}))
+            .collect(),
+    )
+}
+
+/// The summary printed at the end of the demo.
+pub fn summary(report: &Value) -> String {
+    let mut out = String::new();
+    let load = &report["load"];
+    out.push_str(&format!(
+        "\n{:<8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>11}\n",
+        "node", "in-flight", "idle", "drain", "restart", "healthy", "cut/resets"
+    ));
+    let secs = |v: &Value| v.as_u64().map_or_else(|| "-".into(), |ms| format!("{:.2}s", ms as f64 / 1000.0));
+    let count = |v: &Value| v.as_u64().map_or_else(|| "-".into(), |n| n.to_string());
+    for node in report["nodes"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>5}/{:<5}\n",
+            node["name"].as_str().unwrap_or("?"),
+            count(&node["in_flight_at_drain_start"]),
+            count(&node["idle_at_drain_start"]),
+            secs(&node["drain_ms"]),
+            secs(&node["restart_ms"]),
+            secs(&node["time_to_healthy_ms"]),
+            count(&node["cut_in_flight"]),
+            count(&node["resets_by_node"]),
+        ));
+    }
+    out.push_str(&format!(
+        "\nrequests {}  failed {}  non-2xx {}  latency p50 {:.1} ms  p99 {:.1} ms\n",
+        load["requests"],
+        load["failed"],
+        load["non_2xx"],
+        load["latency_p50_ms"].as_f64().unwrap_or(0.0),
+        load["latency_p99_ms"].as_f64().unwrap_or(0.0),
+    ));
+    if let Some(failover) = report["failover"].as_object() {
+        out.push_str(&format!(
+            "VIP failover: HAProxy on {} stopped at {}, VIP on {} at {}\n",
+            failover["haproxy_stopped_on"].as_str().unwrap_or("?"),
+            secs(&failover["stopped_at_ms"]),
+            failover["vip_moved_to"].as_str().unwrap_or("?"),
+            secs(&failover["vip_moved_at_ms"]),
+        ));
+    }
+    for version in report["versions_seen"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "version {} seen from {} to {} ({} probe responses)\n",
+            version["version"].as_str().unwrap_or("?"),
+            secs(&version["first_seen_ms"]),
+            secs(&version["last_seen_ms"]),
+            version["responses"],
+        ));
+    }
+    out.push_str(&format!("final versions: {}\n", report["final_versions"]));
+    out
+}

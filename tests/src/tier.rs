@@ -1,0 +1,186 @@
+//! The seed's API tier: two load balancers running HAProxy and keepalived with one VIP, API
+//! nodes running gunicorn and a drain-agent, and a client host. Shared by `cargo xtask demo`,
+//! `cargo xtask lab` and the demo test.
+
+use std::{fs::File, net::Ipv4Addr, time::Duration};
+
+use crate::{
+    Agent, Process,
+    topology::{
+        FRONTEND_PORT, Haproxy, Host, Topology, haproxy_config, start_api, start_node_agent,
+    },
+    wait_until,
+};
+
+/// The virtual IP keepalived moves between the load balancers.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// keepalived's VRRP router id.
+const VIRTUAL_ROUTER_ID: u8 = 50;
+/// HAProxy's monitor endpoint keepalived checks (fails while HAProxy is stopping).
+const MONITOR_PORT: u16 = 8404;
+
+/// Host names: client, lb1, lb2, node1..nodeN.
+pub fn host_names(nodes: usize) -> Vec<String> {
+    let mut names = vec!["client".to_string(), "lb1".into(), "lb2".into()];
+    names.extend((1..=nodes).map(|i| format!("node{i}")));
+    names
+}
+
+/// A running tier.
+pub struct ApiTier {
+    pub topology: Topology,
+    pub lbs: Vec<Haproxy>,
+    pub keepalived: Vec<Process>,
+    pub agents: Vec<Agent>,
+    pub nodes: Vec<String>,
+}
+
+impl ApiTier {
+    /// Starts everything on `topology` (built from [`host_names`]) with the APIs on `version`,
+    /// and waits until lb1 holds the VIP and every server is UP on both load balancers.
+    pub fn start(topology: Topology, nodes: usize, version: &str) -> ApiTier {
+        let node_names: Vec<String> = (1..=nodes).map(|i| format!("node{i}")).collect();
+        let node_hosts: Vec<&Host> = node_names.iter().map(|n| topology.host(n)).collect();
+        let lb_hosts = [topology.host("lb1"), topology.host("lb2")];
+        for node in &node_hosts {
+            start_api(node, version);
+        }
+        let agents = node_hosts
+            .iter()
+            .map(|node| start_node_agent(node, &lb_hosts, "drain_timeout = \"30s\"", ""))
+            .collect();
+        let lbs: Vec<Haproxy> = lb_hosts
+            .iter()
+            .map(|lb| Haproxy::start(lb, &tier_haproxy_config(lb, &node_hosts)))
+            .collect();
+        let keepalived = lb_hosts
+            .iter()
+            .enumerate()
+            .map(|(index, lb)| start_keepalived(lb, if index == 0 { 101 } else { 100 }))
+            .collect();
+        let tier = ApiTier {
+            topology,
+            lbs,
+            keepalived,
+            agents,
+            nodes: node_names,
+        };
+        wait_until(Duration::from_secs(20), "lb1 to hold the VIP", || {
+            tier.vip_holder().as_deref() == Some("lb1")
+        });
+        for lb in &tier.lbs {
+            for node in &tier.nodes {
+                wait_until(Duration::from_secs(15), "every server UP", || {
+                    lb.status(node) == "UP"
+                });
+            }
+        }
+        tier
+    }
+
+    /// The load balancer that has the VIP on its eth0 now.
+    pub fn vip_holder(&self) -> Option<String> {
+        ["lb1", "lb2"].into_iter().find_map(|name| {
+            let host = self.topology.host(name);
+            let mut command = host.netns.command("ip");
+            command.args(["-4", "-o", "addr", "show", "dev", "eth0"]);
+            let out = command.output().ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .contains(&format!("inet {VIP}/"))
+                .then(|| name.to_string())
+        })
+    }
+
+    /// The HAProxy of a load balancer by name.
+    pub fn lb(&self, name: &str) -> &Haproxy {
+        &self.lbs[if name == "lb1" { 0 } else { 1 }]
+    }
+
+    /// Leaves everything running after this process exits (for `cargo xtask lab up`).
+    pub fn leak(self) {
+        std::mem::forget(self);
+    }
+}
+
+/// The tier's HAProxy: the test config plus a graceful stop. With `grace`, listeners stay
+/// open after SIGUSR1 while keepalived notices the stop through the monitor endpoint (1 s) and
+/// the backup takes the VIP (VRRP's master-down interval, about 3.6 s at advert_int 1).
+pub fn tier_haproxy_config(lb: &Host, nodes: &[&Host]) -> String {
+    // Bind the VIP as in the seed; `transparent` (IP_TRANSPARENT, like ip_nonlocal_bind)
+    // also lets this HAProxy finish the answers it owes after keepalived moved the VIP away.
+    let config = haproxy_config(lb, nodes)
+        .replacen(
+            &format!("bind :{FRONTEND_PORT}\n"),
+            &format!("bind {VIP}:{FRONTEND_PORT} transparent\n"),
+            1,
+        )
+        .replacen(
+        "global\n",
+        &format!(
+            "global\n    grace 8s\n    pidfile {}/haproxy.pid\n",
+            lb.dir.display()
+        ),
+        1,
+    );
+    format!(
+        "{config}
+frontend monitor
+    bind 127.0.0.1:{MONITOR_PORT}
+    monitor-uri /ext-check
+    monitor fail if {{ stopping }}
+"
+    )
+}
+
+/// keepalived as in the seed: VRRP on eth0, the VIP, and a track script on HAProxy's health.
+pub fn keepalived_config(lb: &Host, priority: u8) -> String {
+    format!(
+        "global_defs {{
+    router_id {name}
+    script_user root
+    enable_script_security
+}}
+
+vrrp_script chk_haproxy {{
+    script \"/usr/bin/curl -sf -o /dev/null -m 1 http://127.0.0.1:{MONITOR_PORT}/ext-check\"
+    interval 1
+    fall 1
+    rise 2
+    weight 2
+}}
+
+vrrp_instance api {{
+    state {state}
+    interface eth0
+    virtual_router_id {VIRTUAL_ROUTER_ID}
+    priority {priority}
+    advert_int 1
+    virtual_ipaddress {{
+        {VIP}/24 dev eth0
+    }}
+    track_script {{
+        chk_haproxy
+    }}
+}}
+",
+        name = lb.name,
+        state = if priority > 100 { "MASTER" } else { "BACKUP" },
+    )
+}
+
+fn start_keepalived(lb: &Host, priority: u8) -> Process {
+    let config = lb.dir.join("keepalived.conf");
+    std::fs::write(&config, keepalived_config(lb, priority)).unwrap();
+    let log = File::create(lb.dir.join("keepalived.log")).unwrap();
+    let mut command = lb.netns.command("keepalived");
+    command
+        .args(["--dont-fork", "--log-console", "--vrrp", "--use-file"])
+        .arg(&config)
+        .arg("--pid")
+        .arg(lb.dir.join("keepalived.pid"))
+        .arg("--vrrp_pid")
+        .arg(lb.dir.join("vrrp.pid"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    Process::spawn("keepalived", &mut command)
+}

@@ -1,0 +1,43 @@
+//! The demo's scenario, shortened for CI: two API nodes, both load balancers with keepalived,
+//! a VIP failover halfway, constant load from oha. No request may fail, and every node must end
+//! on the new version.
+
+use std::time::Duration;
+
+use drain_agent_tests::{
+    TempDir,
+    demo::{self, DemoOptions},
+    tier::{ApiTier, host_names},
+    topology::Topology,
+};
+
+#[test]
+fn rolling_upgrade_with_a_vip_failover_loses_no_request() {
+    let names = host_names(2);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let tier = ApiTier::start(Topology::new(&names), 2, "1.0");
+    let results = TempDir::new("demo-results");
+    let report = demo::run(
+        &tier,
+        &DemoOptions {
+            rate: 150,
+            duration: Duration::from_secs(30),
+            to_version: "1.1".into(),
+            failover: true,
+            results: results.path().to_path_buf(),
+        },
+    );
+    eprintln!("{}", demo::summary(&report));
+    let load = &report["load"];
+    assert!(load["requests"].as_u64().unwrap() >= 4000, "{load}");
+    assert_eq!(load["failed"], 0, "failed requests: {}", load["errors"]);
+    assert_eq!(load["non_2xx"], 0, "{load}");
+    assert_eq!(report["failover"]["vip_moved_to"], "lb2", "{}", report["failover"]);
+    for (node, version) in report["final_versions"].as_object().unwrap() {
+        assert_eq!(version, "1.1", "{node}");
+    }
+    assert_eq!(report["ok"], true);
+    let svg = std::fs::read_to_string(results.path().join("timeline.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("VIP failover"), "timeline incomplete");
+    assert!(results.path().join("report.json").exists());
+}
