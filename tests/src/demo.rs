@@ -65,7 +65,14 @@ pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
     let client = tier.topology.host("client");
     let url = format!("http://{VIP}:{FRONTEND_PORT}/mix");
     // New connection per request: what survives a VIP move (see docs/demo.md).
-    let load = Load::start_fresh_connections(&client.netns, &client.dir, &url, options.rate, options.duration, 128);
+    let load = Load::start_fresh_connections(
+        &client.netns,
+        &client.dir,
+        &url,
+        options.rate,
+        options.duration,
+        128,
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let probes = Arc::new(Mutex::new(Vec::new()));
@@ -82,12 +89,15 @@ pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
         if options.failover && index == halfway {
             failover = fail_over(tier, started);
         }
-        std::fs::write(tier.topology.host(node).dir.join("version"), &options.to_version).unwrap();
+        std::fs::write(
+            tier.topology.host(node).dir.join("version"),
+            &options.to_version,
+        )
+        .unwrap();
         let cycle_started_ms = started.elapsed().as_millis() as u64;
         let outcome = tier.agents[index].cli(&["cycle", "api", "--json"]);
-        let report: Value = serde_json::from_str(&outcome.stdout).unwrap_or_else(|_| {
-            json!({"outcome": "error", "message": outcome.stderr.trim()})
-        });
+        let report: Value = serde_json::from_str(&outcome.stdout)
+            .unwrap_or_else(|_| json!({"outcome": "error", "message": outcome.stderr.trim()}));
         all_ok &= outcome.code == Some(0);
         eprintln!(
             "demo: {node}: {} in {:.1}s ({})",
@@ -171,10 +181,14 @@ fn fail_over(tier: &ApiTier, started: Instant) -> Value {
         .process
         .signal(nix::sys::signal::Signal::SIGUSR1);
     let mut moved_to = None;
-    wait_until(Duration::from_secs(15), "keepalived to move the VIP", || {
-        moved_to = tier.vip_holder().filter(|now| *now != holder);
-        moved_to.is_some()
-    });
+    wait_until(
+        Duration::from_secs(15),
+        "keepalived to move the VIP",
+        || {
+            moved_to = tier.vip_holder().filter(|now| *now != holder);
+            moved_to.is_some()
+        },
+    );
     let moved_at_ms = started.elapsed().as_millis() as u64;
     eprintln!(
         "demo: HAProxy on {holder} stopped at {:.1}s; the VIP moved to {} at {:.1}s",
@@ -239,15 +253,18 @@ fn spawn_sampler(
                     last[index] = counters;
                 }
             }
-            let vip_holder = lb_netns.iter().zip(["lb1", "lb2"]).find_map(|(netns, name)| {
-                let out = std::process::Command::new("ip")
-                    .args(["-n", netns, "-4", "-o", "addr", "show", "dev", "eth0"])
-                    .output()
-                    .ok()?;
-                String::from_utf8_lossy(&out.stdout)
-                    .contains(&format!("inet {VIP}/"))
-                    .then(|| name.to_string())
-            });
+            let vip_holder = lb_netns
+                .iter()
+                .zip(["lb1", "lb2"])
+                .find_map(|(netns, name)| {
+                    let out = std::process::Command::new("ip")
+                        .args(["-n", netns, "-4", "-o", "addr", "show", "dev", "eth0"])
+                        .output()
+                        .ok()?;
+                    String::from_utf8_lossy(&out.stdout)
+                        .contains(&format!("inet {VIP}/"))
+                        .then(|| name.to_string())
+                });
             samples.lock().unwrap().push(LbSample {
                 at_ms,
                 requests: last.iter().map(|c| c.0).sum(),
@@ -271,22 +288,28 @@ fn frontend_counters(socket: &Path) -> Option<(u64, u64)> {
     let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
     let column = |name: &str| header.iter().position(|h| *h == name);
     let (req, err) = (column("req_tot")?, column("hrsp_5xx")?);
-    let row: Vec<&str> = lines.find(|line| line.starts_with("api,FRONTEND"))?.split(',').collect();
+    let row: Vec<&str> = lines
+        .find(|line| line.starts_with("api,FRONTEND"))?
+        .split(',')
+        .collect();
     Some((row.get(req)?.parse().ok()?, row.get(err)?.parse().ok()?))
 }
 
 fn version_of(tier: &ApiTier, node: &str) -> Option<String> {
     let addr = tier.topology.host(node).addr(crate::topology::API_PORT);
-    tier.topology.host("client").netns.run(move || {
-        Connection::connect(addr).ok()?.get("/").ok()?.version
-    })
+    tier.topology
+        .host("client")
+        .netns
+        .run(move || Connection::connect(addr).ok()?.get("/").ok()?.version)
 }
 
 /// For each version: when it was first and last seen, and how often.
 fn versions_seen(probes: &[Probe]) -> Value {
     let mut versions: Vec<(String, u64, u64, u64)> = Vec::new();
     for probe in probes {
-        let Some(version) = &probe.version else { continue };
+        let Some(version) = &probe.version else {
+            continue;
+        };
         match versions.iter_mut().find(|v| &v.0 == version) {
             Some(entry) => {
                 entry.2 = probe.at_ms;
@@ -331,7 +354,10 @@ pub fn summary(report: &Value) -> String {
         "\n{:<8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>11}\n",
         "node", "in-flight", "idle", "drain", "restart", "healthy", "cut/resets"
     ));
-    let secs = |v: &Value| v.as_u64().map_or_else(|| "-".into(), |ms| format!("{:.2}s", ms as f64 / 1000.0));
+    let secs = |v: &Value| {
+        v.as_u64()
+            .map_or_else(|| "-".into(), |ms| format!("{:.2}s", ms as f64 / 1000.0))
+    };
     let count = |v: &Value| v.as_u64().map_or_else(|| "-".into(), |n| n.to_string());
     for node in report["nodes"].as_array().into_iter().flatten() {
         out.push_str(&format!(

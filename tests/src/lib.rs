@@ -4,9 +4,10 @@
 //! Everything a test creates is owned by a guard that removes it on drop, also when the test
 //! panics. Tests panic with context instead of returning errors, so a failure points at a line.
 
-pub mod http;
-pub mod load;
 pub mod demo;
+pub mod http;
+pub mod lab;
+pub mod load;
 pub mod tier;
 pub mod timeline;
 pub mod topology;

@@ -115,13 +115,13 @@ pub fn tier_haproxy_config(lb: &Host, nodes: &[&Host]) -> String {
             1,
         )
         .replacen(
-        "global\n",
-        &format!(
-            "global\n    grace 8s\n    pidfile {}/haproxy.pid\n",
-            lb.dir.display()
-        ),
-        1,
-    );
+            "global\n",
+            &format!(
+                "global\n    grace 8s\n    pidfile {}/haproxy.pid\n",
+                lb.dir.display()
+            ),
+            1,
+        );
     format!(
         "{config}
 frontend monitor

@@ -48,8 +48,10 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
         if dt <= 0.0 {
             continue;
         }
-        let requests = b["requests"].as_f64().unwrap_or(0.0) - a["requests"].as_f64().unwrap_or(0.0);
-        let failed = b["errors_5xx"].as_f64().unwrap_or(0.0) - a["errors_5xx"].as_f64().unwrap_or(0.0);
+        let requests =
+            b["requests"].as_f64().unwrap_or(0.0) - a["requests"].as_f64().unwrap_or(0.0);
+        let failed =
+            b["errors_5xx"].as_f64().unwrap_or(0.0) - a["errors_5xx"].as_f64().unwrap_or(0.0);
         let at = b["at_ms"].as_f64().unwrap_or(0.0);
         rates.push((at, (requests / dt).max(0.0)));
         if failed > 0.0 {
@@ -72,41 +74,86 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
     );
 
     // Axes and grid.
-    let _ = writeln!(svg, r##"<rect x="{LEFT}" y="{RATE_TOP}" width="{plot_width}" height="{RATE_HEIGHT}" fill="#fafafa" stroke="#999"/>"##);
+    let _ = writeln!(
+        svg,
+        r##"<rect x="{LEFT}" y="{RATE_TOP}" width="{plot_width}" height="{RATE_HEIGHT}" fill="#fafafa" stroke="#999"/>"##
+    );
     for i in 0..=4 {
         let value = max_rate / 4.0 * i as f64;
         let yy = y(value);
-        let _ = writeln!(svg, r##"<line x1="{LEFT}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#e4e4e4"/><text x="{}" y="{:.1}" text-anchor="end" fill="#555">{value:.0}</text>"##, WIDTH - RIGHT, LEFT - 6.0, yy + 4.0);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{LEFT}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#e4e4e4"/><text x="{}" y="{:.1}" text-anchor="end" fill="#555">{value:.0}</text>"##,
+            WIDTH - RIGHT,
+            LEFT - 6.0,
+            yy + 4.0
+        );
     }
-    let _ = writeln!(svg, r##"<text x="16" y="{:.1}" transform="rotate(-90 16 {:.1})" text-anchor="middle" fill="#333">requests/s (both LBs)</text>"##, RATE_TOP + RATE_HEIGHT / 2.0, RATE_TOP + RATE_HEIGHT / 2.0);
+    let _ = writeln!(
+        svg,
+        r##"<text x="16" y="{:.1}" transform="rotate(-90 16 {:.1})" text-anchor="middle" fill="#333">requests/s (both LBs)</text>"##,
+        RATE_TOP + RATE_HEIGHT / 2.0,
+        RATE_TOP + RATE_HEIGHT / 2.0
+    );
     let seconds = duration_ms / 1000.0;
     let step = if seconds > 60.0 { 10.0 } else { 5.0 };
     let mut t = 0.0;
     while t <= seconds {
         let xx = x(t * 1000.0);
-        let _ = writeln!(svg, r##"<line x1="{xx:.1}" x2="{xx:.1}" y1="{RATE_TOP}" y2="{:.1}" stroke="#eee"/><text x="{xx:.1}" y="{:.1}" text-anchor="middle" fill="#555">{t:.0}s</text>"##, versions_top + BAND_HEIGHT, versions_top + BAND_HEIGHT + 18.0);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{xx:.1}" x2="{xx:.1}" y1="{RATE_TOP}" y2="{:.1}" stroke="#eee"/><text x="{xx:.1}" y="{:.1}" text-anchor="middle" fill="#555">{t:.0}s</text>"##,
+            versions_top + BAND_HEIGHT,
+            versions_top + BAND_HEIGHT + 18.0
+        );
         t += step;
     }
 
     // The rate line and error marks.
-    let points: Vec<String> = rates.iter().map(|(at, rate)| format!("{:.1},{:.1}", x(*at), y(*rate))).collect();
-    let _ = writeln!(svg, r##"<polyline fill="none" stroke="#2060c0" stroke-width="1.6" points="{}"/>"##, points.join(" "));
+    let points: Vec<String> = rates
+        .iter()
+        .map(|(at, rate)| format!("{:.1},{:.1}", x(*at), y(*rate)))
+        .collect();
+    let _ = writeln!(
+        svg,
+        r##"<polyline fill="none" stroke="#2060c0" stroke-width="1.6" points="{}"/>"##,
+        points.join(" ")
+    );
     for probe in probes.as_array().into_iter().flatten() {
         if probe["status"].as_u64() != Some(200) {
             let xx = x(probe["at_ms"].as_f64().unwrap_or(0.0));
-            let _ = writeln!(svg, r##"<line x1="{xx:.1}" x2="{xx:.1}" y1="{RATE_TOP}" y2="{:.1}" stroke="#d00000" stroke-width="2"/>"##, RATE_TOP + RATE_HEIGHT);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{xx:.1}" x2="{xx:.1}" y1="{RATE_TOP}" y2="{:.1}" stroke="#d00000" stroke-width="2"/>"##,
+                RATE_TOP + RATE_HEIGHT
+            );
         }
     }
     for (at, count) in &errors {
         let xx = x(*at);
-        let _ = writeln!(svg, r##"<circle cx="{xx:.1}" cy="{:.1}" r="4" fill="#d00000"><title>{count} 5xx</title></circle>"##, RATE_TOP + RATE_HEIGHT - 6.0);
+        let _ = writeln!(
+            svg,
+            r##"<circle cx="{xx:.1}" cy="{:.1}" r="4" fill="#d00000"><title>{count} 5xx</title></circle>"##,
+            RATE_TOP + RATE_HEIGHT - 6.0
+        );
     }
 
     // Phase bands, one row per node.
-    let _ = writeln!(svg, r##"<text x="{LEFT}" y="{:.1}" font-weight="bold">Node phases</text>"##, bands_top - 10.0);
+    let _ = writeln!(
+        svg,
+        r##"<text x="{LEFT}" y="{:.1}" font-weight="bold">Node phases</text>"##,
+        bands_top - 10.0
+    );
     for (row, node) in nodes.iter().enumerate() {
         let top = bands_top + BAND_HEIGHT * row as f64;
-        let _ = writeln!(svg, r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><rect x="{LEFT}" y="{top:.1}" width="{plot_width}" height="{:.1}" fill="#eef6ee" stroke="#ccc"/>"##, LEFT - 6.0, top + 17.0, node["name"].as_str().unwrap_or("?"), BAND_HEIGHT - 4.0);
+        let _ = writeln!(
+            svg,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><rect x="{LEFT}" y="{top:.1}" width="{plot_width}" height="{:.1}" fill="#eef6ee" stroke="#ccc"/>"##,
+            LEFT - 6.0,
+            top + 17.0,
+            node["name"].as_str().unwrap_or("?"),
+            BAND_HEIGHT - 4.0
+        );
         let cycle_start = node["cycle_started_ms"].as_f64().unwrap_or(0.0);
         for phase in node["report"]["phases"].as_array().into_iter().flatten() {
             let name = phase["phase"].as_str().unwrap_or("serving");
@@ -114,45 +161,86 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
                 continue;
             }
             let start = cycle_start + phase["started_ms"].as_f64().unwrap_or(0.0);
-            let width = (x(start + phase["duration_ms"].as_f64().unwrap_or(0.0)) - x(start)).max(2.0);
-            let _ = writeln!(svg, r##"<rect x="{:.1}" y="{top:.1}" width="{width:.1}" height="{:.1}" fill="{}"><title>{name}</title></rect>"##, x(start), BAND_HEIGHT - 4.0, phase_colour(name));
+            let width =
+                (x(start + phase["duration_ms"].as_f64().unwrap_or(0.0)) - x(start)).max(2.0);
+            let _ = writeln!(
+                svg,
+                r##"<rect x="{:.1}" y="{top:.1}" width="{width:.1}" height="{:.1}" fill="{}"><title>{name}</title></rect>"##,
+                x(start),
+                BAND_HEIGHT - 4.0,
+                phase_colour(name)
+            );
         }
     }
 
     // Versions clients saw (probe answers).
     let mut seen: Vec<String> = Vec::new();
-    let _ = writeln!(svg, r##"<text x="{:.1}" y="{:.1}" text-anchor="end">version</text>"##, LEFT - 6.0, versions_top + 17.0);
+    let _ = writeln!(
+        svg,
+        r##"<text x="{:.1}" y="{:.1}" text-anchor="end">version</text>"##,
+        LEFT - 6.0,
+        versions_top + 17.0
+    );
     for probe in probes.as_array().into_iter().flatten() {
-        let Some(version) = probe["version"].as_str() else { continue };
+        let Some(version) = probe["version"].as_str() else {
+            continue;
+        };
         let index = seen.iter().position(|v| v == version).unwrap_or_else(|| {
             seen.push(version.to_string());
             seen.len() - 1
         });
         let xx = x(probe["at_ms"].as_f64().unwrap_or(0.0));
-        let _ = writeln!(svg, r##"<rect x="{xx:.1}" y="{versions_top:.1}" width="3" height="{:.1}" fill="{}"/>"##, BAND_HEIGHT - 4.0, VERSION_COLOURS[index.min(VERSION_COLOURS.len() - 1)]);
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{xx:.1}" y="{versions_top:.1}" width="3" height="{:.1}" fill="{}"/>"##,
+            BAND_HEIGHT - 4.0,
+            VERSION_COLOURS[index.min(VERSION_COLOURS.len() - 1)]
+        );
     }
 
     // The failover marker.
     if let Some(moved) = report["failover"]["vip_moved_at_ms"].as_f64() {
-        let stopped = report["failover"]["stopped_at_ms"].as_f64().unwrap_or(moved);
+        let stopped = report["failover"]["stopped_at_ms"]
+            .as_f64()
+            .unwrap_or(moved);
         let (xs, xm) = (x(stopped), x(moved));
-        let _ = writeln!(svg, r##"<rect x="{xs:.1}" y="{RATE_TOP}" width="{:.1}" height="{:.1}" fill="#000" opacity="0.08"/><line x1="{xm:.1}" x2="{xm:.1}" y1="{:.1}" y2="{:.1}" stroke="#000" stroke-dasharray="6,4" stroke-width="1.5"/><text x="{:.1}" y="{:.1}">VIP failover: {} → {}</text>"##,
-            (xm - xs).max(2.0), versions_top + BAND_HEIGHT - RATE_TOP, RATE_TOP - 8.0, versions_top + BAND_HEIGHT, xm + 4.0, RATE_TOP + 14.0,
-            report["failover"]["haproxy_stopped_on"].as_str().unwrap_or("?"), report["failover"]["vip_moved_to"].as_str().unwrap_or("?"));
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{xs:.1}" y="{RATE_TOP}" width="{:.1}" height="{:.1}" fill="#000" opacity="0.08"/><line x1="{xm:.1}" x2="{xm:.1}" y1="{:.1}" y2="{:.1}" stroke="#000" stroke-dasharray="6,4" stroke-width="1.5"/><text x="{:.1}" y="{:.1}">VIP failover: {} → {}</text>"##,
+            (xm - xs).max(2.0),
+            versions_top + BAND_HEIGHT - RATE_TOP,
+            RATE_TOP - 8.0,
+            versions_top + BAND_HEIGHT,
+            xm + 4.0,
+            RATE_TOP + 14.0,
+            report["failover"]["haproxy_stopped_on"]
+                .as_str()
+                .unwrap_or("?"),
+            report["failover"]["vip_moved_to"].as_str().unwrap_or("?")
+        );
     }
 
     // Legend.
     let legend_y = versions_top + BAND_HEIGHT + 45.0;
     let mut lx = LEFT;
     let mut item = |svg: &mut String, colour: &str, label: &str| {
-        let _ = writeln!(svg, r##"<rect x="{lx:.1}" y="{:.1}" width="14" height="14" fill="{colour}"/><text x="{:.1}" y="{legend_y:.1}">{label}</text>"##, legend_y - 11.0, lx + 19.0);
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{lx:.1}" y="{:.1}" width="14" height="14" fill="{colour}"/><text x="{:.1}" y="{legend_y:.1}">{label}</text>"##,
+            legend_y - 11.0,
+            lx + 19.0
+        );
         lx += 30.0 + label.len() as f64 * 7.5;
     };
     for phase in ["draining", "drained", "restarting", "verifying"] {
         item(&mut svg, phase_colour(phase), phase);
     }
     for (index, version) in seen.iter().enumerate() {
-        item(&mut svg, VERSION_COLOURS[index.min(VERSION_COLOURS.len() - 1)], &format!("version {version}"));
+        item(
+            &mut svg,
+            VERSION_COLOURS[index.min(VERSION_COLOURS.len() - 1)],
+            &format!("version {version}"),
+        );
     }
     item(&mut svg, "#d00000", "failed request / 5xx");
     svg.push_str("</svg>\n");

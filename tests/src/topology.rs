@@ -73,7 +73,15 @@ impl Topology {
             let netns = Netns::create(pattern.replace("{}", name));
             let port = format!("p{index}");
             switch.ip(&[
-                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
                 netns.name(),
             ]);
             switch.ip(&["link", "set", &port, "master", "br0", "up"]);

@@ -32,12 +32,19 @@ fn rolling_upgrade_with_a_vip_failover_loses_no_request() {
     assert!(load["requests"].as_u64().unwrap() >= 4000, "{load}");
     assert_eq!(load["failed"], 0, "failed requests: {}", load["errors"]);
     assert_eq!(load["non_2xx"], 0, "{load}");
-    assert_eq!(report["failover"]["vip_moved_to"], "lb2", "{}", report["failover"]);
+    assert_eq!(
+        report["failover"]["vip_moved_to"], "lb2",
+        "{}",
+        report["failover"]
+    );
     for (node, version) in report["final_versions"].as_object().unwrap() {
         assert_eq!(version, "1.1", "{node}");
     }
     assert_eq!(report["ok"], true);
     let svg = std::fs::read_to_string(results.path().join("timeline.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("VIP failover"), "timeline incomplete");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("VIP failover"),
+        "timeline incomplete"
+    );
     assert!(results.path().join("report.json").exists());
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the one entry point for setting up a machine, building, running and testing.
 
+mod demo;
 mod setup;
 
 use std::{
@@ -30,12 +31,43 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The main job: a zero-downtime rolling upgrade of a 3-node API tier behind two HAProxy
+    /// load balancers sharing a keepalived VIP, under load, with a failover halfway (root).
+    Demo {
+        /// API nodes to upgrade.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Requests per second against the VIP.
+        #[arg(long, default_value_t = 350)]
+        rate: u32,
+        /// How long the load runs, in seconds (the upgrade must fit inside).
+        #[arg(long, default_value_t = 70)]
+        seconds: u64,
+    },
+    /// Keep the demo's environment running to explore it: `lab up`, `lab status`, `lab down`.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
     /// Lint (fmt, clippy on both sides) and run the whole suite: unit and privileged tests.
     Test {
         /// Extra arguments for the test binaries, e.g. a test name filter.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Start the tier (two load balancers, API nodes, a client) and leave it running.
+    Up {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+    },
+    /// Show the VIP holder and every node's agent status.
+    Status,
+    /// Remove everything the lab created (also after a crash).
+    Down,
 }
 
 fn main() -> Result<()> {
@@ -56,6 +88,38 @@ fn main() -> Result<()> {
                 .status()
                 .with_context(|| format!("starting {}", binary.display()))?;
             std::process::exit(status.code().unwrap_or(1));
+        }
+        Task::Demo {
+            nodes,
+            rate,
+            seconds,
+        } => {
+            setup::ensure()?;
+            build(&root)?;
+            demo::run(&root, nodes, rate, seconds)
+        }
+        Task::Lab { action } => {
+            let lab = drain_agent_tests::lab::LabName::default_lab();
+            match action {
+                LabAction::Up { nodes } => {
+                    setup::ensure()?;
+                    build(&root)?;
+                    demo::require_root()?;
+                    print!("{}", drain_agent_tests::lab::up(&lab, nodes));
+                }
+                LabAction::Status => print!("{}", drain_agent_tests::lab::status(&lab)),
+                LabAction::Down => {
+                    demo::require_root()?;
+                    let removed = drain_agent_tests::lab::down(&lab);
+                    if removed.is_empty() {
+                        println!("nothing to remove");
+                    }
+                    for item in removed {
+                        println!("removed {item}");
+                    }
+                }
+            }
+            Ok(())
         }
         Task::Test { args } => {
             setup::ensure()?;
