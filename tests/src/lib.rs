@@ -52,7 +52,7 @@ pub fn agent_binary() -> PathBuf {
         "{} does not exist: build it with `cargo xtask build` (or run `cargo xtask test`)",
         path.display()
     );
-    path
+    path.canonicalize().unwrap_or(path)
 }
 
 /// Runs a command to completion and returns its output.

@@ -48,3 +48,47 @@ fn rolling_upgrade_with_a_vip_failover_loses_no_request() {
     );
     assert!(results.path().join("report.json").exists());
 }
+
+#[test]
+fn lab_down_removes_everything_the_lab_created() {
+    use drain_agent_tests::{command_output, lab};
+    let name = lab::LabName {
+        prefix: format!("dalabt{}", std::process::id()),
+        dir: std::env::temp_dir().join(format!("drain-agent-labtest-{}", std::process::id())),
+    };
+    // `up` leaves everything running, as if the process that started it had died.
+    let guide = lab::up(&name, 1);
+    assert!(guide.contains("ip netns exec"), "{guide}");
+    let namespaces = || {
+        String::from_utf8_lossy(&command_output("ip", &["netns", "list"]).stdout)
+            .lines()
+            .filter(|line| line.starts_with(&name.prefix))
+            .count()
+    };
+    let processes = || {
+        let out = command_output("pgrep", &["-f", name.dir.to_str().unwrap()]);
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert_eq!(namespaces(), 5, "switch, client, lb1, lb2, node1");
+    assert!(
+        processes() >= 5,
+        "haproxy, keepalived, gunicorn, drain-agent should run"
+    );
+    let status = lab::status(&name);
+    assert!(
+        status.contains("holds the VIP") && status.contains("serving"),
+        "{status}"
+    );
+
+    let removed = lab::down(&name);
+    assert!(removed.len() >= 6, "{removed:?}");
+    assert_eq!(namespaces(), 0, "namespaces left behind");
+    assert_eq!(processes(), 0, "processes left behind");
+    assert!(!name.dir.exists(), "the lab directory was left behind");
+    let links = String::from_utf8_lossy(&command_output("ip", &["-o", "link"]).stdout).into_owned();
+    assert!(
+        !links.contains("br0") && !links.contains("@"),
+        "links left in the root namespace: {links}"
+    );
+    assert!(lab::down(&name).is_empty(), "a second down finds nothing");
+}

@@ -19,6 +19,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "curl",
+    "socat",
     // The real HTTP API server the tests drive, and the load balancer in front of it.
     "gunicorn",
     "python3-gunicorn",
