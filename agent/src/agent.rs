@@ -15,13 +15,15 @@ use tracing::{error, info, warn};
 
 use crate::{
     agent_check,
-    config::Config,
-    control::{self, Request, Response},
+    config::{Config, OnShutdown},
+    control::{self, Peer, Request, Response},
     drain::{
         Board, Kind, Operations,
         operation::{Event, KernelView},
     },
+    haproxy::RuntimeApiClient,
     kernel::{BackendSample, KernelMode, Tracker, TrackerError},
+    metrics::Metrics,
     status::{BackendStatus, FlowTableStatus, Status},
 };
 
@@ -49,8 +51,14 @@ struct Agent {
     config: Arc<Config>,
     kernel: Arc<Kernel>,
     operations: Arc<Operations>,
+    metrics: Arc<Metrics>,
+    /// The control group's id, when one is configured.
+    control_gid: Option<u32>,
     started: Instant,
 }
+
+/// How often the load balancers' runtime APIs are checked for the reachability metric.
+const LOAD_BALANCER_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the agent until a signal stops it. Errors here happen before anything serves.
 pub fn run(config: Config, mode: KernelMode) -> anyhow::Result<()> {
@@ -63,7 +71,17 @@ pub fn run(config: Config, mode: KernelMode) -> anyhow::Result<()> {
 
 async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let listener = control::bind(&config.control_socket)?;
+    let control_gid = match &config.control_group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)?
+                .ok_or_else(|| anyhow::anyhow!("control_group `{name}` does not exist"))?
+                .gid
+                .as_raw(),
+        ),
+        None => None,
+    };
+    let listener = control::bind(&config.control_socket, control_gid)?;
+    let _socket_file = RemoveOnDrop(config.control_socket.clone());
     let agent_check_listener = match config.agent_check_listen {
         Some(address) => Some(
             tokio::net::TcpListener::bind(address)
@@ -76,31 +94,62 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let _socket_file = RemoveOnDrop(config.control_socket.clone());
+    let metrics_listener = match config.metrics_listen {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|err| {
+                    anyhow::anyhow!(
+                        "cannot listen for metrics on {address} (metrics_listen): {err}"
+                    )
+                })?,
+        ),
+        None => None,
+    };
     let kernel = Arc::new(Kernel {
         tracker: Mutex::new(tracker),
     });
     let board = Arc::new(Board::new(config.backends.len()));
     let agent = Arc::new(Agent {
         operations: Arc::new(Operations::new(config.clone(), board, kernel.clone())),
+        metrics: Arc::new(Metrics::new(config.backends.len())),
         config: config.clone(),
+        control_gid,
         kernel,
         started: Instant::now(),
     });
+
+    let mut tasks = Vec::new();
+    let answering = agent.clone();
+    tasks.push(tokio::spawn(control::serve(
+        listener,
+        move |request, peer| answering.clone().answer(request, peer),
+    )));
+    if let Some(listener) = agent_check_listener {
+        tasks.push(tokio::spawn(agent_check::serve(listener, agent.clone())));
+    }
+    if let Some(listener) = metrics_listener {
+        let refreshing = agent.clone();
+        let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || refreshing.refresh_metrics());
+        tasks.push(tokio::spawn(crate::metrics::serve(
+            listener,
+            agent.metrics.clone(),
+            refresh,
+        )));
+    }
+    tasks.push(tokio::spawn(collect_garbage(agent.clone())));
+    tasks.push(tokio::spawn(check_load_balancers(agent.clone())));
+
+    agent.metrics.set_ready(true);
     info!(
         control_socket = %config.control_socket.display(),
         agent_check = ?config.agent_check_listen,
+        metrics = ?config.metrics_listen,
         kernel = agent.kernel.tracker.lock().expect("tracker lock").mode().as_str(),
         "drain-agent ready"
     );
-
-    let answering = agent.clone();
-    let server = tokio::spawn(control::serve(listener, move |request| {
-        answering.clone().answer(request)
-    }));
-    let agent_check = agent_check_listener
-        .map(|listener| tokio::spawn(agent_check::serve(listener, agent.clone())));
-    let housekeeping = tokio::spawn(collect_garbage(agent.clone()));
+    // Type=notify: systemd considers the service started only now, with everything attached.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -108,7 +157,8 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
         _ = terminate.recv() => "SIGTERM",
         _ = interrupt.recv() => "SIGINT",
     };
-    info!(signal = which, "shutting down: detaching kernel programs");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    agent.metrics.set_ready(false);
     // A second signal while shutting down means "now".
     tokio::spawn(async move {
         tokio::select! {
@@ -118,14 +168,31 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
         warn!("second signal: exiting immediately");
         std::process::exit(130);
     });
-    server.abort();
-    housekeeping.abort();
-    if let Some(task) = agent_check {
+    agent.settle_operation(which).await;
+    info!(signal = which, "shutting down: detaching kernel programs");
+    for task in tasks {
         task.abort();
     }
     drop(agent); // last reference after the tasks end: drops the tracker and its links
     info!("stopped");
     Ok(())
+}
+
+/// Keeps the load-balancer reachability metric current.
+async fn check_load_balancers(agent: Arc<Agent>) {
+    let clients: Vec<RuntimeApiClient> = agent
+        .config
+        .load_balancers
+        .iter()
+        .map(RuntimeApiClient::new)
+        .collect();
+    loop {
+        for client in &clients {
+            let up = client.command("show info").await.is_ok();
+            agent.metrics.observe_load_balancer(client.name(), up);
+        }
+        tokio::time::sleep(LOAD_BALANCER_CHECK_EVERY).await;
+    }
 }
 
 /// Periodically removes tracked connections whose sockets vanished without FIN or RST.
@@ -150,9 +217,106 @@ async fn collect_garbage(agent: Arc<Agent>) {
 }
 
 impl Agent {
+    /// What SIGTERM does to a running drain or cycle (`on_shutdown`), said in the log.
+    async fn settle_operation(&self, signal: &str) {
+        let Some(running) = self.operations.board().running() else {
+            return;
+        };
+        match self.config.on_shutdown {
+            OnShutdown::Abort => {
+                warn!(
+                    signal,
+                    running,
+                    "on_shutdown = \"abort\": stopping the drain and putting the server back in service; a restart already under way is waited for"
+                );
+                self.operations.cancel();
+            }
+            OnShutdown::Finish => {
+                warn!(
+                    signal,
+                    running, "on_shutdown = \"finish\": letting it finish before exiting"
+                );
+            }
+        }
+        while self.operations.board().running().is_some() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        info!(running, "the operation ended; exiting");
+    }
+
+    /// Root and (with control_group) the group's members may change state; anyone who can
+    /// open the socket may read status.
+    fn authorized(&self, peer: Peer) -> bool {
+        if peer.uid == 0 {
+            return true;
+        }
+        let Some(gid) = self.control_gid else {
+            return false;
+        };
+        if peer.gid == gid {
+            return true;
+        }
+        // Supplementary groups are not in SO_PEERCRED: look the user up.
+        let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(peer.uid))
+        else {
+            return false;
+        };
+        let Ok(name) = std::ffi::CString::new(user.name) else {
+            return false;
+        };
+        nix::unistd::getgrouplist(&name, user.gid)
+            .is_ok_and(|groups| groups.iter().any(|group| group.as_raw() == gid))
+    }
+
+    fn refresh_metrics(&self) {
+        let tracker = self.kernel.tracker.lock().expect("tracker lock");
+        let Ok(samples) = tracker.sample() else {
+            return;
+        };
+        let board = self.operations.board();
+        let phases: Vec<_> = (0..self.config.backends.len())
+            .map(|i| board.get(i).phase)
+            .collect();
+        let names: Vec<String> = self
+            .config
+            .backends
+            .iter()
+            .map(|b| b.name.clone())
+            .collect();
+        let table = tracker.flow_table_size().map(|capacity| {
+            (
+                samples.iter().filter_map(|s| s.tracked).sum::<u64>(),
+                u64::from(capacity),
+            )
+        });
+        self.metrics
+            .observe_kernel(&names, &phases, &samples, table);
+    }
+
     /// Answers one control request; the answer lines arrive on the returned channel.
-    fn answer(self: Arc<Self>, request: Request) -> mpsc::Receiver<Response> {
+    fn answer(self: Arc<Self>, request: Request, peer: Peer) -> mpsc::Receiver<Response> {
         let (sender, receiver) = mpsc::channel(64);
+        if request.changes_state() && !self.authorized(peer) {
+            let group = self
+                .config
+                .control_group
+                .as_ref()
+                .map(|group| format!(" or members of group `{group}`"))
+                .unwrap_or_default();
+            warn!(
+                uid = peer.uid,
+                ?request,
+                "refused a control request from an unauthorized peer"
+            );
+            let _ = sender.try_send(Response::Refused {
+                exit_code: crate::drain::report::exit::REFUSED,
+                message: format!(
+                    "refused: uid {} may read status but not drain, cycle or resume; only root{group} may",
+                    peer.uid
+                ),
+            });
+            return receiver;
+        }
         tokio::spawn(async move {
             match request {
                 Request::Status => {
@@ -166,7 +330,10 @@ impl Agent {
                 }
                 Request::Resume { backend } => {
                     let response = match self.operations.resume(&backend).await {
-                        Ok(report) => Response::Report(Box::new(report)),
+                        Ok(report) => {
+                            self.metrics.observe_report(&report);
+                            Response::Report(Box::new(report))
+                        }
                         Err(refusal) => Response::Refused {
                             exit_code: refusal.exit_code,
                             message: refusal.message,
@@ -212,7 +379,10 @@ impl Agent {
                 }
                 Event::Started => continue,
                 Event::Progress(progress) => Response::Progress(progress),
-                Event::Done(report) => Response::Report(report),
+                Event::Done(report) => {
+                    self.metrics.observe_report(&report);
+                    Response::Report(report)
+                }
             };
             // A client that went away does not stop the operation: keep draining events.
             let _ = sender.send(response).await;

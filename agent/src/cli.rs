@@ -39,6 +39,12 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = KernelMode::Ebpf)]
         kernel: KernelMode,
     },
+    /// Check a config without acting: syntax, keys, values, interfaces, and every load
+    /// balancer's runtime API and HAProxy server names. Exit 0 only when clean.
+    CheckConfig {
+        /// The config file.
+        file: PathBuf,
+    },
     /// Drain a backend: HAProxy stops sending it new requests, and the agent waits until
     /// in-flight work is done, then moves the server to MAINT.
     Drain {
@@ -142,9 +148,11 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
             crate::logging::init(cli.log_format);
             let config = Config::load(&config)?;
             config.check_host()?;
+            refuse_unknown_haproxy_servers(&config)?;
             crate::agent::run(config, kernel)?;
             Ok(())
         }
+        Command::CheckConfig { file } => check_config(&file),
         Command::Drain {
             backend,
             wait,
@@ -236,4 +244,59 @@ fn operate(target: &AgentAddress, request: &Request, json: bool) -> Result<(), F
         Response::Refused { exit_code, message } => Err(Failure::Operation { exit_code, message }),
         other => Err(anyhow::anyhow!("unexpected answer from the agent: {other:?}").into()),
     }
+}
+
+/// Prints every problem with file, line and key; exit 2 when there is an error.
+fn check_config(file: &std::path::Path) -> Result<(), Failure> {
+    use crate::check::{Severity, check};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    let (_, problems) = runtime.block_on(check(file));
+    for problem in &problems {
+        let word = match problem.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        println!("{word}: {}", problem.error);
+    }
+    let errors = problems
+        .iter()
+        .filter(|p| p.severity == Severity::Error)
+        .count();
+    if errors > 0 {
+        return Err(Failure::Operation {
+            exit_code: 2,
+            message: format!("{}: {errors} error(s)", file.display()),
+        });
+    }
+    println!(
+        "{}: ok{}",
+        file.display(),
+        if problems.is_empty() {
+            ""
+        } else {
+            " (with warnings)"
+        }
+    );
+    Ok(())
+}
+
+/// `run` refuses what check-config calls an error on a load balancer (a server HAProxy does
+/// not know); an unreachable load balancer is only a warning, since HAProxy may be down now
+/// and agent-check still reaches it later.
+fn refuse_unknown_haproxy_servers(config: &Config) -> Result<(), Failure> {
+    use crate::check::{Severity, check_load_balancers};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
+    for problem in runtime.block_on(check_load_balancers(config)) {
+        match problem.severity {
+            Severity::Warning => tracing::warn!("{}", problem.error),
+            Severity::Error => return Err(Failure::Config(problem.error)),
+        }
+    }
+    Ok(())
 }

@@ -43,6 +43,13 @@ pub struct Config {
     pub flow_idle_check: Duration,
     /// Where the HAProxy agent-check responder listens (none: no responder).
     pub agent_check_listen: Option<SocketAddr>,
+    /// Where Prometheus scrapes `/metrics` (and probes `/live`, `/ready`); none: no listener.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Group whose members may drain, cycle and resume over the control socket (besides
+    /// root); the socket is then mode 0660 and owned by that group.
+    pub control_group: Option<String>,
+    /// What SIGTERM does to a drain in progress.
+    pub on_shutdown: OnShutdown,
     /// HAProxy instances in front of this node.
     pub load_balancers: Vec<LoadBalancer>,
     /// The API services on this node.
@@ -72,6 +79,17 @@ impl fmt::Display for RuntimeApi {
             RuntimeApi::Tcp(address) => write!(f, "tcp:{address}"),
         }
     }
+}
+
+/// What SIGTERM does to a drain or cycle in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnShutdown {
+    /// Stop a drain and put the server back in service before exiting (a restart already
+    /// under way is waited for, then the cycle ends as it ends).
+    Abort,
+    /// Let the running drain or cycle finish, then exit.
+    Finish,
 }
 
 /// What to do when in-flight work outlives `drain_timeout`.
@@ -193,6 +211,9 @@ struct RawConfig {
     #[serde(default, with = "humantime_serde")]
     flow_idle_check: Option<Duration>,
     agent_check_listen: Option<Spanned<String>>,
+    metrics_listen: Option<Spanned<String>>,
+    control_group: Option<Spanned<String>>,
+    on_shutdown: Option<OnShutdown>,
     #[serde(default, rename = "load_balancer")]
     load_balancers: Vec<Spanned<RawLoadBalancer>>,
     #[serde(default, rename = "backend")]
@@ -273,7 +294,7 @@ impl Config {
             at(
                 err.span(),
                 None,
-                err.message().trim_end().replace('\n', "; "),
+                did_you_mean(&err.message().trim_end().replace('\n', "; ")),
             )
         })?;
 
@@ -556,18 +577,51 @@ impl Config {
             }
         }
 
-        let agent_check_listen = match raw.agent_check_listen {
+        let listen = |value: Option<Spanned<String>>, key: &str, example: &str| match value {
+            None => Ok(None),
+            Some(address) => address
+                .get_ref()
+                .parse::<SocketAddr>()
+                .map(Some)
+                .map_err(|_| {
+                    at(
+                        Some(address.span()),
+                        Some(key.into()),
+                        format!(
+                            "`{}` is not an address:port to listen on, e.g. \"{example}\"",
+                            address.get_ref()
+                        ),
+                    )
+                }),
+        };
+        let agent_check_listen =
+            listen(raw.agent_check_listen, "agent_check_listen", "0.0.0.0:9500")?;
+        let metrics_listen = listen(raw.metrics_listen, "metrics_listen", "127.0.0.1:9477")?;
+        if let (Some(a), Some(m)) = (agent_check_listen, metrics_listen) {
+            if a.port() == m.port()
+                && (a.ip() == m.ip() || a.ip().is_unspecified() || m.ip().is_unspecified())
+            {
+                return Err(at(
+                    None,
+                    Some("metrics_listen".into()),
+                    format!("{m} collides with agent_check_listen {a}: use another port"),
+                ));
+            }
+        }
+        let control_group = match raw.control_group {
             None => None,
-            Some(address) => Some(address.get_ref().parse::<SocketAddr>().map_err(|_| {
-                at(
-                    Some(address.span()),
-                    Some("agent_check_listen".into()),
-                    format!(
-                        "`{}` is not an address:port to listen on, e.g. \"0.0.0.0:9500\"",
-                        address.get_ref()
-                    ),
-                )
-            })?),
+            Some(group) => {
+                let span = group.span();
+                let name = group.into_inner();
+                if name.is_empty() || name.contains(char::is_whitespace) {
+                    return Err(at(
+                        Some(span),
+                        Some("control_group".into()),
+                        format!("{name:?} is not a group name"),
+                    ));
+                }
+                Some(name)
+            }
         };
 
         Ok(Config {
@@ -580,13 +634,28 @@ impl Config {
             flow_table_size,
             flow_idle_check: raw.flow_idle_check.unwrap_or(DEFAULT_FLOW_IDLE_CHECK),
             agent_check_listen,
+            metrics_listen,
+            control_group,
+            on_shutdown: raw.on_shutdown.unwrap_or(OnShutdown::Abort),
             load_balancers,
             backends,
         })
     }
 
-    /// Checks what depends on this node: every interface exists here.
+    /// Checks what depends on this node: every interface exists here, the control group too.
     pub fn check_host(&self) -> Result<(), ConfigError> {
+        if let Some(group) = &self.control_group {
+            if !matches!(nix::unistd::Group::from_name(group), Ok(Some(_))) {
+                return Err(ConfigError {
+                    path: self.path.clone(),
+                    line: None,
+                    key: Some("control_group".into()),
+                    message: format!(
+                        "group `{group}` does not exist on this node (see `getent group`)"
+                    ),
+                });
+            }
+        }
         for name in &self.interfaces {
             if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
                 return Err(ConfigError {
@@ -614,6 +683,52 @@ impl Config {
             .iter()
             .position(|backend| backend.ports.contains(&port))
     }
+}
+
+/// Adds "did you mean `x`?" to serde's "unknown field `y`, expected one of `a`, `b`" (and
+/// "unknown variant") messages when one expected name is close to the one given.
+fn did_you_mean(message: &str) -> String {
+    let quoted: Vec<&str> = message.split('`').skip(1).step_by(2).collect();
+    let Some((given, expected)) = quoted.split_first() else {
+        return message.to_string();
+    };
+    if !message.starts_with("unknown field") && !message.starts_with("unknown variant") {
+        return message.to_string();
+    }
+    let best = expected
+        .iter()
+        .map(|candidate| (edit_distance(given, candidate), *candidate))
+        .min();
+    match best {
+        Some((distance, candidate)) if distance <= given.len().max(3) / 3 + 1 => {
+            format!("{message}; did you mean `{candidate}`?")
+        }
+        _ => message.to_string(),
+    }
+}
+
+/// Levenshtein distance (names are short; quadratic is fine).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let current = row[j + 1];
+            row[j + 1] = (previous + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(current + 1);
+            previous = current;
+        }
+    }
+    row[b.len()]
+}
+
+/// 1-based line of the first occurrence of `needle` in `text` (for problems found after
+/// parsing, e.g. on a load balancer).
+pub fn line_containing(text: &str, needle: &str) -> Option<usize> {
+    text.find(needle).map(|offset| line_of(text, offset))
 }
 
 /// "unix:/path" or "tcp:host:port".

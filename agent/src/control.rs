@@ -148,9 +148,24 @@ pub fn request_streaming(
     }
 }
 
+/// Who is on the other end of a control connection (SO_PEERCRED).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Request {
+    /// Whether the request changes anything (only trusted peers may send those).
+    pub fn changes_state(&self) -> bool {
+        !matches!(self, Request::Status)
+    }
+}
+
 /// Binds the control socket: creates its directory, replaces a stale socket file left by a
-/// dead agent, refuses to steal one a live agent still serves, and allows only the owner.
-pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {
+/// dead agent, refuses to steal one a live agent still serves, and allows only the owner —
+/// or, with `group`, that group too (mode 0660).
+pub fn bind(path: &Path, group: Option<u32>) -> Result<tokio::net::UnixListener, ControlError> {
     let bind_error = |source| ControlError::Bind {
         path: path.to_owned(),
         source,
@@ -165,7 +180,14 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {
         std::fs::remove_file(path).map_err(bind_error)?;
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(bind_error)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
+    let mode = match group {
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(bind_error)?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_error)?;
     Ok(listener)
 }
 
@@ -173,7 +195,7 @@ pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {
 /// returns the channel its answer lines arrive on; the connection closes when it closes.
 pub async fn serve<F>(listener: tokio::net::UnixListener, answer: F)
 where
-    F: Fn(Request) -> mpsc::Receiver<Response> + Clone + Send + 'static,
+    F: Fn(Request, Peer) -> mpsc::Receiver<Response> + Clone + Send + 'static,
 {
     loop {
         let (stream, _) = match listener.accept().await {
@@ -195,8 +217,13 @@ where
 
 async fn handle<F>(stream: tokio::net::UnixStream, answer: F) -> std::io::Result<()>
 where
-    F: Fn(Request) -> mpsc::Receiver<Response>,
+    F: Fn(Request, Peer) -> mpsc::Receiver<Response>,
 {
+    let credentials = stream.peer_cred()?;
+    let peer = Peer {
+        uid: credentials.uid(),
+        gid: credentials.gid(),
+    };
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST_BYTES);
     let mut line = String::new();
@@ -214,7 +241,7 @@ where
         }),
     };
     let mut answers = match request {
-        Ok(request) => answer(request),
+        Ok(request) => answer(request, peer),
         Err(response) => {
             let (sender, receiver) = mpsc::channel(1);
             let _ = sender.try_send(response);
@@ -254,8 +281,8 @@ mod tests {
     async fn garbage_gets_an_error_and_status_an_answer() {
         let dir = std::env::temp_dir().join(format!("drain-agent-control-{}", std::process::id()));
         let path = dir.join("control.sock");
-        let listener = bind(&path).unwrap();
-        let server = tokio::spawn(serve(listener, |request| {
+        let listener = bind(&path, None).unwrap();
+        let server = tokio::spawn(serve(listener, |request, _peer| {
             let (sender, receiver) = mpsc::channel(1);
             let _ = sender.try_send(Response::Error {
                 message: format!("seen {request:?}"),
@@ -274,7 +301,7 @@ mod tests {
         .unwrap();
         assert!(garbage.contains("malformed request"), "{garbage}");
         assert!(matches!(status, Err(ControlError::Refused(m)) if m == "seen Status"));
-        assert!(matches!(bind(&path), Err(ControlError::InUse(_))));
+        assert!(matches!(bind(&path, None), Err(ControlError::InUse(_))));
         server.abort();
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod agent_check;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -11,5 +12,6 @@ pub mod haproxy;
 pub mod health;
 pub mod kernel;
 pub mod logging;
+pub mod metrics;
 pub mod service;
 pub mod status;

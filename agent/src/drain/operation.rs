@@ -110,6 +110,12 @@ impl Operations {
         &self.board
     }
 
+    /// Asks a running drain to stop and put the server back in service. A restart or health
+    /// check already under way is not interrupted: the cycle ends as it ends.
+    pub fn cancel(&self) {
+        let _ = self.cancel.send(true);
+    }
+
     /// Checks that the operation may run, then runs it in the background; events arrive on
     /// the returned channel until `Event::Done`.
     pub async fn start(

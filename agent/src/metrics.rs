@@ -1,0 +1,425 @@
+//! Prometheus metrics (`metrics_listen`): per-backend phase and connections from the kernel,
+//! drain and cycle outcomes and durations, load balancer reachability. Plus `/live` and
+//! `/ready` for the service manager or a probe.
+
+use std::{
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+use tracing::debug;
+
+use crate::{
+    drain::{Phase, Report},
+    kernel::BackendSample,
+};
+
+type Labels = Vec<(String, String)>;
+
+/// Every phase, for the one-hot phase gauge.
+const PHASES: [Phase; 6] = [
+    Phase::Serving,
+    Phase::Draining,
+    Phase::Drained,
+    Phase::Restarting,
+    Phase::Verifying,
+    Phase::Failed,
+];
+
+/// Drain durations: from 10 ms (an idle node) to 10 minutes (Envoy's default drain).
+const DURATION_BUCKETS: [f64; 12] = [
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 600.0,
+];
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    phase: Family<Labels, Gauge>,
+    connections: Family<Labels, Gauge>,
+    accepted: Family<Labels, Counter>,
+    closed: Family<Labels, Counter>,
+    reset: Family<Labels, Counter>,
+    cut_in_flight: Family<Labels, Counter>,
+    vanished: Family<Labels, Counter>,
+    flow_table_full: Family<Labels, Counter>,
+    flow_table_entries: Gauge,
+    flow_table_capacity: Gauge,
+    operations: Family<Labels, Counter>,
+    drain_duration: Family<Labels, Histogram>,
+    time_to_healthy: Family<Labels, Histogram>,
+    cut_at_deadline: Family<Labels, Counter>,
+    load_balancer_up: Family<Labels, Gauge>,
+    /// Kernel totals at the previous scrape, to turn them into counter increments.
+    previous: Mutex<Vec<BackendSample>>,
+    ready: AtomicBool,
+}
+
+fn backend(name: &str) -> Labels {
+    vec![("backend".into(), name.into())]
+}
+
+fn with(mut labels: Labels, key: &str, value: &str) -> Labels {
+    labels.push((key.into(), value.into()));
+    labels
+}
+
+impl Metrics {
+    pub fn new(backends: usize) -> Metrics {
+        let mut registry = Registry::with_prefix("drain_agent");
+        let metrics = Metrics {
+            phase: Family::default(),
+            connections: Family::default(),
+            accepted: Family::default(),
+            closed: Family::default(),
+            reset: Family::default(),
+            cut_in_flight: Family::default(),
+            vanished: Family::default(),
+            flow_table_full: Family::default(),
+            flow_table_entries: Gauge::default(),
+            flow_table_capacity: Gauge::default(),
+            operations: Family::default(),
+            drain_duration: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
+            time_to_healthy: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
+            cut_at_deadline: Family::default(),
+            load_balancer_up: Family::default(),
+            previous: Mutex::new(vec![BackendSample::default(); backends]),
+            ready: AtomicBool::new(false),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "backend_phase",
+            "Drain phase of each backend (1 for the current phase)",
+            metrics.phase.clone(),
+        );
+        registry.register(
+            "connections",
+            "Connections to the backend's ports by state: established, in_flight, idle",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "Handshakes completed on the backend's ports",
+            metrics.accepted.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections ended by FIN from both sides",
+            metrics.closed.clone(),
+        );
+        registry.register(
+            "connections_reset",
+            "Connections ended by RST, by who sent it (client, server)",
+            metrics.reset.clone(),
+        );
+        registry.register(
+            "connections_cut_in_flight",
+            "Connections that ended while carrying a request",
+            metrics.cut_in_flight.clone(),
+        );
+        registry.register(
+            "connections_vanished",
+            "Tracked connections that disappeared without FIN or RST",
+            metrics.vanished.clone(),
+        );
+        registry.register(
+            "flow_table_full",
+            "New connections not tracked because the flow table was full",
+            metrics.flow_table_full.clone(),
+        );
+        registry.register(
+            "flow_table_entries",
+            "Connections in the kernel flow table",
+            metrics.flow_table_entries.clone(),
+        );
+        registry.register(
+            "flow_table_capacity",
+            "Size of the kernel flow table",
+            metrics.flow_table_capacity.clone(),
+        );
+        registry.register(
+            "operations",
+            "Drains, cycles and resumes by outcome",
+            metrics.operations.clone(),
+        );
+        registry.register(
+            "drain_duration_seconds",
+            "From the start of a drain until the backend was drained",
+            metrics.drain_duration.clone(),
+        );
+        registry.register(
+            "time_to_healthy_seconds",
+            "From the restart until the health check passed",
+            metrics.time_to_healthy.clone(),
+        );
+        registry.register(
+            "connections_cut_at_deadline",
+            "Requests still in flight when drain_timeout forced a drain",
+            metrics.cut_at_deadline.clone(),
+        );
+        registry.register(
+            "load_balancer_up",
+            "Whether the load balancer's runtime API answers (1) or not (0)",
+            metrics.load_balancer_up.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Marks the agent ready (kernel programs attached, sockets bound) or not.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Updates the kernel-derived families from a fresh sample of every backend.
+    pub fn observe_kernel(
+        &self,
+        names: &[String],
+        phases: &[Phase],
+        samples: &[BackendSample],
+        table: Option<(u64, u64)>,
+    ) {
+        let mut previous = self.previous.lock().expect("metrics lock");
+        for (index, name) in names.iter().enumerate() {
+            let labels = backend(name);
+            for phase in PHASES {
+                self.phase
+                    .get_or_create(&with(labels.clone(), "phase", phase.as_str()))
+                    .set(i64::from(phases.get(index) == Some(&phase)));
+            }
+            let (Some(sample), Some(before)) = (samples.get(index), previous.get_mut(index)) else {
+                continue;
+            };
+            let gauge = |state: &str, value: u64| {
+                self.connections
+                    .get_or_create(&with(labels.clone(), "state", state))
+                    .set(value as i64);
+            };
+            gauge("established", sample.established);
+            if let Some(in_flight) = sample.in_flight {
+                gauge("in_flight", in_flight);
+                gauge("idle", sample.established.saturating_sub(in_flight));
+            }
+            let grow = |counter: &Counter, now: Option<u64>, then: Option<u64>| {
+                counter.inc_by(now.unwrap_or(0).saturating_sub(then.unwrap_or(0)));
+            };
+            grow(
+                &self.accepted.get_or_create(&labels),
+                sample.accepted,
+                before.accepted,
+            );
+            grow(
+                &self.closed.get_or_create(&labels),
+                sample.closed,
+                before.closed,
+            );
+            grow(
+                &self
+                    .reset
+                    .get_or_create(&with(labels.clone(), "by", "client")),
+                sample.reset_by_client,
+                before.reset_by_client,
+            );
+            grow(
+                &self
+                    .reset
+                    .get_or_create(&with(labels.clone(), "by", "server")),
+                sample.reset_by_server,
+                before.reset_by_server,
+            );
+            grow(
+                &self.cut_in_flight.get_or_create(&labels),
+                sample.cut_in_flight,
+                before.cut_in_flight,
+            );
+            grow(
+                &self.vanished.get_or_create(&labels),
+                sample.vanished,
+                before.vanished,
+            );
+            grow(
+                &self.flow_table_full.get_or_create(&labels),
+                sample.flow_table_full,
+                before.flow_table_full,
+            );
+            *before = sample.clone();
+        }
+        if let Some((entries, capacity)) = table {
+            self.flow_table_entries.set(entries as i64);
+            self.flow_table_capacity.set(capacity as i64);
+        }
+    }
+
+    /// Counts a finished drain, cycle or resume.
+    pub fn observe_report(&self, report: &Report) {
+        let labels = backend(&report.backend);
+        let outcome = serde_json::to_value(report.outcome)
+            .ok()
+            .and_then(|value| value.as_str().map(str::to_string))
+            .unwrap_or_default();
+        self.operations
+            .get_or_create(&with(
+                with(labels.clone(), "operation", &report.operation),
+                "outcome",
+                &outcome,
+            ))
+            .inc();
+        if let Some(ms) = report.drained_ms {
+            self.drain_duration
+                .get_or_create(&labels)
+                .observe(ms as f64 / 1000.0);
+        }
+        if let Some(ms) = report.time_to_healthy_ms {
+            self.time_to_healthy
+                .get_or_create(&labels)
+                .observe(ms as f64 / 1000.0);
+        }
+        if let Some(cut) = report.forced_with_in_flight {
+            self.cut_at_deadline.get_or_create(&labels).inc_by(cut);
+        }
+    }
+
+    pub fn observe_load_balancer(&self, name: &str, up: bool) {
+        self.load_balancer_up
+            .get_or_create(&vec![("load_balancer".into(), name.into())])
+            .set(i64::from(up));
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serves `/metrics`, `/live` and `/ready` until the task is dropped. `refresh` runs before
+/// each scrape so the kernel numbers are current.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    refresh: std::sync::Arc<dyn Fn() + Send + Sync>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        let refresh = refresh.clone();
+        tokio::spawn(async move {
+            if let Err(err) = respond(stream, &metrics, refresh.as_ref()).await {
+                debug!(%err, "metrics connection failed");
+            }
+        });
+    }
+}
+
+async fn respond(
+    mut stream: TcpStream,
+    metrics: &Metrics,
+    refresh: &(dyn Fn() + Send + Sync),
+) -> std::io::Result<()> {
+    let mut request = vec![0u8; 2048];
+    let mut read = 0;
+    while read < request.len() && !request[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+        let n =
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut request[read..]))
+                .await
+            {
+                Ok(result) => result?,
+                Err(_) => return Ok(()),
+            };
+        if n == 0 {
+            break;
+        }
+        read += n;
+    }
+    let head = String::from_utf8_lossy(&request[..read]);
+    let path = head.split_whitespace().nth(1).unwrap_or("");
+    let (status, content_type, body) = match path.split('?').next().unwrap_or("") {
+        "/metrics" => {
+            refresh();
+            (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics.render(),
+            )
+        }
+        "/live" => ("200 OK", "text/plain", "live\n".to_string()),
+        "/ready" if metrics.ready.load(Ordering::Relaxed) => {
+            ("200 OK", "text/plain", "ready\n".to_string())
+        }
+        "/ready" => (
+            "503 Service Unavailable",
+            "text/plain",
+            "not ready\n".to_string(),
+        ),
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics, /live or /ready\n".to_string(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_totals_become_counters_and_phases_one_hot() {
+        let metrics = Metrics::new(1);
+        let names = vec!["nova-api".to_string()];
+        let sample = BackendSample {
+            established: 5,
+            in_flight: Some(2),
+            accepted: Some(10),
+            reset_by_server: Some(1),
+            ..Default::default()
+        };
+        metrics.observe_kernel(
+            &names,
+            &[Phase::Draining],
+            &[sample.clone()],
+            Some((5, 1024)),
+        );
+        let later = BackendSample {
+            accepted: Some(12),
+            ..sample
+        };
+        metrics.observe_kernel(&names, &[Phase::Draining], &[later], Some((5, 1024)));
+        let text = metrics.render();
+        for line in [
+            "drain_agent_backend_phase{backend=\"nova-api\",phase=\"draining\"} 1",
+            "drain_agent_backend_phase{backend=\"nova-api\",phase=\"serving\"} 0",
+            "drain_agent_connections{backend=\"nova-api\",state=\"in_flight\"} 2",
+            "drain_agent_connections{backend=\"nova-api\",state=\"idle\"} 3",
+            "drain_agent_connections_accepted_total{backend=\"nova-api\"} 12",
+            "drain_agent_connections_reset_total{backend=\"nova-api\",by=\"server\"} 1",
+            "drain_agent_flow_table_capacity 1024",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+        assert!(text.contains("# TYPE drain_agent_drain_duration_seconds histogram"));
+    }
+}
