@@ -256,16 +256,20 @@ impl Agent {
         if peer.gid == gid {
             return true;
         }
-        // Supplementary groups are not in SO_PEERCRED: look the user up.
-        let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(peer.uid))
-        else {
+        // Supplementary groups are not in SO_PEERCRED: read the peer process's own list.
+        let Some(pid) = peer.pid else {
             return false;
         };
-        let Ok(name) = std::ffi::CString::new(user.name) else {
-            return false;
-        };
-        nix::unistd::getgrouplist(&name, user.gid)
-            .is_ok_and(|groups| groups.iter().any(|group| group.as_raw() == gid))
+        std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("Groups:"))
+                .is_some_and(|groups| {
+                    groups
+                        .split_whitespace()
+                        .any(|group| group.parse::<u32>() == Ok(gid))
+                })
+        })
     }
 
     fn refresh_metrics(&self) {

@@ -64,25 +64,22 @@ pub enum Response {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error(
-        "cannot reach the agent at {path}: {source}. Is `drain-agent run` running, and is \
+        "cannot reach the agent at {path}: {reason}. Is `drain-agent run` running, and is \
          this the control_socket from its config?"
     )]
     Connect {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
-    #[error("talking to the agent at {path} failed: {source}")]
+    #[error("talking to the agent at {path} failed: {reason}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
-    #[error("the agent at {path} sent an answer that is not understood: {source}")]
+    #[error("the agent at {path} sent an answer that is not understood: {reason}")]
     Protocol {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        reason: serde_json::Error,
     },
     #[error("the agent refused: {0}")]
     Refused(String),
@@ -91,11 +88,10 @@ pub enum ControlError {
          this one a different control_socket"
     )]
     InUse(PathBuf),
-    #[error("cannot create the control socket {path}: {source}")]
+    #[error("cannot create the control socket {path}: {reason}")]
     Bind {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        reason: std::io::Error,
     },
 }
 
@@ -111,13 +107,13 @@ pub fn request_streaming(
     request: &Request,
     mut on_progress: impl FnMut(&Response),
 ) -> Result<Response, ControlError> {
-    let io = |source| ControlError::Io {
+    let io = |reason| ControlError::Io {
         path: path.to_owned(),
-        source,
+        reason,
     };
-    let mut stream = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+    let mut stream = UnixStream::connect(path).map_err(|reason| ControlError::Connect {
         path: path.to_owned(),
-        source,
+        reason,
     })?;
     let mut line = serde_json::to_vec(request).expect("requests serialize");
     line.push(b'\n');
@@ -130,9 +126,9 @@ pub fn request_streaming(
             break;
         }
         let response: Response =
-            serde_json::from_str(&answer).map_err(|source| ControlError::Protocol {
+            serde_json::from_str(&answer).map_err(|reason| ControlError::Protocol {
                 path: path.to_owned(),
-                source,
+                reason,
             })?;
         if let Some(previous) = last.replace(response) {
             on_progress(&previous);
@@ -141,7 +137,7 @@ pub fn request_streaming(
     match last {
         None => Err(ControlError::Io {
             path: path.to_owned(),
-            source: std::io::ErrorKind::UnexpectedEof.into(),
+            reason: std::io::ErrorKind::UnexpectedEof.into(),
         }),
         Some(Response::Error { message }) => Err(ControlError::Refused(message)),
         Some(other) => Ok(other),
@@ -153,6 +149,7 @@ pub fn request_streaming(
 pub struct Peer {
     pub uid: u32,
     pub gid: u32,
+    pub pid: Option<i32>,
 }
 
 impl Request {
@@ -166,9 +163,9 @@ impl Request {
 /// dead agent, refuses to steal one a live agent still serves, and allows only the owner —
 /// or, with `group`, that group too (mode 0660).
 pub fn bind(path: &Path, group: Option<u32>) -> Result<tokio::net::UnixListener, ControlError> {
-    let bind_error = |source| ControlError::Bind {
+    let bind_error = |reason| ControlError::Bind {
         path: path.to_owned(),
-        source,
+        reason,
     };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(bind_error)?;
@@ -223,6 +220,7 @@ where
     let peer = Peer {
         uid: credentials.uid(),
         gid: credentials.gid(),
+        pid: credentials.pid(),
     };
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST_BYTES);

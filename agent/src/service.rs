@@ -9,10 +9,10 @@ use crate::config::{Action, Step};
 /// Why a restart or rollback step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
-    #[error("`{command}` could not be started: {source}")]
+    #[error("`{command}` could not be started: {reason}")]
     Spawn {
         command: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("`{command}` exited with {status}: {output}")]
     Failed {
@@ -52,9 +52,9 @@ pub async fn run(step: &Step) -> Result<(), StepError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let child = command.spawn().map_err(|source| StepError::Spawn {
+    let child = command.spawn().map_err(|reason| StepError::Spawn {
         command: command_line.clone(),
-        source,
+        reason,
     })?;
     let output = match tokio::time::timeout(step.timeout, child.wait_with_output()).await {
         Err(_) => {
@@ -63,9 +63,9 @@ pub async fn run(step: &Step) -> Result<(), StepError> {
                 timeout: step.timeout,
             });
         }
-        Ok(result) => result.map_err(|source| StepError::Spawn {
+        Ok(result) => result.map_err(|reason| StepError::Spawn {
             command: command_line.clone(),
-            source,
+            reason,
         })?,
     };
     if output.status.success() {

@@ -372,21 +372,29 @@ fn a_wrong_haproxy_server_name_or_a_missing_socket_is_a_clear_error() {
         "[[load_balancer]]\nname = \"lb1\"\nruntime_api = \"unix:{}\"\n",
         haproxy.socket.display()
     );
-    let agent = drain_agent_tests::start_agent_with_config(
-        &node1.netns,
-        &node1.dir,
-        &config("nodeX", &lb1, true),
-    );
-    let outcome = agent.cli(&["cycle", "api"]);
-    assert_eq!(outcome.code, Some(2), "{outcome:?}");
+    let path = node1.dir.join("agent.toml");
+    std::fs::write(&path, config("nodeX", &lb1, true)).unwrap();
+    let expected = "load balancer lb1: HAProxy has no server `nodeX` in backend `api`";
+    // check-config finds it, and `run` refuses to start with it.
+    for command in ["check-config", "run"] {
+        let mut run = node1.netns.command(drain_agent_tests::agent_binary());
+        run.arg(command);
+        if command == "run" {
+            run.arg("--config");
+        }
+        let out = run.arg(&path).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(2), "{command}: {text}");
+        assert!(text.contains(expected), "{command}: {text}");
+    }
     assert!(
-        outcome
-            .stderr
-            .contains("load balancer lb1: HAProxy has no server `nodeX` in backend `api`"),
-        "{}",
-        outcome.stderr
+        !node1.dir.join("control.sock").exists(),
+        "a refused run must not serve"
     );
-    drop(agent);
 
     // A second load balancer whose socket does not exist, and no agent-check to fall back on.
     let lbs = format!(

@@ -1,0 +1,306 @@
+//! Running it in production: the systemd unit, check-config, the control socket's
+//! credentials, and bad input on the control socket and the agent-check port.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
+    process::Command,
+    time::Duration,
+};
+
+use drain_agent_tests::{Lab, TempDir, agent_binary, require_root, wait_until};
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let dir = TempDir::new("unit");
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/drain-agent.service"
+    ))
+    .expect("deploy/drain-agent.service");
+    // Verify against the binary just built, wherever it is.
+    let unit = unit.replace(
+        "/usr/local/bin/drain-agent",
+        agent_binary().to_str().unwrap(),
+    );
+    let path = dir.path().join("drain-agent.service");
+    std::fs::write(&path, unit).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
+}
+
+const GOOD: &str = r#"interfaces = ["lo"]
+control_socket = "/run/drain-agent-check/control.sock"
+agent_check_listen = "0.0.0.0:9500"
+metrics_listen = "127.0.0.1:9477"
+
+[[load_balancer]]
+name = "lb1"
+runtime_api = "unix:/nonexistent/haproxy/admin.sock"
+
+[[backend]]
+name = "nova-api"
+ports = [8774]
+haproxy = { backend = "nova-api", server = "controller" }
+drain_timeout = "2m"
+on_timeout = "abort"
+restart = { systemd_unit = "nova-api.service" }
+health = { http = "http://127.0.0.1:8774/", expect = 200, timeout = "60s" }
+
+[[backend]]
+name = "placement"
+ports = [8778]
+"#;
+
+fn check_config(text: &str) -> (Option<i32>, String) {
+    let dir = TempDir::new("check-config");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(agent_binary())
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        out.status.code(),
+        text.replace(&path.display().to_string(), "agent.toml"),
+    )
+}
+
+#[test]
+fn check_config_names_file_line_and_key_for_each_broken_config() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "interfaces = [\"lo\"]",
+            "interfaces = [\"eth9\"]",
+            "agent.toml: interfaces: interface `eth9` does not exist on this node",
+        ),
+        (
+            "interfaces = [\"lo\"]",
+            "interfaces = []",
+            "agent.toml:1: interfaces: list at least one interface",
+        ),
+        (
+            "interfaces = [\"lo\"]",
+            "interfaces = \"lo\"",
+            "agent.toml:1: invalid type: string \"lo\", expected a sequence",
+        ),
+        (
+            "interfaces = [\"lo\"]",
+            "interfaces = [\"lo\"]\nquiet_periode = \"50ms\"",
+            "agent.toml:2: unknown field `quiet_periode`",
+        ),
+        (
+            "interfaces = [\"lo\"]",
+            "interfaces = [\"lo\"]\nquiet_periode = \"50ms\"",
+            "did you mean `quiet_period`?",
+        ),
+        (
+            "ports = [8774]",
+            "ports = [87740]",
+            "agent.toml:12: backend[0].ports: port 87740 is out of range: use 1 to 65535",
+        ),
+        (
+            "ports = [8778]",
+            "ports = [8774]",
+            "agent.toml:21: backend[1].ports: port 8774 is already used by backend `nova-api`",
+        ),
+        (
+            "ports = [8778]",
+            "ports = [8778, 8778]",
+            "port 8778 is listed twice for backend `placement`",
+        ),
+        (
+            "name = \"placement\"",
+            "name = \"nova-api\"",
+            "agent.toml:20: backend[1].name: backend `nova-api` is defined twice",
+        ),
+        (
+            "drain_timeout = \"2m\"",
+            "drain_timeout = \"2 fortnights\"",
+            "agent.toml:14:",
+        ),
+        (
+            "on_timeout = \"abort\"",
+            "on_timeout = \"abrot\"",
+            "unknown variant `abrot`, expected `abort` or `force`; did you mean `abort`?",
+        ),
+        (
+            "{ systemd_unit = \"nova-api.service\" }",
+            "{ systemd_unit = \"x\", command = [\"y\"] }",
+            "agent.toml:16: backend[0].restart: give exactly one of",
+        ),
+        (
+            "http = \"http://127.0.0.1:8774/\"",
+            "http = \"ftp://127.0.0.1/\"",
+            "backend[0].health.http: `ftp://127.0.0.1/` must start with http://",
+        ),
+        (
+            "\"unix:/nonexistent/haproxy/admin.sock\"",
+            "\"admin.sock\"",
+            "agent.toml:8: load_balancer[0].runtime_api: `admin.sock` is not a runtime API address",
+        ),
+        (
+            "agent_check_listen = \"0.0.0.0:9500\"",
+            "agent_check_listen = \"9500\"",
+            "agent.toml:3: agent_check_listen: `9500` is not an address:port",
+        ),
+        (
+            "metrics_listen = \"127.0.0.1:9477\"",
+            "metrics_listen = \"127.0.0.1:9500\"",
+            "metrics_listen: 127.0.0.1:9500 collides with agent_check_listen",
+        ),
+        (
+            "[[backend]]\nname = \"placement\"\nports = [8778]\n",
+            "[[backend]]\nname = \"placement\"\n",
+            "missing field `ports`",
+        ),
+        (
+            "name = \"lb1\"",
+            "name = \"lb1\"\nname = \"lb2\"",
+            "duplicate key",
+        ),
+        (
+            "interfaces = [\"lo\"]",
+            "interfaces = [\"lo\"\n",
+            "agent.toml:",
+        ),
+        // The load balancer's socket is not there: a warning (HAProxy may be down), not an error.
+    ];
+    assert!(cases.len() >= 15);
+    for (from, to, expected) in cases {
+        assert!(GOOD.contains(from), "{from}");
+        let (code, text) = check_config(&GOOD.replacen(from, to, 1));
+        assert_eq!(code, Some(2), "{to}: {text}");
+        assert!(
+            text.contains(expected),
+            "{to}: expected {expected:?} in {text:?}"
+        );
+    }
+    let (code, text) = check_config(GOOD);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("warning: agent.toml:8: load_balancer[0].runtime_api: load balancer lb1: cannot reach the runtime API"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_peer_that_is_not_root_nor_in_the_group_may_read_status_but_not_drain() {
+    let lab = Lab::new();
+    let _api = lab.start_api(8080);
+    let agent = lab.start_agent(
+        &[("api", &[8080])],
+        "agent_check_listen = \"0.0.0.0:9500\"",
+        "ebpf",
+    );
+    // Only root can reach a 0600 socket; open it up to show the credential check on its own.
+    let mode = std::fs::metadata(&agent.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the control socket must be 0600 by default");
+    std::fs::set_permissions(&agent.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(lab.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(agent_binary())
+            .args(args)
+            .arg("--control-socket")
+            .arg(&agent.socket)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(
+        as_nobody(&["status"]).0,
+        Some(0),
+        "status is for everyone who can connect"
+    );
+    let (code, stderr) = as_nobody(&["drain", "api"]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains(
+            "refused: uid 65534 may read status but not drain, cycle or resume; only root may"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(agent.backend("api")["state"], "serving");
+}
+
+#[test]
+fn garbage_on_the_control_socket_and_the_agent_check_port_gets_an_error() {
+    require_root();
+    let lab = Lab::new();
+    let _api = lab.start_api(8080);
+    let mut agent = lab.start_agent(
+        &[("api", &[8080])],
+        "agent_check_listen = \"0.0.0.0:9500\"",
+        "ebpf",
+    );
+    let garbage: [&[u8]; 5] = [
+        b"\n",
+        b"{\"command\":\"reboot\"}\n",
+        b"\xff\xfe\x00garbage\n",
+        &[b'x'; 70_000],
+        b"{\"command\":\"drain\"}\n",
+    ];
+    for bytes in garbage {
+        let mut stream = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let _ = stream.write_all(bytes);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        assert!(
+            answer.contains("\"error\""),
+            "{:?} got {answer:?}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
+        );
+    }
+    let check = SocketAddr::new(drain_agent_tests::NODE_V4.parse().unwrap(), 9500);
+    for bytes in garbage {
+        let answer = lab.client.run(move || {
+            let mut stream = std::net::TcpStream::connect(check).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let _ = stream.write_all(bytes);
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer);
+            answer
+        });
+        // One backend: anything that is not a known name gets the state or a comment line,
+        // never a command's effect.
+        assert!(
+            answer == "ready up 100%\n" || answer == "#unknown backend\n",
+            "{answer:?}"
+        );
+    }
+    assert!(agent.process.running(), "the agent died:\n{}", agent.log());
+    wait_until(Duration::from_secs(2), "status after garbage", || {
+        agent.try_status().is_some()
+    });
+    assert_eq!(agent.backend("api")["state"], "serving");
+}
