@@ -229,7 +229,8 @@ impl Agent {
                     running,
                     "on_shutdown = \"abort\": stopping the drain and putting the server back in service; a restart already under way is waited for"
                 );
-                self.operations.cancel();
+                self.operations
+                    .cancel(&format!("{signal} (on_shutdown = \"abort\")"));
             }
             OnShutdown::Finish => {
                 warn!(

@@ -28,6 +28,10 @@ struct Tier {
 /// client, lb1, lb2, node1, node2: APIs on 1.0, an agent per node, HAProxy on both LBs, and
 /// every server UP everywhere.
 fn tier(extra_backend: &str) -> Tier {
+    tier_with(extra_backend, "")
+}
+
+fn tier_with(extra_backend: &str, extra_top: &str) -> Tier {
     let topology = Topology::new(&["client", "lb1", "lb2", "node1", "node2"]);
     let nodes: Vec<&Host> = vec![topology.host("node1"), topology.host("node2")];
     let lb_hosts: Vec<&Host> = vec![topology.host("lb1"), topology.host("lb2")];
@@ -36,7 +40,7 @@ fn tier(extra_backend: &str) -> Tier {
     }
     let agents = nodes
         .iter()
-        .map(|node| start_node_agent(node, &lb_hosts, extra_backend, ""))
+        .map(|node| start_node_agent(node, &lb_hosts, extra_backend, extra_top))
         .collect();
     let lbs: Vec<Haproxy> = lb_hosts
         .iter()
@@ -515,4 +519,167 @@ fn drain_wait_resume_timeout_and_cancel() {
         );
     }
     assert_eq!(keep_busy.join().unwrap(), 200);
+}
+
+/// Runs a PromQL query against Prometheus in `netns` and returns `data.result`.
+fn promql(netns: &drain_agent_tests::Netns, path: &str, query: &str, extra: &[&str]) -> Value {
+    let mut command = netns.command("curl");
+    command
+        .args(["-sf", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:9090/api/v1/{path}"))
+        .args(["--data-urlencode", &format!("query={query}")])
+        .args(extra);
+    let out = command.output().unwrap();
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    body["data"]["result"].clone()
+}
+
+#[test]
+fn prometheus_sees_the_phase_change_and_in_flight_falling_to_zero() {
+    let topology_tier = tier_with("", "metrics_listen = \"0.0.0.0:9477\"");
+    let tier = &topology_tier;
+    let client = tier.topology.host("client");
+    let node1 = tier.node("node1");
+    let config = format!(
+        "global:\n  scrape_interval: 250ms\n  scrape_timeout: 200ms\n\
+         scrape_configs:\n  - job_name: drain-agent\n    static_configs:\n      - targets: ['{}:9477']\n",
+        node1.v4
+    );
+    std::fs::write(client.dir.join("prometheus.yml"), config).unwrap();
+    let log = std::fs::File::create(client.dir.join("prometheus.log")).unwrap();
+    let mut command = client.netns.command("prometheus");
+    command
+        .arg(format!(
+            "--config.file={}",
+            client.dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            client.dir.join("tsdb").display()
+        ))
+        .arg("--web.listen-address=127.0.0.1:9090")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let _prometheus = drain_agent_tests::Process::spawn("prometheus", &mut command);
+    wait_until(
+        Duration::from_secs(30),
+        "Prometheus to scrape the agent",
+        || promql(&client.netns, "query", "up{job=\"drain-agent\"}", &[])[0]["value"][1] == "1",
+    );
+
+    // A slow request is in flight when the drain starts; the drain waits for it.
+    let lb1 = tier.topology.host("lb1").addr(FRONTEND_PORT);
+    let netns = client.netns.name().to_string();
+    let slow = std::thread::spawn(move || {
+        drain_agent_tests::enter_netns(&netns);
+        let mut connection = Connection::connect(lb1).unwrap();
+        connection
+            .send_raw("GET /slow?ms=2500 HTTP/1.1\r\nHost: api\r\nx-node: node1\r\n\r\n")
+            .unwrap();
+        connection.read_response().unwrap().status
+    });
+    wait_until(Duration::from_secs(3), "the request in flight", || {
+        tier.agents[0].count("api", "in_flight") == 1
+    });
+    std::thread::sleep(Duration::from_millis(700)); // a few scrapes with in-flight 1, serving
+    let outcome = tier.agents[0].cli(&["drain", "api", "--wait"]);
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    assert_eq!(slow.join().unwrap(), 200);
+    std::thread::sleep(Duration::from_millis(1000)); // scrapes after the drain
+    assert_eq!(tier.agents[0].cli(&["resume", "api"]).code, Some(0));
+
+    let series = |query: &str| -> Vec<f64> {
+        let result = promql(&client.netns, "query", &format!("{query}[30s]"), &[]);
+        result[0]["values"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no samples for {query}: {result}"))
+            .iter()
+            .map(|pair| pair[1].as_str().unwrap().parse().unwrap())
+            .collect()
+    };
+    let in_flight = series("drain_agent_connections{backend=\"api\",state=\"in_flight\"}");
+    let first_busy = in_flight
+        .iter()
+        .position(|v| *v >= 1.0)
+        .expect("in-flight 1 was scraped");
+    assert!(
+        in_flight[first_busy..].iter().any(|v| *v == 0.0),
+        "in-flight never fell to 0 after {first_busy}: {in_flight:?}"
+    );
+    let draining = series("drain_agent_backend_phase{backend=\"api\",phase=\"draining\"}");
+    let drained = series("drain_agent_backend_phase{backend=\"api\",phase=\"drained\"}");
+    let serving = series("drain_agent_backend_phase{backend=\"api\",phase=\"serving\"}");
+    assert!(
+        draining.contains(&1.0),
+        "draining never scraped: {draining:?}"
+    );
+    assert!(drained.contains(&1.0), "drained never scraped: {drained:?}");
+    assert_eq!(serving.first(), Some(&1.0), "{serving:?}");
+    let drains = promql(
+        &client.netns,
+        "query",
+        "drain_agent_operations_total{operation=\"drain\",outcome=\"ok\"}",
+        &[],
+    );
+    assert_eq!(drains[0]["value"][1], "1", "{drains}");
+    // The agent started before HAProxy; its next reachability check sees both up.
+    wait_until(
+        Duration::from_secs(15),
+        "both load balancers reachable",
+        || {
+            promql(
+                &client.netns,
+                "query",
+                "min(drain_agent_load_balancer_up)",
+                &[],
+            )[0]["value"][1]
+                == "1"
+        },
+    );
+}
+
+#[test]
+fn sigterm_during_a_drain_puts_the_server_back_and_says_so() {
+    let tier = tier("");
+    let lb1 = tier.topology.host("lb1").addr(FRONTEND_PORT);
+    let netns = tier.topology.host("client").netns.name().to_string();
+    let slow = std::thread::spawn(move || {
+        drain_agent_tests::enter_netns(&netns);
+        let mut connection = Connection::connect(lb1).unwrap();
+        connection
+            .send_raw("GET /slow?ms=3000 HTTP/1.1\r\nHost: api\r\nx-node: node1\r\n\r\n")
+            .unwrap();
+        connection.read_response().unwrap().status
+    });
+    let agent = &tier.agents[0];
+    wait_until(Duration::from_secs(3), "the request in flight", || {
+        agent.count("api", "in_flight") == 1
+    });
+    assert_eq!(agent.cli(&["drain", "api"]).code, Some(0));
+    for lb in &tier.lbs {
+        assert!(lb.status("node1").starts_with("DRAIN"));
+    }
+    agent.process.signal(nix::sys::signal::Signal::SIGTERM);
+    let mut agents = tier.agents;
+    let status = agents[0].process.wait(Duration::from_secs(10));
+    assert!(status.success(), "the agent's exit: {status}");
+    let log = agents[0].log();
+    assert!(
+        log.contains(
+            "on_shutdown = \"abort\": stopping the drain and putting the server back in service"
+        ),
+        "{log}"
+    );
+    for lb in &tier.lbs {
+        assert!(
+            lb.status("node1").starts_with("UP"),
+            "{}",
+            lb.status("node1")
+        );
+    }
+    assert_eq!(
+        slow.join().unwrap(),
+        200,
+        "the request in flight must finish"
+    );
 }

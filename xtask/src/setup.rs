@@ -25,6 +25,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-gunicorn",
     "haproxy",
     "keepalived",
+    // Scrapes the agent's metrics in a test; verifies the systemd unit.
+    "prometheus",
+    "systemd",
 ];
 
 /// The third-party load generator (per-request status and error accounting, JSON output).

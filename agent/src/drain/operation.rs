@@ -92,8 +92,8 @@ pub struct Operations {
     config: Arc<Config>,
     board: Arc<Board>,
     kernel: Arc<dyn KernelView>,
-    /// Set to true to ask the running drain to give up and restore service.
-    cancel: watch::Sender<bool>,
+    /// Set to the reason to ask the running drain to give up and restore service.
+    cancel: watch::Sender<Option<String>>,
 }
 
 impl Operations {
@@ -102,7 +102,7 @@ impl Operations {
             config,
             board,
             kernel,
-            cancel: watch::channel(false).0,
+            cancel: watch::channel(None).0,
         }
     }
 
@@ -112,8 +112,8 @@ impl Operations {
 
     /// Asks a running drain to stop and put the server back in service. A restart or health
     /// check already under way is not interrupted: the cycle ends as it ends.
-    pub fn cancel(&self) {
-        let _ = self.cancel.send(true);
+    pub fn cancel(&self, reason: &str) {
+        let _ = self.cancel.send(Some(reason.to_string()));
     }
 
     /// Checks that the operation may run, then runs it in the background; events arrive on
@@ -175,7 +175,7 @@ impl Operations {
         let lbs = self.preflight(&backend).await?;
 
         let (events, receiver) = mpsc::channel(64);
-        let _ = self.cancel.send(false);
+        let _ = self.cancel.send(None);
         let this = self.clone();
         tokio::spawn(async move {
             let _claim = claim;
@@ -201,7 +201,7 @@ impl Operations {
             if running == format!("drain {}", backend.name)
                 && self.board.get(index).phase == Phase::Draining
             {
-                let _ = self.cancel.send(true);
+                self.cancel("`resume`");
                 // The drain restores service itself; wait until it has let go of the node.
                 let deadline = Instant::now() + Duration::from_secs(30);
                 while self.board.running().is_some() && Instant::now() < deadline {
@@ -340,7 +340,7 @@ struct Run {
     config: Arc<Config>,
     board: Arc<Board>,
     kernel: Arc<dyn KernelView>,
-    cancel: watch::Receiver<bool>,
+    cancel: watch::Receiver<Option<String>>,
     index: usize,
     backend: Backend,
     kind: Kind,
@@ -485,11 +485,12 @@ impl Run {
                     break;
                 }
             }
-            if *self.cancel.borrow() {
+            let cancelled = self.cancel.borrow().clone();
+            if let Some(by) = cancelled {
                 self.restore_service().await;
                 return Err((
                     Outcome::Cancelled,
-                    "drain cancelled by `resume`; the server is back in service".into(),
+                    format!("drain cancelled by {by}; the server is back in service"),
                 ));
             }
             if Instant::now() >= deadline {
