@@ -71,18 +71,7 @@ async fn respond(stream: TcpStream, answers: &dyn Answer) -> std::io::Result<()>
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    struct Fixed;
-
-    impl Answer for Fixed {
-        fn answer(&self, backend: Option<&str>) -> Option<String> {
-            match backend {
-                None | Some("nova-api") => Some("drain".into()),
-                Some(_) => None,
-            }
-        }
-    }
+    use super::{tests_support::Fixed, *};
 
     async fn ask(address: std::net::SocketAddr, send: &[u8]) -> String {
         let mut stream = TcpStream::connect(address).await.unwrap();
@@ -105,5 +94,52 @@ mod tests {
         );
         assert_eq!(ask(address, &[0xff; 300]).await, "drain\n");
         server.abort();
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::{tests_support::Fixed, *};
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Whatever a peer sends, the answer is one state word line (or the comment for an
+        /// unknown backend): never anything a command could produce.
+        #[test]
+        fn any_bytes_get_a_state_word(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let answer = runtime.block_on(async {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let address = listener.local_addr().unwrap();
+                let server = tokio::spawn(serve(listener, Arc::new(Fixed)));
+                let mut stream = TcpStream::connect(address).await.unwrap();
+                let _ = stream.write_all(&bytes).await;
+                let mut answer = String::new();
+                let _ = stream.read_to_string(&mut answer).await;
+                server.abort();
+                answer
+            });
+            prop_assert!(answer == "drain\n" || answer == "#unknown backend\n", "{:?}", answer);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use super::Answer;
+
+    /// One backend, "nova-api", draining.
+    pub struct Fixed;
+
+    impl Answer for Fixed {
+        fn answer(&self, backend: Option<&str>) -> Option<String> {
+            match backend {
+                None | Some("nova-api") => Some("drain".into()),
+                Some(_) => None,
+            }
+        }
     }
 }

@@ -304,3 +304,52 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Any bytes get exactly one JSON answer line, and the server keeps serving.
+        #[test]
+        fn any_bytes_get_one_answer_line(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let dir = std::env::temp_dir().join(format!("drain-agent-fuzz-{}", std::process::id()));
+            let path = dir.join("control.sock");
+            let _ = std::fs::remove_file(&path);
+            let answer = runtime.block_on(async {
+                let listener = bind(&path, None).unwrap();
+                let server = tokio::spawn(serve(listener, |request, _peer| {
+                    let (sender, receiver) = mpsc::channel(1);
+                    let _ = sender.try_send(Response::Error { message: format!("{request:?}") });
+                    receiver
+                }));
+                let client_path = path.clone();
+                let answer = tokio::task::spawn_blocking(move || {
+                    let mut stream = UnixStream::connect(&client_path).unwrap();
+                    let _ = stream.write_all(&bytes);
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
+                    let mut answer = String::new();
+                    let _ = std::io::Read::read_to_string(&mut stream, &mut answer);
+                    // Still serving afterwards.
+                    let status = request(&client_path, &Request::Status);
+                    // The fake handler answers every request with an error line.
+                    (answer, matches!(status, Err(ControlError::Refused(_))))
+                })
+                .await
+                .unwrap();
+                server.abort();
+                answer
+            });
+            let (answer, status_answered) = answer;
+            prop_assert!(status_answered, "the server stopped answering");
+            prop_assert_eq!(answer.matches('\n').count(), 1, "{:?}", answer);
+            prop_assert!(serde_json::from_str::<Response>(answer.trim_end()).is_ok(), "{:?}", answer);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
