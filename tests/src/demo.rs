@@ -64,7 +64,7 @@ pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
     let started = Instant::now();
     let client = tier.topology.host("client");
     let url = format!("http://{VIP}:{FRONTEND_PORT}/mix");
-    // New connection per request: what survives a VIP move (see docs/demo.md).
+    // New connection per request: what survives a VIP move (docs/operations.md, the demo).
     let load = Load::start_fresh_connections(
         &client.netns,
         &client.dir,
