@@ -400,7 +400,7 @@ mod tests {
         metrics.observe_kernel(
             &names,
             &[Phase::Draining],
-            &[sample.clone()],
+            std::slice::from_ref(&sample),
             Some((5, 1024)),
         );
         let later = BackendSample {

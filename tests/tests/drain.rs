@@ -603,7 +603,7 @@ fn prometheus_sees_the_phase_change_and_in_flight_falling_to_zero() {
         .position(|v| *v >= 1.0)
         .expect("in-flight 1 was scraped");
     assert!(
-        in_flight[first_busy..].iter().any(|v| *v == 0.0),
+        in_flight[first_busy..].contains(&0.0),
         "in-flight never fell to 0 after {first_busy}: {in_flight:?}"
     );
     let draining = series("drain_agent_backend_phase{backend=\"api\",phase=\"draining\"}");

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the one entry point for setting up a machine, building, running and testing.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -44,6 +45,8 @@ enum Task {
         #[arg(long, default_value_t = 70)]
         seconds: u64,
     },
+    /// Measure drain detection, the TC programs' cost per packet and the status cost (root).
+    Bench,
     /// Keep the demo's environment running to explore it: `lab up`, `lab status`, `lab down`.
     Lab {
         #[command(subcommand)]
@@ -97,6 +100,11 @@ fn main() -> Result<()> {
             setup::ensure()?;
             build(&root)?;
             demo::run(&root, nodes, rate, seconds)
+        }
+        Task::Bench => {
+            setup::ensure()?;
+            build(&root)?;
+            bench::run()
         }
         Task::Lab { action } => {
             let lab = drain_agent_tests::lab::LabName::default_lab();
