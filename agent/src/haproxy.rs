@@ -152,29 +152,17 @@ impl RuntimeApiClient {
             reason: err.to_string(),
         };
         let line = format!("{command}\n");
-        let mut answer = Vec::new();
-        match &self.lb.runtime_api {
+        let answer = match &self.lb.runtime_api {
             RuntimeApi::Unix(path) => {
-                let mut stream = tokio::net::UnixStream::connect(path)
-                    .await
-                    .map_err(unreachable)?;
-                stream
-                    .write_all(line.as_bytes())
-                    .await
-                    .map_err(unreachable)?;
-                stream.read_to_end(&mut answer).await.map_err(unreachable)?;
+                let stream = tokio::net::UnixStream::connect(path).await;
+                ask(stream.map_err(unreachable)?, &line).await
             }
             RuntimeApi::Tcp(address) => {
-                let mut stream = tokio::net::TcpStream::connect(address.as_str())
-                    .await
-                    .map_err(unreachable)?;
-                stream
-                    .write_all(line.as_bytes())
-                    .await
-                    .map_err(unreachable)?;
-                stream.read_to_end(&mut answer).await.map_err(unreachable)?;
+                let stream = tokio::net::TcpStream::connect(address.as_str()).await;
+                ask(stream.map_err(unreachable)?, &line).await
             }
         }
+        .map_err(unreachable)?;
         Ok(String::from_utf8_lossy(&answer).into_owned())
     }
 
@@ -238,6 +226,17 @@ impl RuntimeApiClient {
             server: server.server.clone(),
         }
     }
+}
+
+/// Writes one command line and reads the answer until HAProxy closes the connection.
+async fn ask<S>(mut stream: S, line: &str) -> std::io::Result<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    stream.write_all(line.as_bytes()).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    Ok(answer)
 }
 
 /// Parses `show stat` CSV ("# pxname,svname,qcur,..." header) into the servers of `backend`.

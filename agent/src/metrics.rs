@@ -420,6 +420,28 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");
         }
-        assert!(text.contains("# TYPE drain_agent_drain_duration_seconds histogram"));
+    }
+
+    #[test]
+    fn reports_feed_outcomes_and_duration_histograms() {
+        let metrics = Metrics::new(1);
+        let report: Report = serde_json::from_value(serde_json::json!({
+            "backend": "nova-api", "operation": "cycle", "outcome": "ok", "exit_code": 0,
+            "message": "", "phase": "serving", "phases": [], "at_drain_start": null,
+            "in_flight_zero_ms": 1200, "drained_ms": 1250, "forced_with_in_flight": null,
+            "restart_ms": 3000, "time_to_healthy_ms": 3100, "rollback": null,
+            "load_balancers": [], "kernel": null, "total_ms": 4400
+        }))
+        .unwrap();
+        metrics.observe_report(&report);
+        let text = metrics.render();
+        for line in [
+            "drain_agent_operations_total{backend=\"nova-api\",operation=\"cycle\",outcome=\"ok\"} 1",
+            "# TYPE drain_agent_drain_duration_seconds histogram",
+            "drain_agent_drain_duration_seconds_bucket{le=\"2.5\",backend=\"nova-api\"} 1",
+            "drain_agent_time_to_healthy_seconds_count{backend=\"nova-api\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
     }
 }

@@ -81,6 +81,35 @@ fn report(outcome: &drain_agent_tests::CliOutcome) -> Value {
     outcome.json()
 }
 
+impl Tier {
+    /// Sends `/slow?ms=MS` through lb1, pinned to node1; the thread returns the status.
+    fn slow_request_to_node1(&self, ms: u64) -> std::thread::JoinHandle<u16> {
+        let lb1 = self.topology.host("lb1").addr(FRONTEND_PORT);
+        let client = self.topology.host("client").netns.name().to_string();
+        std::thread::spawn(move || {
+            drain_agent_tests::enter_netns(&client);
+            let mut connection = Connection::connect(lb1).unwrap();
+            connection
+                .send_raw(&format!(
+                    "GET /slow?ms={ms} HTTP/1.1\r\nHost: api\r\nx-node: node1\r\n\r\n"
+                ))
+                .unwrap();
+            connection.read_response().unwrap().status
+        })
+    }
+
+    /// Every load balancer shows `server` in a status starting with `prefix`.
+    fn assert_everywhere(&self, server: &str, prefix: &str) {
+        for lb in &self.lbs {
+            let status = lb.status(server);
+            assert!(
+                status.starts_with(prefix),
+                "{server} is {status}, expected {prefix}"
+            );
+        }
+    }
+}
+
 #[test]
 fn rolling_cycle_under_load_loses_no_request() {
     let tier = tier("drain_timeout = \"30s\"");
@@ -431,35 +460,14 @@ fn drain_wait_resume_timeout_and_cancel() {
     let outcome = agent.cli(&["drain", "api", "--wait", "--json"]);
     assert_eq!(outcome.code, Some(0), "{outcome:?}");
     assert_eq!(outcome.json()["phase"], "drained");
-    for lb in &tier.lbs {
-        assert!(
-            lb.status("node1").starts_with("MAINT"),
-            "{}",
-            lb.status("node1")
-        );
-    }
+    tier.assert_everywhere("node1", "MAINT");
     assert_eq!(agent.backend("api")["state"], "drained");
     let outcome = agent.cli(&["resume", "api"]);
     assert_eq!(outcome.code, Some(0), "{outcome:?}");
-    for lb in &tier.lbs {
-        assert!(
-            lb.status("node1").starts_with("UP"),
-            "{}",
-            lb.status("node1")
-        );
-    }
+    tier.assert_everywhere("node1", "UP");
 
     // A request outliving drain_timeout with on_timeout = "abort": exit 4, back in service.
-    let lb1 = tier.topology.host("lb1").addr(FRONTEND_PORT);
-    let client = tier.topology.host("client").netns.name().to_string();
-    let slow = std::thread::spawn(move || {
-        drain_agent_tests::enter_netns(&client);
-        let mut connection = Connection::connect(lb1).unwrap();
-        connection
-            .send_raw("GET /slow?ms=4000 HTTP/1.1\r\nHost: api\r\nx-node: node1\r\n\r\n")
-            .unwrap();
-        connection.read_response().unwrap().status
-    });
+    let slow = tier.slow_request_to_node1(4000);
     wait_until(Duration::from_secs(2), "the slow request on node1", || {
         agent.count("api", "in_flight") == 1
     });
@@ -468,13 +476,7 @@ fn drain_wait_resume_timeout_and_cancel() {
     let report = outcome.json();
     assert_eq!(report["outcome"], "drain-timeout");
     assert_eq!(report["phase"], "serving");
-    for lb in &tier.lbs {
-        assert!(
-            lb.status("node1").starts_with("UP"),
-            "{}",
-            lb.status("node1")
-        );
-    }
+    tier.assert_everywhere("node1", "UP");
     assert_eq!(
         slow.join().unwrap(),
         200,
@@ -482,17 +484,7 @@ fn drain_wait_resume_timeout_and_cancel() {
     );
 
     // drain without --wait returns once the LBs confirmed; resume cancels the running drain.
-    let keep_busy = std::thread::spawn({
-        let client = tier.topology.host("client").netns.name().to_string();
-        move || {
-            drain_agent_tests::enter_netns(&client);
-            let mut connection = Connection::connect(lb1).unwrap();
-            connection
-                .send_raw("GET /slow?ms=1200 HTTP/1.1\r\nHost: api\r\nx-node: node1\r\n\r\n")
-                .unwrap();
-            connection.read_response().unwrap().status
-        }
-    });
+    let keep_busy = tier.slow_request_to_node1(1200);
     wait_until(Duration::from_secs(2), "the request on node1", || {
         agent.count("api", "in_flight") == 1
     });
@@ -500,24 +492,12 @@ fn drain_wait_resume_timeout_and_cancel() {
     assert_eq!(outcome.code, Some(0), "{outcome:?}");
     assert!(outcome.stdout.contains("draining"), "{}", outcome.stdout);
     assert_eq!(agent.backend("api")["state"], "draining");
-    for lb in &tier.lbs {
-        assert!(
-            lb.status("node1").starts_with("DRAIN"),
-            "{}",
-            lb.status("node1")
-        );
-    }
+    tier.assert_everywhere("node1", "DRAIN");
     let outcome = agent.cli(&["resume", "api"]);
     assert_eq!(outcome.code, Some(0), "{outcome:?}");
     assert_eq!(agent.backend("api")["state"], "serving");
     assert!(agent.status()["running"].is_null());
-    for lb in &tier.lbs {
-        assert!(
-            lb.status("node1").starts_with("UP"),
-            "{}",
-            lb.status("node1")
-        );
-    }
+    tier.assert_everywhere("node1", "UP");
     assert_eq!(keep_busy.join().unwrap(), 200);
 }
 
@@ -568,16 +548,7 @@ fn prometheus_sees_the_phase_change_and_in_flight_falling_to_zero() {
     );
 
     // A slow request is in flight when the drain starts; the drain waits for it.
-    let lb1 = tier.topology.host("lb1").addr(FRONTEND_PORT);
-    let netns = client.netns.name().to_string();
-    let slow = std::thread::spawn(move || {
-        drain_agent_tests::enter_netns(&netns);
-        let mut connection = Connection::connect(lb1).unwrap();
-        connection
-            .send_raw("GET /slow?ms=2500 HTTP/1.1\r\nHost: api\r\nx-node: node1\r\n\r\n")
-            .unwrap();
-        connection.read_response().unwrap().status
-    });
+    let slow = tier.slow_request_to_node1(2500);
     wait_until(Duration::from_secs(3), "the request in flight", || {
         tier.agents[0].count("api", "in_flight") == 1
     });
@@ -640,43 +611,25 @@ fn prometheus_sees_the_phase_change_and_in_flight_falling_to_zero() {
 
 #[test]
 fn sigterm_during_a_drain_puts_the_server_back_and_says_so() {
-    let tier = tier("");
-    let lb1 = tier.topology.host("lb1").addr(FRONTEND_PORT);
-    let netns = tier.topology.host("client").netns.name().to_string();
-    let slow = std::thread::spawn(move || {
-        drain_agent_tests::enter_netns(&netns);
-        let mut connection = Connection::connect(lb1).unwrap();
-        connection
-            .send_raw("GET /slow?ms=3000 HTTP/1.1\r\nHost: api\r\nx-node: node1\r\n\r\n")
-            .unwrap();
-        connection.read_response().unwrap().status
-    });
+    let mut tier = tier("");
+    let slow = tier.slow_request_to_node1(3000);
     let agent = &tier.agents[0];
     wait_until(Duration::from_secs(3), "the request in flight", || {
         agent.count("api", "in_flight") == 1
     });
     assert_eq!(agent.cli(&["drain", "api"]).code, Some(0));
-    for lb in &tier.lbs {
-        assert!(lb.status("node1").starts_with("DRAIN"));
-    }
+    tier.assert_everywhere("node1", "DRAIN");
     agent.process.signal(nix::sys::signal::Signal::SIGTERM);
-    let mut agents = tier.agents;
-    let status = agents[0].process.wait(Duration::from_secs(10));
+    let status = tier.agents[0].process.wait(Duration::from_secs(10));
     assert!(status.success(), "the agent's exit: {status}");
-    let log = agents[0].log();
+    let log = tier.agents[0].log();
     assert!(
         log.contains(
             "on_shutdown = \"abort\": stopping the drain and putting the server back in service"
         ),
         "{log}"
     );
-    for lb in &tier.lbs {
-        assert!(
-            lb.status("node1").starts_with("UP"),
-            "{}",
-            lb.status("node1")
-        );
-    }
+    tier.assert_everywhere("node1", "UP");
     assert_eq!(
         slow.join().unwrap(),
         200,
