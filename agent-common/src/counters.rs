@@ -23,8 +23,9 @@ pub struct BackendCounters {
     pub reset_by_client: u64,
     /// Connections ended by a RST sent by the node (total).
     pub reset_by_server: u64,
-    /// Connections that ended while carrying a request: reset or vanished while in flight,
-    /// or closed with a request the node never answered (total).
+    /// Connections the node ended while they carried a request: its RST, a connection lost
+    /// while in flight, or a close with a request never answered (total). A client's own
+    /// reset is not a cut.
     pub cut_in_flight: u64,
     /// New connections that could not be tracked because the flow table was full (total).
     pub flow_table_full: u64,

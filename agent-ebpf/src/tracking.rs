@@ -281,10 +281,13 @@ fn end(segment: &Segment, flow: &mut Flow, ending: Ending) {
         return; // a handshake that never completed was never counted
     }
     counters.established = counters.established.wrapping_sub(1);
+    // Cuts are what the node did to a request: a RST from the node or a connection lost
+    // while carrying one, or a close without an answer. A client abandoning its own request
+    // (HAProxy aborting a health check as the server enters MAINT) is its reset, not a cut.
     let cut = match ending {
-        // A graceful close is a cut only if the client asked and the node never answered.
         Ending::Closed => flow.request_pending != 0,
-        _ => counted == COUNTED_IN_FLIGHT,
+        Ending::ResetByServer | Ending::Vanished => counted == COUNTED_IN_FLIGHT,
+        Ending::ResetByClient => false,
     };
     if cut {
         counters.cut_in_flight += 1;

@@ -125,7 +125,7 @@ impl Metrics {
         );
         registry.register(
             "connections_cut_in_flight",
-            "Connections that ended while carrying a request",
+            "Connections the node ended while they carried a request (its RST, lost in flight, closed unanswered)",
             metrics.cut_in_flight.clone(),
         );
         registry.register(

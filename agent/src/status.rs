@@ -67,7 +67,7 @@ pub struct BackendStatus {
     pub flow_table_full: Option<u64>,
     /// Tracked connections that disappeared without FIN or RST (garbage-collected).
     pub vanished: Option<u64>,
-    /// Connections that ended while carrying a request.
+    /// Connections the node ended while they carried a request.
     pub cut_in_flight: Option<u64>,
     /// Why the backend is in its phase, when it failed.
     pub reason: Option<String>,

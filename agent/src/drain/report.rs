@@ -114,7 +114,8 @@ pub struct KernelSeen {
     pub resets_by_node: u64,
     /// RSTs clients sent.
     pub resets_by_clients: u64,
-    /// Connections that ended while carrying a request (reset, or closed unanswered).
+    /// Connections the node ended while they carried a request (its RST, lost in flight, or
+    /// closed unanswered); a client abandoning its own request is not counted.
     pub cut_in_flight: u64,
     /// New connections accepted.
     pub accepted: u64,
