@@ -288,12 +288,7 @@ impl Agent {
             .iter()
             .map(|b| b.name.clone())
             .collect();
-        let table = tracker.flow_table_size().map(|capacity| {
-            (
-                samples.iter().filter_map(|s| s.tracked).sum::<u64>(),
-                u64::from(capacity),
-            )
-        });
+        let table = tracker.flow_table(&samples);
         self.metrics
             .observe_kernel(&names, &phases, &samples, table);
     }
@@ -398,10 +393,9 @@ impl Agent {
         let tracker = self.kernel.tracker.lock().expect("tracker lock");
         let samples = tracker.sample()?;
         let board = self.operations.board();
-        let flow_table = tracker.flow_table_size().map(|capacity| FlowTableStatus {
-            entries: samples.iter().filter_map(|sample| sample.tracked).sum(),
-            capacity: u64::from(capacity),
-        });
+        let flow_table = tracker
+            .flow_table(&samples)
+            .map(|(entries, capacity)| FlowTableStatus { entries, capacity });
         Ok(Status {
             kernel: tracker.mode().as_str().to_string(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),

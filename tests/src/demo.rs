@@ -256,15 +256,8 @@ fn spawn_sampler(
             let vip_holder = lb_netns
                 .iter()
                 .zip(["lb1", "lb2"])
-                .find_map(|(netns, name)| {
-                    let out = std::process::Command::new("ip")
-                        .args(["-n", netns, "-4", "-o", "addr", "show", "dev", "eth0"])
-                        .output()
-                        .ok()?;
-                    String::from_utf8_lossy(&out.stdout)
-                        .contains(&format!("inet {VIP}/"))
-                        .then(|| name.to_string())
-                });
+                .find(|(netns, _)| crate::tier::holds_vip(netns))
+                .map(|(_, name)| name.to_string());
             samples.lock().unwrap().push(LbSample {
                 at_ms,
                 requests: last.iter().map(|c| c.0).sum(),

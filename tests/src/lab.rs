@@ -93,12 +93,7 @@ pub fn status(lab: &LabName) -> String {
     }
     let mut out = String::new();
     for lb in ["lb1", "lb2"] {
-        let netns = format!("{}-{lb}", lab.prefix);
-        let addresses = command_output(
-            "ip",
-            &["-n", &netns, "-4", "-o", "addr", "show", "dev", "eth0"],
-        );
-        let holds = String::from_utf8_lossy(&addresses.stdout).contains(&format!("inet {VIP}/"));
+        let holds = crate::tier::holds_vip(&format!("{}-{lb}", lab.prefix));
         out.push_str(&format!(
             "{lb}: {}\n",
             if holds { "holds the VIP" } else { "backup" }

@@ -80,15 +80,10 @@ impl ApiTier {
 
     /// The load balancer that has the VIP on its eth0 now.
     pub fn vip_holder(&self) -> Option<String> {
-        ["lb1", "lb2"].into_iter().find_map(|name| {
-            let host = self.topology.host(name);
-            let mut command = host.netns.command("ip");
-            command.args(["-4", "-o", "addr", "show", "dev", "eth0"]);
-            let out = command.output().ok()?;
-            String::from_utf8_lossy(&out.stdout)
-                .contains(&format!("inet {VIP}/"))
-                .then(|| name.to_string())
-        })
+        ["lb1", "lb2"]
+            .into_iter()
+            .find(|name| holds_vip(self.topology.host(name).netns.name()))
+            .map(str::to_string)
     }
 
     /// The HAProxy of a load balancer by name.
@@ -100,6 +95,14 @@ impl ApiTier {
     pub fn leak(self) {
         std::mem::forget(self);
     }
+}
+
+/// Whether the host in network namespace `netns` has the VIP on its eth0.
+pub fn holds_vip(netns: &str) -> bool {
+    std::process::Command::new("ip")
+        .args(["-n", netns, "-4", "-o", "addr", "show", "dev", "eth0"])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(&format!("inet {VIP}/")))
 }
 
 /// The tier's HAProxy: the test config plus a graceful stop. With `grace`, listeners stay

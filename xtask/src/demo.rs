@@ -12,17 +12,10 @@ use drain_agent_tests::{
 };
 
 pub fn require_root() -> Result<()> {
-    if !is_root() {
+    if !crate::setup::is_root() {
         bail!("the demo and the lab create network namespaces: run them as root");
     }
     Ok(())
-}
-
-fn is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
 }
 
 pub fn run(root: &Path, nodes: usize, rate: u32, seconds: u64) -> Result<()> {

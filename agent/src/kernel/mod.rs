@@ -75,10 +75,14 @@ impl Tracker {
         }
     }
 
-    /// Size of the kernel flow table (eBPF mode).
-    pub fn flow_table_size(&self) -> Option<u32> {
+    /// Flow table entries (from the per-backend `tracked` gauges of `samples`) and size, in
+    /// eBPF mode.
+    pub fn flow_table(&self, samples: &[BackendSample]) -> Option<(u64, u64)> {
         match self {
-            Tracker::Ebpf(tracker) => Some(tracker.flow_table_size()),
+            Tracker::Ebpf(tracker) => Some((
+                samples.iter().filter_map(|sample| sample.tracked).sum(),
+                u64::from(tracker.flow_table_size()),
+            )),
             Tracker::Procfs(_) => None,
         }
     }
