@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::{
     http::Connection,
-    load::Load,
+    load::{Connections, Load},
     tier::{ApiTier, VIP},
     topology::FRONTEND_PORT,
     wait_until,
@@ -65,13 +65,13 @@ pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
     let client = tier.topology.host("client");
     let url = format!("http://{VIP}:{FRONTEND_PORT}/mix");
     // New connection per request: what survives a VIP move (docs/operations.md, the demo).
-    let load = Load::start_fresh_connections(
+    let load = Load::start(
         &client.netns,
         &client.dir,
         &url,
         options.rate,
         options.duration,
-        128,
+        Connections::PerRequest(128),
     );
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -26,41 +26,29 @@ pub struct LoadResult {
     pub summary: Value,
 }
 
+/// How the load generator uses connections.
+#[derive(Debug, Clone, Copy)]
+pub enum Connections {
+    /// Up to N keep-alive connections, reused.
+    KeepAlive(u32),
+    /// A new connection for every request, up to N at once.
+    PerRequest(u32),
+}
+
 impl Load {
-    /// `rate` requests per second over `connections` keep-alive connections for `duration`.
+    /// `rate` requests per second for `duration`.
     pub fn start(
         netns: &Netns,
         dir: &Path,
         url: &str,
         rate: u32,
         duration: Duration,
-        connections: u32,
+        connections: Connections,
     ) -> Load {
-        Load::spawn(netns, dir, url, rate, duration, connections, &[])
-    }
-
-    /// Like `start`, with a new connection for every request (up to `connections` at once).
-    pub fn start_fresh_connections(
-        netns: &Netns,
-        dir: &Path,
-        url: &str,
-        rate: u32,
-        duration: Duration,
-        connections: u32,
-    ) -> Load {
-        let fresh = ["--disable-keepalive"];
-        Load::spawn(netns, dir, url, rate, duration, connections, &fresh)
-    }
-
-    fn spawn(
-        netns: &Netns,
-        dir: &Path,
-        url: &str,
-        rate: u32,
-        duration: Duration,
-        connections: u32,
-        extra: &[&str],
-    ) -> Load {
+        let (count, extra): (u32, &[&str]) = match connections {
+            Connections::KeepAlive(count) => (count, &[]),
+            Connections::PerRequest(count) => (count, &["--disable-keepalive"]),
+        };
         let output = dir.join("oha.json");
         let log = File::create(dir.join("oha.log")).unwrap();
         let mut command = netns.command(oha_binary());
@@ -68,7 +56,7 @@ impl Load {
             .args(["--no-tui", "--wait-ongoing-requests-after-deadline"])
             .args(["--output-format", "json", "-o"])
             .arg(&output)
-            .args(["-q", &rate.to_string(), "-c", &connections.to_string()])
+            .args(["-q", &rate.to_string(), "-c", &count.to_string()])
             // A request unanswered for 30 s counts as failed instead of hanging the run.
             .args(["-t", "30s"])
             .args(extra)

@@ -10,7 +10,7 @@ use std::{
 use drain_agent_tests::{
     Agent,
     http::Connection,
-    load::Load,
+    load::{Connections, Load},
     topology::{
         API_PORT, FRONTEND_PORT, Haproxy, Host, Topology, haproxy_config, start_api,
         start_node_agent,
@@ -121,7 +121,7 @@ fn rolling_cycle_under_load_loses_no_request() {
         &url,
         200,
         Duration::from_secs(20),
-        16,
+        Connections::KeepAlive(16),
     );
     std::thread::sleep(Duration::from_secs(2));
 

@@ -46,23 +46,14 @@ pub fn ensure() -> Result<()> {
 }
 
 fn oha() -> Result<()> {
-    let version = Command::new(cargo_bin("oha")).arg("--version").output();
+    let version = Command::new(drain_agent_tests::load::oha_binary())
+        .arg("--version")
+        .output();
     if version.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(OHA_VERSION)) {
         return Ok(());
     }
     eprintln!("xtask: installing oha {OHA_VERSION} (the load generator; about 5 minutes)");
     run(Command::new("cargo").args(["install", "--locked", "oha", "--version", OHA_VERSION]))
-}
-
-/// A binary `cargo install` put in $CARGO_HOME/bin.
-fn cargo_bin(name: &str) -> std::path::PathBuf {
-    let home = std::env::var_os("CARGO_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".cargo"))
-        })
-        .unwrap_or_default();
-    home.join("bin").join(name)
 }
 
 fn debian_packages() -> Result<()> {
