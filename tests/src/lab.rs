@@ -122,18 +122,33 @@ pub fn status(lab: &LabName) -> String {
 /// Kills every process in the lab's namespaces, deletes the namespaces (and with them every
 /// veth and the bridge), and removes the directory. Returns what it removed.
 pub fn down(lab: &LabName) -> Vec<String> {
-    let mut removed = Vec::new();
-    for netns in lab.namespaces() {
-        let pids = command_output("ip", &["netns", "pids", &netns]);
-        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+    let namespaces = lab.namespaces();
+    // A killed gunicorn master or keepalived parent may have forked a replacement just before
+    // it died, and a process hit by SIGKILL is still listed until it has finished exiting: so
+    // kill in rounds until nothing in the namespaces or using the lab's files is left.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let pids = lab_pids(&namespaces, &lab.dir);
+        if pids.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            eprintln!(
+                "warning: lab processes still running after SIGKILL: {}",
+                pids.join(" ")
+            );
+            break;
+        }
+        for pid in &pids {
             let _ = command_output("kill", &["-9", pid]);
         }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut removed = Vec::new();
+    for netns in namespaces {
         let _ = command_output("ip", &["netns", "del", &netns]);
         removed.push(netns);
     }
-    // Processes that left their namespace's pid list (none should) but still use the lab's
-    // files: found by their command line.
-    kill_by_path(&lab.dir);
     if lab.dir.exists() {
         let _ = std::fs::remove_dir_all(&lab.dir);
         removed.push(lab.dir.display().to_string());
@@ -141,6 +156,25 @@ pub fn down(lab: &LabName) -> Vec<String> {
     removed
 }
 
-fn kill_by_path(dir: &Path) {
-    let _ = command_output("pkill", &["-9", "-f", &dir.display().to_string()]);
+/// Processes inside the lab's namespaces, and any that left them (none should) but still use
+/// the lab's files, found by their command line.
+fn lab_pids(namespaces: &[String], dir: &Path) -> Vec<String> {
+    let mut pids: Vec<String> = Vec::new();
+    for netns in namespaces {
+        let out = command_output("ip", &["netns", "pids", netns]);
+        pids.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(str::to_string),
+        );
+    }
+    let out = command_output("pgrep", &["-f", &dir.display().to_string()]);
+    pids.extend(
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string),
+    );
+    pids.sort();
+    pids.dedup();
+    pids
 }
