@@ -82,30 +82,13 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
     };
     let listener = control::bind(&config.control_socket, control_gid)?;
     let _socket_file = RemoveOnDrop(config.control_socket.clone());
-    let agent_check_listener = match config.agent_check_listen {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(|err| {
-                    anyhow::anyhow!(
-                        "cannot listen for agent checks on {address} (agent_check_listen): {err}"
-                    )
-                })?,
-        ),
-        None => None,
-    };
-    let metrics_listener = match config.metrics_listen {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(|err| {
-                    anyhow::anyhow!(
-                        "cannot listen for metrics on {address} (metrics_listen): {err}"
-                    )
-                })?,
-        ),
-        None => None,
-    };
+    let agent_check_listener = listen(
+        config.agent_check_listen,
+        "agent checks",
+        "agent_check_listen",
+    )
+    .await?;
+    let metrics_listener = listen(config.metrics_listen, "metrics", "metrics_listen").await?;
     let kernel = Arc::new(Kernel {
         tracker: Mutex::new(tracker),
     });
@@ -178,14 +161,26 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Binds an optional TCP listener; the error names the setting to change.
+async fn listen(
+    address: Option<std::net::SocketAddr>,
+    purpose: &str,
+    setting: &str,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(address) = address else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|err| {
+            anyhow::anyhow!("cannot listen for {purpose} on {address} ({setting}): {err}")
+        })?;
+    Ok(Some(listener))
+}
+
 /// Keeps the load-balancer reachability metric current.
 async fn check_load_balancers(agent: Arc<Agent>) {
-    let clients: Vec<RuntimeApiClient> = agent
-        .config
-        .load_balancers
-        .iter()
-        .map(RuntimeApiClient::new)
-        .collect();
+    let clients = RuntimeApiClient::for_each(&agent.config.load_balancers);
     loop {
         for client in &clients {
             let up = client.command("show info").await.is_ok();

@@ -128,6 +128,11 @@ impl RuntimeApiClient {
         RuntimeApiClient { lb: lb.clone() }
     }
 
+    /// One client per configured load balancer.
+    pub fn for_each(lbs: &[LoadBalancer]) -> Vec<RuntimeApiClient> {
+        lbs.iter().map(RuntimeApiClient::new).collect()
+    }
+
     pub fn name(&self) -> &str {
         &self.lb.name
     }

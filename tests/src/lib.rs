@@ -204,6 +204,21 @@ impl Netns {
         must("ip", &full)
     }
 
+    /// A veth pair: `local` in this namespace, `eth0` in `peer`.
+    pub fn add_veth(&self, local: &str, peer: &Netns) {
+        self.ip(&[
+            "link", "add", local, "type", "veth", "peer", "name", "eth0", "netns", &peer.name,
+        ]);
+    }
+
+    /// Addresses `eth0` (IPv6 without duplicate address detection, so it is usable at once)
+    /// and brings it up.
+    pub fn up_eth0(&self, v4: impl std::fmt::Display, v6: impl std::fmt::Display) {
+        self.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
+        self.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+        self.ip(&["link", "set", "eth0", "up"]);
+    }
+
     /// A command that runs inside the namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut command = Command::new("ip");
@@ -263,22 +278,9 @@ impl Lab {
         );
         let client = Netns::create(format!("da-client-{id}"));
         let node = Netns::create(format!("da-node-{id}"));
-        client.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            node.name(),
-        ]);
+        client.add_veth("eth0", &node);
         for (netns, v4, v6) in [(&client, CLIENT_V4, CLIENT_V6), (&node, NODE_V4, NODE_V6)] {
-            netns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
-            netns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
-            netns.ip(&["link", "set", "eth0", "up"]);
+            netns.up_eth0(v4, v6);
         }
         Lab {
             dir: TempDir::new("lab"),

@@ -72,24 +72,11 @@ impl Topology {
         for (index, name) in names.iter().enumerate() {
             let netns = Netns::create(pattern.replace("{}", name));
             let port = format!("p{index}");
-            switch.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                netns.name(),
-            ]);
+            switch.add_veth(&port, &netns);
             switch.ip(&["link", "set", &port, "master", "br0", "up"]);
             let v4 = Ipv4Addr::new(198, 18, 0, 10 + index as u8);
             let v6: Ipv6Addr = format!("2001:db8:da::{}", 10 + index).parse().unwrap();
-            netns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
-            netns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
-            netns.ip(&["link", "set", "eth0", "up"]);
+            netns.up_eth0(v4, v6);
             let host_dir = dir.path().join(name);
             std::fs::create_dir_all(&host_dir).unwrap();
             hosts.push(Host {

@@ -220,12 +220,7 @@ impl Operations {
             .map_err(|other| {
                 Refusal::new(exit::REFUSED, format!("refused: `{other}` is running"))
             })?;
-        let lbs = self
-            .config
-            .load_balancers
-            .iter()
-            .map(RuntimeApiClient::new)
-            .collect();
+        let lbs = RuntimeApiClient::for_each(&self.config.load_balancers);
         let (events, _) = mpsc::channel(1);
         let mut run = Run::new(self, index, backend, Kind::Drain, lbs, events);
         run.operation = "resume";
@@ -260,12 +255,7 @@ impl Operations {
     /// exist, enough other servers must stay UP, and an unreachable load balancer is only
     /// acceptable when agent-check can still tell it.
     async fn preflight(&self, backend: &Backend) -> Result<Vec<RuntimeApiClient>, Refusal> {
-        let clients: Vec<RuntimeApiClient> = self
-            .config
-            .load_balancers
-            .iter()
-            .map(RuntimeApiClient::new)
-            .collect();
+        let clients = RuntimeApiClient::for_each(&self.config.load_balancers);
         let Some(server) = &backend.haproxy else {
             return Ok(clients);
         };
