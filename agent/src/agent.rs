@@ -33,14 +33,14 @@ struct Kernel {
 }
 
 impl KernelView for Kernel {
-    fn sample(&self, backend: usize) -> Option<BackendSample> {
+    fn sample(&self, backend: usize) -> Result<BackendSample, String> {
         let tracker = self.tracker.lock().expect("tracker lock");
         match tracker.sample() {
-            Ok(mut samples) if backend < samples.len() => Some(samples.swap_remove(backend)),
-            Ok(_) => None,
+            Ok(mut samples) if backend < samples.len() => Ok(samples.swap_remove(backend)),
+            Ok(_) => Err(format!("no counters for backend index {backend}")),
             Err(err) => {
                 warn!(%err, "reading the kernel counters failed");
-                None
+                Err(err.to_string())
             }
         }
     }
@@ -92,9 +92,17 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
     let kernel = Arc::new(Kernel {
         tracker: Mutex::new(tracker),
     });
-    let board = Arc::new(Board::new(config.backends.len()));
+    let board = Arc::new(Board::new(
+        config.backends.iter().map(|b| b.name.clone()).collect(),
+    ));
+    let pollers = Arc::new(agent_check::Pollers::default());
     let agent = Arc::new(Agent {
-        operations: Arc::new(Operations::new(config.clone(), board, kernel.clone())),
+        operations: Arc::new(Operations::new(
+            config.clone(),
+            board,
+            kernel.clone(),
+            pollers.clone(),
+        )),
         metrics: Arc::new(Metrics::new(config.backends.len())),
         config: config.clone(),
         control_gid,
@@ -109,7 +117,16 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
         move |request, peer| answering.clone().answer(request, peer),
     )));
     if let Some(listener) = agent_check_listener {
-        tasks.push(tokio::spawn(agent_check::serve(listener, agent.clone())));
+        let limits = agent_check::Limits {
+            allow: config.agent_check_allow.clone(),
+            max_connections: config.agent_check_max_connections,
+        };
+        tasks.push(tokio::spawn(agent_check::serve(
+            listener,
+            agent.clone(),
+            pollers,
+            limits,
+        )));
     }
     if let Some(listener) = metrics_listener {
         let refreshing = agent.clone();
@@ -230,11 +247,26 @@ impl Agent {
             OnShutdown::Finish => {
                 warn!(
                     signal,
-                    running, "on_shutdown = \"finish\": letting it finish before exiting"
+                    running,
+                    shutdown_timeout = %humantime::format_duration(self.config.shutdown_timeout),
+                    "on_shutdown = \"finish\": letting it finish before exiting, for at most \
+                     shutdown_timeout"
                 );
             }
         }
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        let mut aborted = self.config.on_shutdown == OnShutdown::Abort;
         while self.operations.board().running().is_some() {
+            if !aborted && Instant::now() >= deadline {
+                warn!(
+                    running,
+                    "shutdown_timeout passed: aborting the operation so the agent exits inside \
+                     systemd's TimeoutStopSec"
+                );
+                self.operations
+                    .cancel(&format!("{signal} (shutdown_timeout passed)"));
+                aborted = true;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         info!(running, "the operation ended; exiting");
@@ -364,15 +396,16 @@ impl Agent {
         };
         while let Some(event) = events.recv().await {
             let response = match event {
-                Event::Started if !wait => {
+                Event::Started { unconfirmed } if !wait => {
                     let _ = sender
                         .send(Response::Started {
                             backend: backend.to_string(),
+                            unconfirmed,
                         })
                         .await;
                     return;
                 }
-                Event::Started => continue,
+                Event::Started { .. } => continue,
                 Event::Progress(progress) => Response::Progress(progress),
                 Event::Done(report) => {
                     self.metrics.observe_report(&report);
@@ -416,20 +449,14 @@ impl Agent {
 }
 
 impl agent_check::Answer for Agent {
-    fn answer(&self, backend: Option<&str>) -> Option<String> {
+    fn answer(&self, backend: Option<&str>) -> Option<(usize, String)> {
         let index = match backend {
             Some(name) => self.config.backends.iter().position(|b| b.name == name)?,
             None if self.config.backends.len() == 1 => 0,
             None => return None,
         };
-        Some(
-            self.operations
-                .board()
-                .get(index)
-                .phase
-                .agent_check_answer()
-                .to_string(),
-        )
+        let phase = self.operations.board().get(index).phase;
+        Some((index, phase.agent_check_answer().to_string()))
     }
 }
 

@@ -71,7 +71,8 @@ pub enum Command {
     ///
     /// Exit codes: 0 done; 1 error; 2 usage or config; 3 refused for safety (nothing
     /// changed); 4 drain timed out and was aborted; 5 the service stayed unhealthy and the
-    /// server is left in MAINT; 6 rolled back and serving on the previous version.
+    /// server is left in MAINT; 6 rolled back and serving on the previous version; 7 back in
+    /// service but a load balancer did not confirm it; 8 the agent went away mid-operation.
     Cycle {
         backend: String,
         /// Print the final report as JSON instead of progress and a summary.
@@ -216,11 +217,22 @@ fn operate(target: &AgentAddress, request: &Request, json: bool) -> Result<(), F
         eprintln!();
     }
     match answer {
-        Response::Started { backend } => {
-            println!(
-                "{backend}: draining; the load balancers confirmed. `drain-agent status` shows \
-                 progress, `drain-agent resume {backend}` cancels"
-            );
+        Response::Started {
+            backend,
+            unconfirmed,
+        } => {
+            if unconfirmed.is_empty() {
+                println!(
+                    "{backend}: draining; the load balancers confirmed. `drain-agent status` \
+                     shows progress, `drain-agent resume {backend}` cancels"
+                );
+            } else {
+                println!(
+                    "{backend}: draining, but {} did not confirm the drain. `drain-agent \
+                     status` shows progress, `drain-agent resume {backend}` cancels",
+                    unconfirmed.join(", ")
+                );
+            }
             Ok(())
         }
         Response::Report(report) => {
@@ -242,7 +254,38 @@ fn operate(target: &AgentAddress, request: &Request, json: bool) -> Result<(), F
             }
         }
         Response::Refused { exit_code, message } => Err(Failure::Operation { exit_code, message }),
-        other => Err(anyhow::anyhow!("unexpected answer from the agent: {other:?}").into()),
+        Response::Progress(progress) => Err(Failure::Operation {
+            exit_code: AGENT_GONE,
+            message: format!(
+                "the agent went away while {} `{}` was {} ({:.1}s in): the server may be left \
+                 out of rotation on its load balancers. The agent reconciles when it starts \
+                 again; `drain-agent status` and the load balancers' `show servers state` say \
+                 where it is",
+                operation_name(request),
+                progress.backend,
+                progress.phase.as_str(),
+                progress.elapsed_ms as f64 / 1000.0
+            ),
+        }),
+        Response::Status(_) => Err(anyhow::anyhow!(
+            "the agent answered a {} request with its status: is it an older drain-agent?",
+            operation_name(request)
+        )
+        .into()),
+        Response::Error { message } => Err(anyhow::anyhow!("the agent failed: {message}").into()),
+    }
+}
+
+/// Exit code when the agent went away while an operation was running (docs/operations.md).
+const AGENT_GONE: u8 = 8;
+
+/// The operation a request asks for, in the CLI's words.
+fn operation_name(request: &Request) -> &'static str {
+    match request {
+        Request::Status => "status",
+        Request::Drain { .. } => "drain",
+        Request::Resume { .. } => "resume",
+        Request::Cycle { .. } => "cycle",
     }
 }
 

@@ -25,6 +25,15 @@ pub const DEFAULT_QUIET_PERIOD: Duration = Duration::from_millis(50);
 pub const DEFAULT_FLOW_IDLE_CHECK: Duration = Duration::from_secs(60);
 /// Smallest flow table worth running with.
 const MIN_FLOW_TABLE_SIZE: u32 = 1024;
+/// Largest flow table accepted: 16M connections is about 1.5 GB of kernel memory.
+const MAX_FLOW_TABLE_SIZE: u32 = 16 * 1024 * 1024;
+/// HAProxy's default `agent-inter`: how often a load balancer asks the agent-check port.
+pub const DEFAULT_AGENT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Agent-check connections served at once unless the config says otherwise.
+pub const DEFAULT_AGENT_CHECK_MAX_CONNECTIONS: usize = 256;
+/// How long `on_shutdown = "finish"` lets an operation run after SIGTERM before aborting it:
+/// inside the shipped unit's `TimeoutStopSec=5min`, with room for the abort itself.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -43,6 +52,16 @@ pub struct Config {
     pub flow_idle_check: Duration,
     /// Where the HAProxy agent-check responder listens (none: no responder).
     pub agent_check_listen: Option<SocketAddr>,
+    /// The longest `agent-inter` of the load balancers polling this agent: how long a drain
+    /// or a return waits for each of them to be told.
+    pub agent_check_interval: Duration,
+    /// Sources allowed to connect to the agent-check port; empty: everyone.
+    pub agent_check_allow: Vec<ipnet::IpNet>,
+    /// Agent-check connections served at once.
+    pub agent_check_max_connections: usize,
+    /// With `on_shutdown = "finish"`: how long a running operation may go on after SIGTERM
+    /// before it is aborted, so the agent exits inside systemd's `TimeoutStopSec`.
+    pub shutdown_timeout: Duration,
     /// Where Prometheus scrapes `/metrics` (and probes `/live`, `/ready`); none: no listener.
     pub metrics_listen: Option<SocketAddr>,
     /// Group whose members may drain, cycle and resume over the control socket (besides
@@ -211,6 +230,12 @@ struct RawConfig {
     #[serde(default, with = "humantime_serde")]
     flow_idle_check: Option<Duration>,
     agent_check_listen: Option<Spanned<String>>,
+    #[serde(default, with = "humantime_serde")]
+    agent_check_interval: Option<Duration>,
+    agent_check_allow: Option<Vec<Spanned<String>>>,
+    agent_check_max_connections: Option<Spanned<i64>>,
+    #[serde(default, with = "humantime_serde")]
+    shutdown_timeout: Option<Duration>,
     metrics_listen: Option<Spanned<String>>,
     control_group: Option<Spanned<String>>,
     on_shutdown: Option<OnShutdown>,
@@ -349,15 +374,15 @@ impl Config {
                 let span = size.span();
                 u32::try_from(*size.get_ref())
                     .ok()
-                    .filter(|size| *size >= MIN_FLOW_TABLE_SIZE)
+                    .filter(|size| (MIN_FLOW_TABLE_SIZE..=MAX_FLOW_TABLE_SIZE).contains(size))
                     .ok_or_else(|| {
                         at(
                             Some(span),
                             Some("flow_table_size".into()),
                             format!(
-                                "{} is out of range: use {MIN_FLOW_TABLE_SIZE} to {} connections",
+                                "{} is out of range: use {MIN_FLOW_TABLE_SIZE} to \
+                                 {MAX_FLOW_TABLE_SIZE} connections",
                                 size.get_ref(),
-                                u32::MAX
                             ),
                         )
                     })?
@@ -444,22 +469,53 @@ impl Config {
                 ports.push(port);
             }
             let key = |field: &str| Some(format!("backend[{index}].{field}"));
-            let haproxy = backend.haproxy.map(|haproxy| {
-                let haproxy = haproxy.into_inner();
-                HaproxyServer {
-                    backend: haproxy.backend,
-                    server: haproxy.server,
+            let haproxy = match backend.haproxy {
+                None => None,
+                Some(haproxy) => {
+                    let span = haproxy.span();
+                    let haproxy = haproxy.into_inner();
+                    for (field, value) in [
+                        ("haproxy.backend", &haproxy.backend),
+                        ("haproxy.server", &haproxy.server),
+                    ] {
+                        if let Err(message) = haproxy_name(value) {
+                            return Err(at(Some(span.clone()), key(field), message));
+                        }
+                    }
+                    Some(HaproxyServer {
+                        backend: haproxy.backend,
+                        server: haproxy.server,
+                    })
                 }
-            });
+            };
             let min_serving = match backend.min_serving {
+                // Without a runtime API the agent cannot count the other servers: the default
+                // then asks nothing it cannot check (docs/operations.md says what that means).
+                None if haproxy.is_none() => 0,
                 None => DEFAULT_MIN_SERVING,
-                Some(value) => u32::try_from(*value.get_ref()).map_err(|_| {
-                    at(
-                        Some(value.span()),
-                        key("min_serving"),
-                        format!("{} is not a server count: use 0 or more", value.get_ref()),
-                    )
-                })?,
+                Some(value) => {
+                    let count = u32::try_from(*value.get_ref()).map_err(|_| {
+                        at(
+                            Some(value.span()),
+                            key("min_serving"),
+                            format!("{} is not a server count: use 0 or more", value.get_ref()),
+                        )
+                    })?;
+                    if count > 0 && haproxy.is_none() {
+                        return Err(at(
+                            Some(value.span()),
+                            key("min_serving"),
+                            format!(
+                                "min_serving = {count} needs `haproxy = {{ backend, server }}` and \
+                                 a [[load_balancer]] runtime_api: with agent-check alone the \
+                                 agent cannot see the other servers, so it could not keep \
+                                 {count} of them serving. Add the runtime API, or set \
+                                 min_serving = 0"
+                            ),
+                        ));
+                    }
+                    count
+                }
             };
             let step =
                 |raw: Option<Spanned<RawStep>>, field: &str| -> Result<Option<Step>, ConfigError> {
@@ -596,6 +652,54 @@ impl Config {
         };
         let agent_check_listen =
             listen(raw.agent_check_listen, "agent_check_listen", "0.0.0.0:9500")?;
+        let agent_check_interval = raw
+            .agent_check_interval
+            .unwrap_or(DEFAULT_AGENT_CHECK_INTERVAL);
+        if agent_check_interval.is_zero() {
+            return Err(at(
+                text.find("agent_check_interval")
+                    .map(|offset| offset..offset),
+                Some("agent_check_interval".into()),
+                "0 is not an interval: give the load balancers' `agent-inter`, e.g. \"2s\"".into(),
+            ));
+        }
+        let mut agent_check_allow = Vec::new();
+        for source in raw.agent_check_allow.unwrap_or_default() {
+            let net = source
+                .get_ref()
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| {
+                    source
+                        .get_ref()
+                        .parse::<std::net::IpAddr>()
+                        .map(ipnet::IpNet::from)
+                })
+                .map_err(|_| {
+                    at(
+                        Some(source.span()),
+                        Some("agent_check_allow".into()),
+                        format!(
+                            "`{}` is not an address or network, e.g. \"10.0.0.0/24\" or \
+                             \"fd00::1\"",
+                            source.get_ref()
+                        ),
+                    )
+                })?;
+            agent_check_allow.push(net.trunc());
+        }
+        let agent_check_max_connections = match raw.agent_check_max_connections {
+            None => DEFAULT_AGENT_CHECK_MAX_CONNECTIONS,
+            Some(value) => usize::try_from(*value.get_ref())
+                .ok()
+                .filter(|count| (1..=65_536).contains(count))
+                .ok_or_else(|| {
+                    at(
+                        Some(value.span()),
+                        Some("agent_check_max_connections".into()),
+                        format!("{} is out of range: use 1 to 65536", value.get_ref()),
+                    )
+                })?,
+        };
         let metrics_listen = listen(raw.metrics_listen, "metrics_listen", "127.0.0.1:9477")?;
         if let (Some(a), Some(m)) = (agent_check_listen, metrics_listen) {
             if a.port() == m.port()
@@ -634,6 +738,10 @@ impl Config {
             flow_table_size,
             flow_idle_check: raw.flow_idle_check.unwrap_or(DEFAULT_FLOW_IDLE_CHECK),
             agent_check_listen,
+            agent_check_interval,
+            agent_check_allow,
+            agent_check_max_connections,
+            shutdown_timeout: raw.shutdown_timeout.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT),
             metrics_listen,
             control_group,
             on_shutdown: raw.on_shutdown.unwrap_or(OnShutdown::Abort),
@@ -683,6 +791,22 @@ impl Config {
             .iter()
             .position(|backend| backend.ports.contains(&port))
     }
+}
+
+/// HAProxy proxy and server names are letters, digits and `-_.:`; anything else could split a
+/// runtime API command (`;`, spaces, newlines) and is refused here rather than sent.
+fn haproxy_name(name: &str) -> Result<(), String> {
+    if !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        return Ok(());
+    }
+    Err(format!(
+        "{name:?} is not an HAProxy name: use letters, digits and - _ . : as in the HAProxy \
+         config's `backend` and `server` lines"
+    ))
 }
 
 /// Adds "did you mean `x`?" to serde's "unknown field `y`, expected one of `a`, `b`" (and

@@ -44,9 +44,12 @@ pub enum Request {
 #[serde(rename_all = "kebab-case")]
 pub enum Response {
     Status(Status),
-    /// The load balancers confirmed the drain; it goes on in the agent.
+    /// The load balancers confirmed the drain (`unconfirmed` names those that did not within
+    /// their bound); it goes on in the agent.
     Started {
         backend: String,
+        #[serde(default)]
+        unconfirmed: Vec<String>,
     },
     Progress(Progress),
     Report(Box<Report>),

@@ -32,13 +32,33 @@ pub fn describe(action: &Action) -> String {
     }
 }
 
+/// Most bytes of a failed step's output kept for the message.
+const OUTPUT_LIMIT: usize = 500;
+
+/// Whether systemd manages this machine (the check `sd_booted()` makes).
+fn systemd_is_running() -> bool {
+    std::path::Path::new("/run/systemd/system").is_dir()
+}
+
 /// Runs a step to completion within its timeout; its output goes to the error on failure.
+///
+/// A `command` runs in a process group of its own, and under systemd in a transient scope
+/// (`systemd-run --scope`) outside the agent's cgroup: stopping or restarting the agent (its
+/// unit's control group, or a Ctrl-C to its process group) never kills the service it
+/// started.
 pub async fn run(step: &Step) -> Result<(), StepError> {
     let command_line = describe(&step.action);
     let mut command = match &step.action {
         Action::SystemdUnit(unit) => {
             let mut command = Command::new("systemctl");
             command.args(["restart", unit]);
+            command
+        }
+        Action::Command(argv) if systemd_is_running() => {
+            let mut command = Command::new("systemd-run");
+            command
+                .args(["--scope", "--quiet", "--collect", "--"])
+                .args(argv);
             command
         }
         Action::Command(argv) => {
@@ -48,6 +68,7 @@ pub async fn run(step: &Step) -> Result<(), StepError> {
         }
     };
     command
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -75,7 +96,7 @@ pub async fn run(step: &Step) -> Result<(), StepError> {
     if text.is_empty() {
         text = String::from_utf8_lossy(&output.stdout).trim().to_string();
     }
-    text.truncate(500);
+    truncate_on_char_boundary(&mut text, OUTPUT_LIMIT);
     Err(StepError::Failed {
         command: command_line,
         status: output.status,
@@ -83,9 +104,33 @@ pub async fn run(step: &Step) -> Result<(), StepError> {
     })
 }
 
+/// Shortens `text` to at most `limit` bytes without splitting a character (String::truncate
+/// panics inside one), marking the cut.
+fn truncate_on_char_boundary(text: &mut String, limit: usize) {
+    if text.len() <= limit {
+        return;
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push('…');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_is_cut_on_a_character_boundary() {
+        let mut text = format!("{}é and more", "a".repeat(499));
+        truncate_on_char_boundary(&mut text, 500);
+        assert_eq!(text, format!("{}…", "a".repeat(499)));
+        let mut short = "é".to_string();
+        truncate_on_char_boundary(&mut short, 500);
+        assert_eq!(short, "é");
+    }
 
     fn step(argv: &[&str], timeout: Duration) -> Step {
         Step {

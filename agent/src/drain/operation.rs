@@ -6,20 +6,24 @@
 //! and every failure path either restores the previous state or says plainly what it left.
 
 use std::{
+    net::IpAddr,
+    panic::AssertUnwindSafe,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use futures_util::FutureExt as _;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
 
 use super::{
-    phase::{Board, Phase, millis},
+    phase::{Board, CancelToken, Phase, millis},
     report::{
-        Counts, KernelSeen, LoadBalancerReport, Outcome, PhaseTiming, Progress, Report, exit,
+        Counts, KernelSeen, LoadBalancerReport, Outcome, PhaseTiming, Progress, Report, Via, exit,
     },
 };
 use crate::{
+    agent_check::Pollers,
     config::{Backend, Config, HealthCheck, OnTimeout, Probe},
     haproxy::{AdminState, HaproxyError, RuntimeApiClient},
     health,
@@ -37,6 +41,10 @@ const STATE_CONFIRM_WITHIN: Duration = Duration::from_secs(5);
 const READY_CONFIRM_WITHIN: Duration = Duration::from_secs(30);
 /// How often progress lines are sent.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// Added to `agent_check_interval` when waiting for a poller: its check itself takes time.
+const POLL_GRACE: Duration = Duration::from_millis(500);
+/// A peer that polled within this many `agent_check_interval`s is expected to poll again.
+const KNOWN_POLLER_INTERVALS: u32 = 3;
 
 /// Which operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +66,8 @@ impl Kind {
 
 /// Reads the kernel's numbers for a backend (implemented by the agent).
 pub trait KernelView: Send + Sync + 'static {
-    fn sample(&self, backend: usize) -> Option<BackendSample>;
+    /// The backend's numbers; an error says why they could not be read (never "all zero").
+    fn sample(&self, backend: usize) -> Result<BackendSample, String>;
 }
 
 /// An operation that did not start; nothing was changed.
@@ -81,8 +90,11 @@ impl Refusal {
 /// What an operation sends back while it runs.
 #[derive(Debug)]
 pub enum Event {
-    /// The load balancers confirmed the drain; the operation goes on in the agent.
-    Started,
+    /// Every load balancer confirmed the drain, or its bound passed (`unconfirmed` names
+    /// those that did not); the operation goes on in the agent.
+    Started {
+        unconfirmed: Vec<String>,
+    },
     Progress(Progress),
     Done(Box<Report>),
 }
@@ -92,17 +104,22 @@ pub struct Operations {
     config: Arc<Config>,
     board: Arc<Board>,
     kernel: Arc<dyn KernelView>,
-    /// Set to the reason to ask the running drain to give up and restore service.
-    cancel: watch::Sender<Option<String>>,
+    /// Who polled the agent-check port and what they were told.
+    pollers: Arc<Pollers>,
 }
 
 impl Operations {
-    pub fn new(config: Arc<Config>, board: Arc<Board>, kernel: Arc<dyn KernelView>) -> Operations {
+    pub fn new(
+        config: Arc<Config>,
+        board: Arc<Board>,
+        kernel: Arc<dyn KernelView>,
+        pollers: Arc<Pollers>,
+    ) -> Operations {
         Operations {
             config,
             board,
             kernel,
-            cancel: watch::channel(None).0,
+            pollers,
         }
     }
 
@@ -110,10 +127,11 @@ impl Operations {
         &self.board
     }
 
-    /// Asks a running drain to stop and put the server back in service. A restart or health
-    /// check already under way is not interrupted: the cycle ends as it ends.
-    pub fn cancel(&self, reason: &str) {
-        let _ = self.cancel.send(Some(reason.to_string()));
+    /// Asks the running operation, if any, to stop draining and put the server back in
+    /// service. A restart or health check already under way is not interrupted: the cycle
+    /// ends as it ends. Nothing is kept for a later operation.
+    pub fn cancel(&self, reason: &str) -> Option<String> {
+        self.board.cancel_running(reason)
     }
 
     /// Checks that the operation may run, then runs it in the background; events arrive on
@@ -175,12 +193,17 @@ impl Operations {
         let lbs = self.preflight(&backend).await?;
 
         let (events, receiver) = mpsc::channel(64);
-        let _ = self.cancel.send(None);
         let this = self.clone();
         tokio::spawn(async move {
+            let cancel = claim.cancel();
             let _claim = claim;
-            let mut run = Run::new(&this, index, backend, kind, lbs, events.clone());
-            let report = run.execute(phase).await;
+            let mut run = Run::new(&this, cancel, index, backend, kind, lbs, events.clone());
+            // A panic inside the operation (a bug) must not leave the server out of rotation
+            // silently: the run is still here to restore service or take the rollback path.
+            let report = match AssertUnwindSafe(run.execute(phase)).catch_unwind().await {
+                Ok(report) => report,
+                Err(panic) => run.after_panic(panic_message(panic.as_ref())).await,
+            };
             info!(
                 backend = report.backend,
                 outcome = ?report.outcome,
@@ -201,7 +224,7 @@ impl Operations {
             if running == format!("drain {}", backend.name)
                 && self.board.get(index).phase == Phase::Draining
             {
-                self.cancel("`resume`");
+                self.board.cancel_running("`resume`");
                 // The drain restores service itself; wait until it has let go of the node.
                 let deadline = Instant::now() + Duration::from_secs(30);
                 while self.board.running().is_some() && Instant::now() < deadline {
@@ -214,7 +237,7 @@ impl Operations {
                 ));
             }
         }
-        let _claim = self
+        let claim = self
             .board
             .claim(format!("resume {}", backend.name))
             .map_err(|other| {
@@ -222,7 +245,15 @@ impl Operations {
             })?;
         let lbs = RuntimeApiClient::for_each(&self.config.load_balancers);
         let (events, _) = mpsc::channel(1);
-        let mut run = Run::new(self, index, backend, Kind::Drain, lbs, events);
+        let mut run = Run::new(
+            self,
+            claim.cancel(),
+            index,
+            backend,
+            Kind::Drain,
+            lbs,
+            events,
+        );
         run.operation = "resume";
         Ok(run.resume().await)
     }
@@ -330,7 +361,8 @@ struct Run {
     config: Arc<Config>,
     board: Arc<Board>,
     kernel: Arc<dyn KernelView>,
-    cancel: watch::Receiver<Option<String>>,
+    pollers: Arc<Pollers>,
+    cancel: Arc<CancelToken>,
     index: usize,
     backend: Backend,
     kind: Kind,
@@ -346,6 +378,7 @@ struct Run {
 impl Run {
     fn new(
         ops: &Operations,
+        cancel: Arc<CancelToken>,
         index: usize,
         backend: Backend,
         kind: Kind,
@@ -358,7 +391,8 @@ impl Run {
             config: ops.config.clone(),
             board: ops.board.clone(),
             kernel: ops.kernel.clone(),
-            cancel: ops.cancel.subscribe(),
+            pollers: ops.pollers.clone(),
+            cancel,
             index,
             report: Report {
                 backend: backend.name.clone(),
@@ -379,10 +413,12 @@ impl Run {
                     .iter()
                     .map(|lb| LoadBalancerReport {
                         name: lb.name().to_string(),
+                        via: Via::RuntimeApi,
                         reachable: true,
                         ..Default::default()
                     })
                     .collect(),
+                drain_evidence: None,
                 kernel: None,
                 total_ms: 0,
             },
@@ -393,7 +429,7 @@ impl Run {
             events,
             started: now,
             phase_started: now,
-            kernel_at_start: ops.kernel.sample(index),
+            kernel_at_start: ops.kernel.sample(index).ok(),
         }
     }
 
@@ -404,20 +440,25 @@ impl Run {
             }
         }
         if self.kind == Kind::Drain {
-            return self.finish(
-                Outcome::Ok,
-                format!(
+            let message = match self.maint_problem() {
+                None => format!(
                     "drained; the server is in MAINT. `drain-agent resume {}` puts it back",
                     self.backend.name
                 ),
-            );
+                Some(problem) => format!(
+                    "drained, but {problem}: the server is drained (weight 0) there, not in \
+                     MAINT. `drain-agent resume {}` puts it back",
+                    self.backend.name
+                ),
+            };
+            return self.finish(Outcome::Ok, message);
         }
         self.restart_and_verify().await
     }
 
     /// serving → draining → drained. `Err` carries the outcome when the drain did not finish.
     async fn drain(&mut self) -> Result<(), (Outcome, String)> {
-        let sample = self.kernel.sample(self.index);
+        let sample = self.kernel.sample(self.index).ok();
         self.report.at_drain_start = sample.as_ref().map(|sample| Counts {
             established: sample.established,
             in_flight: sample.in_flight,
@@ -425,7 +466,9 @@ impl Run {
                 .in_flight
                 .map(|f| sample.established.saturating_sub(f)),
         });
+        // The phase changes first: from now on every agent check answers "drain".
         self.enter(Phase::Draining, None);
+        let drain_started = Instant::now();
         if let Err(err) = self.set_all(AdminState::Drain).await {
             self.restore_service().await;
             return Err((
@@ -433,75 +476,111 @@ impl Run {
                 format!("{err}; the server was put back in service"),
             ));
         }
-        let _ = self.events.send(Event::Started).await;
+        let mut pollers = PollerWait::new(self, drain_started);
 
-        let drain_started = Instant::now();
         let deadline = drain_started + self.backend.drain_timeout;
         let quiet_period = self.config.quiet_period;
-        let mut lb_sessions = 0u64;
+        let mut lb_sessions: Result<u64, String> = Err("not read yet".into());
         let mut last_lb_poll: Option<Instant> = None;
         let mut last_progress: Option<Instant> = None;
+        let mut started_sent = false;
         loop {
-            let sample = self.kernel.sample(self.index).unwrap_or_default();
+            let sample = self.kernel.sample(self.index);
             if last_lb_poll.is_none_or(|at| at.elapsed() >= LB_POLL) {
                 lb_sessions = self.lb_sessions().await;
                 last_lb_poll = Some(Instant::now());
             }
-            let kernel_quiet = match sample.in_flight {
-                Some(in_flight) => {
-                    in_flight == 0
-                        && sample
-                            .since_last_idle
-                            .is_none_or(|since| since >= quiet_period)
-                }
-                // procfs mode: no in-flight view; rely on HAProxy's sessions and one quiet period.
-                None => drain_started.elapsed() >= quiet_period,
-            };
-            if last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
+            let confirmed = pollers.settle(self, Phase::Draining);
+            if confirmed && !started_sent {
                 let _ = self
                     .events
-                    .try_send(Event::Progress(self.progress(&sample, lb_sessions)));
+                    .send(Event::Started {
+                        unconfirmed: self.unconfirmed(),
+                    })
+                    .await;
+                started_sent = true;
+            }
+            // Evidence, never its absence: a failed read is not "nothing in flight".
+            let kernel_quiet = match &sample {
+                Ok(sample) => match sample.in_flight {
+                    Some(in_flight) => {
+                        in_flight == 0
+                            && sample
+                                .since_last_idle
+                                .is_none_or(|since| since >= quiet_period)
+                    }
+                    // procfs mode: no in-flight view; rely on HAProxy's sessions and one
+                    // quiet period.
+                    None => drain_started.elapsed() >= quiet_period,
+                },
+                Err(_) => false,
+            };
+            if last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
+                let shown = sample.clone().unwrap_or_default();
+                let _ = self.events.try_send(Event::Progress(
+                    self.progress(&shown, lb_sessions.as_ref().ok().copied()),
+                ));
                 last_progress = Some(Instant::now());
             }
-            if kernel_quiet && lb_sessions == 0 {
+            if confirmed && kernel_quiet && lb_sessions == Ok(0) {
                 // Confirm HAProxy's side right now rather than from a poll up to 200 ms old.
                 lb_sessions = self.lb_sessions().await;
-                if lb_sessions == 0 {
+                if lb_sessions == Ok(0) {
                     self.report.drained_ms = Some(millis(drain_started.elapsed()));
-                    self.report.in_flight_zero_ms = sample.since_last_idle.and_then(|since| {
+                    let since = sample.as_ref().ok().and_then(|s| s.since_last_idle);
+                    self.report.in_flight_zero_ms = since.and_then(|since| {
                         let zero_at = Instant::now().checked_sub(since)?;
                         zero_at.checked_duration_since(drain_started).map(millis)
                     });
+                    self.report.drain_evidence = Some(self.evidence(&sample));
                     break;
                 }
             }
-            let cancelled = self.cancel.borrow().clone();
-            if let Some(by) = cancelled {
+            if let Some(by) = self.cancel.reason() {
                 self.restore_service().await;
                 return Err((
                     Outcome::Cancelled,
-                    format!("drain cancelled by {by}; the server is back in service"),
+                    format!(
+                        "drain cancelled by {by}; {}",
+                        self.back_in_service_sentence()
+                    ),
                 ));
             }
             if Instant::now() >= deadline {
-                let in_flight = sample.in_flight.unwrap_or(0);
+                let in_flight = match &sample {
+                    Ok(sample) => sample
+                        .in_flight
+                        .map_or_else(|| "an unknown number of".into(), |n| n.to_string()),
+                    Err(err) => format!("an unknown number of (the kernel read failed: {err})"),
+                };
+                let sessions = match &lb_sessions {
+                    Ok(n) => format!("{n} HAProxy session(s)"),
+                    Err(err) => format!("HAProxy sessions unknown ({err})"),
+                };
+                let timeout = humantime::format_duration(self.backend.drain_timeout);
                 match self.backend.on_timeout {
                     OnTimeout::Abort => {
                         self.restore_service().await;
                         return Err((
                             Outcome::DrainTimeout,
                             format!(
-                                "still {in_flight} request(s) in flight and {lb_sessions} HAProxy \
-                                 session(s) after drain_timeout ({:?}); on_timeout = \"abort\": \
-                                 the server was put back in service",
-                                self.backend.drain_timeout
+                                "still {in_flight} request(s) in flight and {sessions} after \
+                                 drain_timeout ({timeout}); on_timeout = \"abort\": {}",
+                                self.back_in_service_sentence()
                             ),
                         ));
                     }
                     OnTimeout::Force => {
-                        warn!(in_flight, "drain_timeout reached: forcing the drain");
-                        self.report.forced_with_in_flight = Some(in_flight);
+                        warn!(
+                            backend = self.backend.name,
+                            in_flight, "drain_timeout reached: forcing the drain"
+                        );
+                        self.report.forced_with_in_flight =
+                            Some(sample.ok().and_then(|s| s.in_flight).unwrap_or(0));
                         self.report.drained_ms = Some(millis(drain_started.elapsed()));
+                        self.report.drain_evidence = Some(format!(
+                            "none: drain_timeout ({timeout}) with on_timeout = \"force\""
+                        ));
                         break;
                     }
                 }
@@ -512,9 +591,36 @@ impl Run {
         self.enter(Phase::Drained, None);
         if let Err(err) = self.set_all(AdminState::Maint).await {
             // Still drained (weight 0); MAINT only purges idle connections sooner.
-            warn!(%err, "could not move the server to MAINT");
+            warn!(backend = self.backend.name, %err, "could not move the server to MAINT");
         }
         Ok(())
+    }
+
+    /// What ended the drain, in words, for the report.
+    fn evidence(&self, sample: &Result<BackendSample, String>) -> String {
+        let kernel = match sample {
+            Ok(sample) if sample.in_flight.is_some() => format!(
+                "the kernel counted 0 requests in flight for {}",
+                humantime::format_duration(self.config.quiet_period)
+            ),
+            _ => "procfs mode: no in-flight count; one quiet period passed".to_string(),
+        };
+        let lbs = if self.lbs.is_empty() || self.backend.haproxy.is_none() {
+            String::new()
+        } else {
+            ", and every reachable load balancer showed 0 sessions".to_string()
+        };
+        format!("{kernel}{lbs}")
+    }
+
+    /// Names of the load balancers and pollers that did not confirm the current step.
+    fn unconfirmed(&self) -> Vec<String> {
+        self.report
+            .load_balancers
+            .iter()
+            .filter(|lb| lb.error.is_some())
+            .map(|lb| lb.name.clone())
+            .collect()
     }
 
     /// drained → restarting → verifying → serving, with rollback when the service stays
@@ -526,7 +632,7 @@ impl Run {
         let restart_started = Instant::now();
         let restarted = service::run(&restart).await;
         self.report.restart_ms = Some(millis(restart_started.elapsed()));
-        let mut problem = match restarted {
+        let problem = match restarted {
             Ok(()) => {
                 self.enter(Phase::Verifying, None);
                 match health::wait_healthy(&check).await {
@@ -544,8 +650,15 @@ impl Run {
             }
             Err(err) => format!("restart failed: {err}"),
         };
+        self.roll_back(problem).await
+    }
+
+    /// The service is not healthy: run the rollback (if any) and put the server back on the
+    /// old version, or leave it out of rotation and say so plainly.
+    async fn roll_back(&mut self, mut problem: String) -> Report {
+        let check = self.health_check();
         if let Some(rollback) = self.backend.rollback.clone() {
-            warn!(problem, "running the rollback");
+            warn!(backend = self.backend.name, problem, "running the rollback");
             self.enter(Phase::Restarting, Some(problem.clone()));
             match service::run(&rollback).await {
                 Err(err) => {
@@ -572,30 +685,147 @@ impl Run {
                 }
             }
         }
-        // Leave it out of rotation, loudly.
+        // Leave it out of rotation, loudly, and say exactly where it is out.
         self.enter(Phase::Failed, Some(problem.clone()));
-        let _ = self.set_all(AdminState::Maint).await;
-        let lbs: Vec<&str> = self.lbs.iter().map(RuntimeApiClient::name).collect();
+        let maint = self.set_all(AdminState::Maint).await;
+        let mut in_maint = Vec::new();
+        let mut not_in_maint = Vec::new();
+        for lb in &self.report.load_balancers {
+            if lb.via != Via::RuntimeApi {
+                continue;
+            }
+            if lb.maint_confirmed_ms.is_some() {
+                in_maint.push(lb.name.clone());
+            } else {
+                not_in_maint.push(format!(
+                    "{} ({})",
+                    lb.name,
+                    lb.error.as_deref().unwrap_or("did not show MAINT")
+                ));
+            }
+        }
+        let mut where_ = String::new();
+        if !in_maint.is_empty() {
+            where_.push_str(&format!(
+                ". The server is left in MAINT on {}",
+                in_maint.join(", ")
+            ));
+        }
+        if !not_in_maint.is_empty() || maint.is_err() {
+            where_.push_str(&format!(
+                ". Setting MAINT failed on {}; agent-check answers \"maint\" there",
+                not_in_maint.join(", ")
+            ));
+        }
+        if in_maint.is_empty() && not_in_maint.is_empty() {
+            where_.push_str(". Agent-check answers \"maint\", so the load balancers keep it out");
+        }
         self.finish(
             Outcome::Failed,
             format!(
-                "{problem}. The server is left in MAINT{}{}; fix the service, then run \
-                 `drain-agent resume {}`",
-                if lbs.is_empty() { "" } else { " on " },
-                lbs.join(", "),
+                "{problem}{where_}; fix the service, then run `drain-agent resume {}`",
                 self.backend.name
             ),
         )
     }
 
+    /// A panic inside the operation: put things in a state that is safe and says why.
+    async fn after_panic(&mut self, message: String) -> Report {
+        let phase = self.board.get(self.index).phase;
+        error!(
+            backend = self.backend.name,
+            phase = phase.as_str(),
+            message,
+            "the operation panicked: a bug in drain-agent; recovering"
+        );
+        let problem = format!("internal error in drain-agent ({message})");
+        match phase {
+            Phase::Serving | Phase::Draining | Phase::Drained if self.kind == Kind::Drain => {
+                if phase == Phase::Drained {
+                    return self.finish(
+                        Outcome::Error,
+                        format!(
+                            "{problem} after the drain finished; the server stays drained. \
+                             `drain-agent resume {}` puts it back",
+                            self.backend.name
+                        ),
+                    );
+                }
+                self.restore_service().await;
+                let sentence = self.back_in_service_sentence();
+                self.finish(Outcome::Error, format!("{problem}; {sentence}"))
+            }
+            Phase::Serving | Phase::Draining => {
+                self.restore_service().await;
+                let sentence = self.back_in_service_sentence();
+                self.finish(Outcome::Error, format!("{problem}; {sentence}"))
+            }
+            // The service may be half restarted: the rollback path decides.
+            Phase::Drained | Phase::Restarting | Phase::Verifying | Phase::Failed => {
+                self.roll_back(problem).await
+            }
+        }
+    }
+
+    /// Back to serving: the phase first (agent-check answers "ready"), then every runtime
+    /// API, then the wait until every known agent-check poller was told.
     async fn back_in_service(&mut self, outcome: Outcome, message: String) -> Report {
         self.enter(Phase::Serving, None);
-        match self.set_all(AdminState::Ready).await {
-            Ok(()) => self.finish(outcome, message),
+        let since = Instant::now();
+        let set = self.set_all(AdminState::Ready).await;
+        let mut pollers = PollerWait::new(self, since);
+        while !pollers.settle(self, Phase::Serving) {
+            tokio::time::sleep(KERNEL_POLL).await;
+        }
+        let unconfirmed = self.unconfirmed();
+        match set {
             Err(err) => self.finish(
                 Outcome::Error,
                 format!("{message}, but {err}; that load balancer follows on its next agent check"),
             ),
+            Ok(()) if !unconfirmed.is_empty() => self.finish(
+                Outcome::Unconfirmed,
+                format!(
+                    "{message} here, but {} did not confirm the return: check that load \
+                     balancer before draining another node",
+                    unconfirmed.join(", ")
+                ),
+            ),
+            Ok(()) => {
+                let message = format!("{message}; {}", self.confirmed_sentence());
+                self.finish(outcome, message)
+            }
+        }
+    }
+
+    /// "every load balancer confirmed ..." — only when they did.
+    fn confirmed_sentence(&self) -> String {
+        let names: Vec<String> = self
+            .report
+            .load_balancers
+            .iter()
+            .map(|lb| match lb.via {
+                Via::RuntimeApi => format!("{} (runtime API)", lb.name),
+                Via::AgentCheck => format!("{} (agent-check)", lb.name),
+            })
+            .collect();
+        if names.is_empty() {
+            "no load balancer to confirm it (no runtime API configured and no agent-check poller seen)".into()
+        } else {
+            format!("confirmed by {}", names.join(", "))
+        }
+    }
+
+    /// After `restore_service`: says where the server is back, truthfully.
+    fn back_in_service_sentence(&self) -> String {
+        let unconfirmed = self.unconfirmed();
+        if unconfirmed.is_empty() {
+            "the server was put back in service".into()
+        } else {
+            format!(
+                "the server was put back in service here, but {} did not confirm it",
+                unconfirmed.join(", ")
+            )
         }
     }
 
@@ -605,11 +835,42 @@ impl Run {
             .await
     }
 
-    /// Undoes a drain: serving, and ready on every load balancer.
+    /// Undoes a drain: serving, and ready on every load balancer (confirmed as for a return).
     async fn restore_service(&mut self) {
         self.enter(Phase::Serving, None);
+        let since = Instant::now();
         if let Err(err) = self.set_all(AdminState::Ready).await {
-            warn!(%err, "could not put the server back to ready everywhere");
+            warn!(
+                backend = self.backend.name,
+                %err,
+                "could not put the server back to ready everywhere"
+            );
+        }
+        let mut pollers = PollerWait::new(self, since);
+        while !pollers.settle(self, Phase::Serving) {
+            tokio::time::sleep(KERNEL_POLL).await;
+        }
+    }
+
+    /// The MAINT step's failure, if setting MAINT failed anywhere.
+    fn maint_problem(&self) -> Option<String> {
+        let failed: Vec<String> = self
+            .report
+            .load_balancers
+            .iter()
+            .filter(|lb| lb.via == Via::RuntimeApi && lb.maint_confirmed_ms.is_none())
+            .map(|lb| {
+                format!(
+                    "{} did not take MAINT ({})",
+                    lb.name,
+                    lb.error.as_deref().unwrap_or("no confirmation")
+                )
+            })
+            .collect();
+        if self.backend.haproxy.is_none() || failed.is_empty() {
+            None
+        } else {
+            Some(failed.join("; "))
         }
     }
 
@@ -627,12 +888,18 @@ impl Run {
             return Ok(());
         };
         let mut first_error = None;
-        for (lb, report) in self.lbs.iter().zip(self.report.load_balancers.iter_mut()) {
+        for (lb, report) in self.lbs.iter().zip(
+            self.report
+                .load_balancers
+                .iter_mut()
+                .filter(|lb| lb.via == Via::RuntimeApi),
+        ) {
             // Ready waits for HAProxy's health check to see the service (rise checks).
             let confirm_within = match state {
                 AdminState::Ready => READY_CONFIRM_WITHIN,
                 AdminState::Drain | AdminState::Maint => STATE_CONFIRM_WITHIN,
             };
+            report.error = None;
             let confirmed = async {
                 lb.set_state(&server, state).await?;
                 let deadline = Instant::now() + confirm_within;
@@ -647,15 +914,19 @@ impl Run {
             .await;
             let at = Some(millis(self.started.elapsed()));
             match confirmed {
-                Ok(true) => match state {
-                    AdminState::Drain => report.drain_confirmed_ms = at,
-                    AdminState::Maint => report.maint_confirmed_ms = at,
-                    AdminState::Ready => report.ready_confirmed_ms = at,
-                },
+                Ok(true) => {
+                    report.reachable = true;
+                    match state {
+                        AdminState::Drain => report.drain_confirmed_ms = at,
+                        AdminState::Maint => report.maint_confirmed_ms = at,
+                        AdminState::Ready => report.ready_confirmed_ms = at,
+                    }
+                }
                 Ok(false) => {
                     report.error = Some(format!(
-                        "did not show {} within {confirm_within:?}",
-                        state.as_str()
+                        "did not show {} within {}",
+                        state.as_str(),
+                        humantime::format_duration(confirm_within)
                     ));
                 }
                 Err(err) if err.is_unreachable() => {
@@ -675,21 +946,21 @@ impl Run {
         }
     }
 
-    /// Requests HAProxy still has on, or queued for, this server, over reachable LBs.
-    async fn lb_sessions(&self) -> u64 {
+    /// Requests HAProxy still has on, or queued for, this server, summed over the load
+    /// balancers. A load balancer that cannot be read is an error, never 0 sessions.
+    async fn lb_sessions(&self) -> Result<u64, String> {
         let Some(server) = &self.backend.haproxy else {
-            return 0;
+            return Ok(0);
         };
         let mut total = 0;
         for lb in &self.lbs {
-            if let Ok(stat) = lb.server(server).await {
-                total += stat.scur + stat.qcur;
-            }
+            let stat = lb.server(server).await.map_err(|err| err.to_string())?;
+            total += stat.scur + stat.qcur;
         }
-        total
+        Ok(total)
     }
 
-    fn progress(&self, sample: &BackendSample, lb_sessions: u64) -> Progress {
+    fn progress(&self, sample: &BackendSample, lb_sessions: Option<u64>) -> Progress {
         Progress {
             backend: self.backend.name.clone(),
             phase: self.board.get(self.index).phase,
@@ -714,7 +985,7 @@ impl Run {
         let sample = self.kernel.sample(self.index).unwrap_or_default();
         let _ = self
             .events
-            .try_send(Event::Progress(self.progress(&sample, 0)));
+            .try_send(Event::Progress(self.progress(&sample, None)));
     }
 
     fn close_phase(&mut self) {
@@ -735,8 +1006,7 @@ impl Run {
         self.report.message = message;
         self.report.phase = self.board.get(self.index).phase;
         self.report.total_ms = millis(self.started.elapsed());
-        if let (Some(before), Some(after)) = (&self.kernel_at_start, self.kernel.sample(self.index))
-        {
+        if let (Some(before), Ok(after)) = (&self.kernel_at_start, self.kernel.sample(self.index)) {
             let delta =
                 |a: Option<u64>, b: Option<u64>| b.unwrap_or(0).saturating_sub(a.unwrap_or(0));
             self.report.kernel = Some(KernelSeen {
@@ -748,4 +1018,141 @@ impl Run {
         }
         self.report.clone()
     }
+}
+
+/// Waits, bounded by `agent_check_interval`, until every agent-check poller of the backend
+/// has been answered the current phase's word since `since` — the only evidence an
+/// agent-check-only load balancer gives that it follows. Records each confirmation (or its
+/// absence) in the report as a load balancer reached `via` agent-check.
+struct PollerWait {
+    since: Instant,
+    bound: Instant,
+    done: bool,
+    /// Nobody had polled when the step began: the whole bound is waited for one to appear
+    /// (unless a runtime API already confirmed the step).
+    none_known: bool,
+}
+
+impl PollerWait {
+    fn new(run: &Run, since: Instant) -> PollerWait {
+        let interval = run.config.agent_check_interval;
+        let known = run.pollers.polled_since(
+            run.index,
+            since
+                .checked_sub(interval * KNOWN_POLLER_INTERVALS)
+                .unwrap_or(since),
+        );
+        PollerWait {
+            since,
+            bound: since + interval + POLL_GRACE,
+            done: run.config.agent_check_listen.is_none(),
+            none_known: known.is_empty(),
+        }
+    }
+
+    /// One look; true once the step is confirmed everywhere or its bound passed.
+    fn settle(&mut self, run: &mut Run, phase: Phase) -> bool {
+        if self.done {
+            return true;
+        }
+        let interval = run.config.agent_check_interval;
+        let look_back = self
+            .since
+            .checked_sub(interval * KNOWN_POLLER_INTERVALS)
+            .unwrap_or(self.since);
+        let peers = run.pollers.polled_since(run.index, look_back);
+        let word = phase.agent_check_answer();
+        let wanted = |answered: &str| match phase {
+            Phase::Serving => answered == word,
+            // Draining or further out: "drain" or "maint" both keep new requests away.
+            _ => answered != Phase::Serving.agent_check_answer(),
+        };
+        let now = Instant::now();
+        let mut all = true;
+        for peer in &peers {
+            let confirmed_at = run
+                .pollers
+                .last(*peer, run.index)
+                .filter(|answered| answered.at >= self.since && wanted(&answered.word))
+                .map(|answered| answered.at);
+            let entry = poller_entry(&mut run.report, *peer);
+            match confirmed_at {
+                Some(at) => {
+                    let ms = Some(millis(at.saturating_duration_since(run.started)));
+                    entry.error = None;
+                    match phase {
+                        Phase::Serving => entry.ready_confirmed_ms = ms,
+                        _ => entry.drain_confirmed_ms = ms,
+                    }
+                }
+                None => {
+                    all = false;
+                    if now >= self.bound {
+                        entry.error = Some(format!(
+                            "did not poll the agent-check port within {} \
+                             (agent_check_interval) after the server went {}",
+                            humantime::format_duration(interval),
+                            if phase == Phase::Serving {
+                                "back"
+                            } else {
+                                "out"
+                            }
+                        ));
+                    }
+                }
+            }
+        }
+        let runtime_api_confirmed = run.backend.haproxy.is_some()
+            && run
+                .report
+                .load_balancers
+                .iter()
+                .any(|lb| lb.via == Via::RuntimeApi && lb.error.is_none());
+        // Nobody polled yet and no runtime API vouches for the step: wait the whole
+        // interval for a poller to show up before believing there is none.
+        let waiting_for_first = self.none_known && peers.is_empty() && !runtime_api_confirmed;
+        if (all && !waiting_for_first) || now >= self.bound {
+            if peers.is_empty() && !runtime_api_confirmed {
+                warn!(
+                    backend = run.backend.name,
+                    interval = %humantime::format_duration(interval),
+                    "no agent-check poller seen within agent_check_interval: nothing confirmed \
+                     that the load balancers follow this node's state"
+                );
+            }
+            self.done = true;
+        }
+        self.done
+    }
+}
+
+/// The report entry of an agent-check poller, created on first sight.
+fn poller_entry(report: &mut Report, peer: IpAddr) -> &mut LoadBalancerReport {
+    let name = format!("agent-check poller {peer}");
+    let index = match report
+        .load_balancers
+        .iter()
+        .position(|lb| lb.via == Via::AgentCheck && lb.name == name)
+    {
+        Some(index) => index,
+        None => {
+            report.load_balancers.push(LoadBalancerReport {
+                name,
+                via: Via::AgentCheck,
+                reachable: true,
+                ..Default::default()
+            });
+            report.load_balancers.len() - 1
+        }
+    };
+    &mut report.load_balancers[index]
+}
+
+/// A panic's message, whatever its payload type.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }

@@ -57,14 +57,46 @@ pub struct PhaseState {
     pub reason: Option<String>,
 }
 
+/// Asks one operation to give up and restore service. Each operation gets its own token when
+/// it claims the node, before anything can ask it to stop, so a request never outlives (or
+/// misses) the operation it was meant for.
+#[derive(Debug, Default)]
+pub struct CancelToken {
+    reason: Mutex<Option<String>>,
+}
+
+impl CancelToken {
+    /// Records why the operation should stop; the first reason wins.
+    pub fn cancel(&self, reason: &str) {
+        self.reason
+            .lock()
+            .expect("cancel lock")
+            .get_or_insert_with(|| reason.to_string());
+    }
+
+    /// Why the operation was asked to stop, if it was.
+    pub fn reason(&self) -> Option<String> {
+        self.reason.lock().expect("cancel lock").clone()
+    }
+}
+
+/// The operation holding the node: what it is and how to stop it.
+struct Running {
+    what: String,
+    cancel: Arc<CancelToken>,
+}
+
 /// The phases of all backends (config order) and the operation running on this node, if any.
 pub struct Board {
     phases: Mutex<Vec<PhaseState>>,
-    running: Mutex<Option<String>>,
+    running: Mutex<Option<Running>>,
+    names: Vec<String>,
 }
 
 impl Board {
-    pub fn new(backends: usize) -> Board {
+    /// One serving phase per backend, named in logs by `names` (config order).
+    pub fn new(names: Vec<String>) -> Board {
+        let backends = names.len();
         let now = Instant::now();
         Board {
             phases: Mutex::new(vec![
@@ -76,6 +108,7 @@ impl Board {
                 backends
             ]),
             running: Mutex::new(None),
+            names,
         }
     }
 
@@ -85,13 +118,24 @@ impl Board {
 
     pub fn set(&self, backend: usize, phase: Phase, reason: Option<String>) {
         let mut phases = self.phases.lock().expect("phase lock");
-        tracing::info!(
-            backend = backend,
-            from = phases[backend].phase.as_str(),
-            to = phase.as_str(),
-            reason = reason.as_deref().unwrap_or(""),
-            "phase change"
-        );
+        let from = phases[backend].phase;
+        let name = self.names.get(backend).map_or("", String::as_str);
+        if from == phase {
+            tracing::info!(
+                backend = name,
+                phase = phase.as_str(),
+                reason = reason.as_deref().unwrap_or(""),
+                "phase unchanged"
+            );
+        } else {
+            tracing::info!(
+                backend = name,
+                from = from.as_str(),
+                to = phase.as_str(),
+                reason = reason.as_deref().unwrap_or(""),
+                "phase change"
+            );
+        }
         phases[backend] = PhaseState {
             phase,
             since: Instant::now(),
@@ -99,27 +143,53 @@ impl Board {
         };
     }
 
-    /// Claims the node for one operation; `Err` names the one already running.
+    /// Claims the node for one operation with a fresh cancel token; `Err` names the one
+    /// already running.
     pub fn claim(self: &Arc<Self>, what: String) -> Result<Claim, String> {
         let mut running = self.running.lock().expect("running lock");
         if let Some(other) = running.as_ref() {
-            return Err(other.clone());
+            return Err(other.what.clone());
         }
-        *running = Some(what);
+        let cancel = Arc::new(CancelToken::default());
+        *running = Some(Running {
+            what,
+            cancel: cancel.clone(),
+        });
         Ok(Claim {
             board: self.clone(),
+            cancel,
         })
     }
 
     /// The operation running on this node, if any.
     pub fn running(&self) -> Option<String> {
-        self.running.lock().expect("running lock").clone()
+        self.running
+            .lock()
+            .expect("running lock")
+            .as_ref()
+            .map(|running| running.what.clone())
+    }
+
+    /// Asks the running operation (if any) to stop; returns what it was.
+    pub fn cancel_running(&self, reason: &str) -> Option<String> {
+        let running = self.running.lock().expect("running lock");
+        let running = running.as_ref()?;
+        running.cancel.cancel(reason);
+        Some(running.what.clone())
     }
 }
 
 /// Releases the node when the operation ends, however it ends.
 pub struct Claim {
     board: Arc<Board>,
+    cancel: Arc<CancelToken>,
+}
+
+impl Claim {
+    /// This operation's cancel token.
+    pub fn cancel(&self) -> Arc<CancelToken> {
+        self.cancel.clone()
+    }
 }
 
 impl Drop for Claim {
@@ -139,7 +209,7 @@ mod tests {
 
     #[test]
     fn one_operation_at_a_time() {
-        let board = Arc::new(Board::new(2));
+        let board = Arc::new(Board::new(vec!["nova-api".into(), "placement".into()]));
         let claim = board.claim("cycle nova-api".into()).unwrap();
         assert_eq!(
             board.claim("drain placement".into()).err().unwrap(),
@@ -147,6 +217,23 @@ mod tests {
         );
         drop(claim);
         assert!(board.claim("drain placement".into()).is_ok());
+    }
+
+    #[test]
+    fn a_cancel_belongs_to_the_operation_it_was_sent_to() {
+        let board = Arc::new(Board::new(vec!["nova-api".into()]));
+        // Nothing runs: a cancel has nothing to stop and is not kept for later.
+        assert_eq!(board.cancel_running("`resume`"), None);
+        let first = board.claim("drain nova-api".into()).unwrap();
+        assert_eq!(
+            board.cancel_running("`resume`").as_deref(),
+            Some("drain nova-api")
+        );
+        assert_eq!(first.cancel().reason().as_deref(), Some("`resume`"));
+        drop(first);
+        // The next operation starts clean.
+        let second = board.claim("drain nova-api".into()).unwrap();
+        assert_eq!(second.cancel().reason(), None);
     }
 
     #[test]

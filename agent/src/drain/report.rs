@@ -23,6 +23,10 @@ pub mod exit {
     /// The restart failed its health check, the rollback made the service healthy again and
     /// the server is back in service on the old version.
     pub const ROLLED_BACK: u8 = 6;
+    /// The server is back in service on this node, but a load balancer (named in the
+    /// message) did not confirm the return within its bound: do not drain the next node
+    /// before checking it.
+    pub const UNCONFIRMED: u8 = 7;
 }
 
 /// How an operation ended.
@@ -36,6 +40,8 @@ pub enum Outcome {
     Cancelled,
     RolledBack,
     Failed,
+    /// Back in service here, but a load balancer did not confirm it.
+    Unconfirmed,
 }
 
 impl Outcome {
@@ -47,6 +53,7 @@ impl Outcome {
             Outcome::DrainTimeout => exit::DRAIN_TIMEOUT,
             Outcome::RolledBack => exit::ROLLED_BACK,
             Outcome::Failed => exit::FAILED,
+            Outcome::Unconfirmed => exit::UNCONFIRMED,
         }
     }
 }
@@ -58,8 +65,9 @@ pub struct Progress {
     pub phase: Phase,
     pub in_flight: Option<u64>,
     pub idle: Option<u64>,
-    /// Requests HAProxy still has on (or queued for) this server, summed over load balancers.
-    pub lb_sessions: u64,
+    /// Requests HAProxy still has on (or queued for) this server, summed over load balancers;
+    /// `None` while a load balancer cannot be read.
+    pub lb_sessions: Option<u64>,
     pub elapsed_ms: u64,
 }
 
@@ -72,7 +80,8 @@ impl Progress {
             self.phase.as_str(),
             show(self.in_flight),
             show(self.idle),
-            self.lb_sessions,
+            self.lb_sessions
+                .map_or_else(|| "?".into(), |v| v.to_string()),
             self.elapsed_ms as f64 / 1000.0
         )
     }
@@ -94,10 +103,23 @@ pub struct PhaseTiming {
     pub duration_ms: u64,
 }
 
+/// How a load balancer's confirmation was obtained.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Via {
+    /// Read back from its runtime API (`show stat` shows the state).
+    #[default]
+    RuntimeApi,
+    /// It polled the agent-check port and was answered the new state word.
+    AgentCheck,
+}
+
 /// What one load balancer confirmed, in milliseconds since the operation started.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LoadBalancerReport {
+    /// The configured name, or "agent-check poller ADDRESS".
     pub name: String,
+    pub via: Via,
     /// Answered the runtime API at the start.
     pub reachable: bool,
     pub drain_confirmed_ms: Option<u64>,
@@ -138,6 +160,9 @@ pub struct Report {
     pub in_flight_zero_ms: Option<u64>,
     /// When the backend counted as drained (ms since the drain started).
     pub drained_ms: Option<u64>,
+    /// What ended the drain, in words (the kernel's count, the load balancers' sessions, or
+    /// a forced deadline).
+    pub drain_evidence: Option<String>,
     /// In-flight connections when the deadline forced the drain to end (on_timeout = force).
     pub forced_with_in_flight: Option<u64>,
     pub restart_ms: Option<u64>,
@@ -185,12 +210,24 @@ impl Report {
                 zero as f64 / 1000.0
             ));
         }
+        if let Some(evidence) = &self.drain_evidence {
+            out.push_str(&format!("  drained because {evidence}\n"));
+        }
+        if let Some(forced) = self.forced_with_in_flight {
+            out.push_str(&format!(
+                "  forced at the deadline with {forced} request(s) still in flight\n"
+            ));
+        }
         for lb in &self.load_balancers {
             let at = |v: Option<u64>| {
                 v.map_or_else(|| "-".into(), |v| format!("{:.3}s", v as f64 / 1000.0))
             };
+            let via = match lb.via {
+                Via::RuntimeApi => "runtime API",
+                Via::AgentCheck => "agent-check",
+            };
             out.push_str(&format!(
-                "  {}: drain {} maint {} ready {}{}\n",
+                "  {} ({via}): drain {} maint {} ready {}{}\n",
                 lb.name,
                 at(lb.drain_confirmed_ms),
                 at(lb.maint_confirmed_ms),
