@@ -130,6 +130,29 @@ pub fn start_api(node: &Host, version: &str) {
 /// the backend, and a runtime API on TCP (admin level). `use-server` on an `x-node` header lets
 /// a test pin a request to one node.
 pub fn haproxy_config(lb: &Host, nodes: &[&Host]) -> String {
+    haproxy_config_with(lb, nodes, &HaproxyOptions::default())
+}
+
+/// What differs between the tests' HAProxy set-ups.
+#[derive(Debug, Clone)]
+pub struct HaproxyOptions {
+    /// `agent-inter` on every server line.
+    pub agent_inter: &'static str,
+    /// `retries` in defaults: 0 shows every request a dead server costs.
+    pub retries: u32,
+}
+
+impl Default for HaproxyOptions {
+    fn default() -> HaproxyOptions {
+        HaproxyOptions {
+            agent_inter: "500ms",
+            retries: 3,
+        }
+    }
+}
+
+/// [`haproxy_config`] with other agent-check interval and retries.
+pub fn haproxy_config_with(lb: &Host, nodes: &[&Host], options: &HaproxyOptions) -> String {
     let mut config = format!(
         "global
     stats socket ipv4@{v4}:{RUNTIME_API_PORT} level admin
@@ -140,7 +163,7 @@ pub fn haproxy_config(lb: &Host, nodes: &[&Host]) -> String {
 defaults
     mode http
     option redispatch
-    retries 3
+    retries {retries}
     timeout connect 2s
     timeout client 30s
     timeout server 30s
@@ -157,7 +180,8 @@ backend {BACKEND}
     http-reuse always
 ",
         v4 = lb.v4,
-        dir = lb.dir.display()
+        dir = lb.dir.display(),
+        retries = options.retries,
     );
     for node in nodes {
         config.push_str(&format!(
@@ -168,9 +192,10 @@ backend {BACKEND}
     for node in nodes {
         config.push_str(&format!(
             "    server {name} {v4}:{API_PORT} check inter 500ms fall 2 rise 2 agent-check \
-             agent-port {AGENT_CHECK_PORT} agent-inter 500ms agent-send \"{BACKEND}\\n\"\n",
+             agent-port {AGENT_CHECK_PORT} agent-inter {agent_inter} agent-send \"{BACKEND}\\n\"\n",
             name = node.name,
-            v4 = node.v4
+            v4 = node.v4,
+            agent_inter = options.agent_inter,
         ));
     }
     config
@@ -249,7 +274,10 @@ impl Haproxy {
     }
 }
 
-/// Writes an agent config for a node behind `lbs` and starts the agent.
+/// Writes an agent config for a node behind `lbs` and starts the agent. With no `lbs` the
+/// agent knows no runtime API and no HAProxy server: the load balancers learn its state from
+/// agent-check alone. `extra_backend` may bring its own `restart`, which replaces the
+/// default one (serve-api.sh restart).
 pub fn start_node_agent(node: &Host, lbs: &[&Host], extra_backend: &str, extra_top: &str) -> Agent {
     let socket = node.dir.join("control.sock");
     let mut config = format!(
@@ -263,12 +291,23 @@ pub fn start_node_agent(node: &Host, lbs: &[&Host], extra_backend: &str, extra_t
         ));
     }
     config.push_str(&format!(
-        "[[backend]]\nname = \"{BACKEND}\"\nports = [{API_PORT}]\nhaproxy = {{ backend = \"{BACKEND}\", server = \"{node}\" }}\n\
-         restart = {{ command = [\"{script}\", \"restart\", \"{dir}\", \"{API_PORT}\"], timeout = \"60s\" }}\n\
-         health = {{ http = \"http://127.0.0.1:{API_PORT}/healthz\", expect = 200, timeout = \"10s\" }}\n{extra_backend}\n",
-        node = node.name,
-        script = serve_api_script().display(),
-        dir = node.dir.display(),
+        "[[backend]]\nname = \"{BACKEND}\"\nports = [{API_PORT}]\n"
+    ));
+    if !lbs.is_empty() {
+        config.push_str(&format!(
+            "haproxy = {{ backend = \"{BACKEND}\", server = \"{node}\" }}\n",
+            node = node.name
+        ));
+    }
+    if !extra_backend.contains("restart =") {
+        config.push_str(&format!(
+            "restart = {{ command = [\"{script}\", \"restart\", \"{dir}\", \"{API_PORT}\"], timeout = \"60s\" }}\n",
+            script = serve_api_script().display(),
+            dir = node.dir.display(),
+        ));
+    }
+    config.push_str(&format!(
+        "health = {{ http = \"http://127.0.0.1:{API_PORT}/healthz\", expect = 200, timeout = \"10s\" }}\n{extra_backend}\n",
     ));
     crate::start_agent_with_config(&node.netns, &node.dir, &config)
 }

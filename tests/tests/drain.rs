@@ -636,3 +636,67 @@ fn sigterm_during_a_drain_puts_the_server_back_and_says_so() {
         "the request in flight must finish"
     );
 }
+
+#[test]
+fn a_resume_that_cancelled_a_drain_does_not_cancel_the_next_one() {
+    let tier = tier("drain_timeout = \"20s\"");
+    let agent = &tier.agents[0];
+    let first = tier.slow_request_to_node1(1500);
+    wait_until(
+        Duration::from_secs(2),
+        "the first request in flight",
+        || agent.count("api", "in_flight") == 1,
+    );
+    assert_eq!(agent.cli(&["drain", "api"]).code, Some(0));
+    let resumed = agent.cli(&["resume", "api"]);
+    assert_eq!(resumed.code, Some(0), "{resumed:?}");
+    assert_eq!(first.join().unwrap(), 200);
+
+    // A new drain with a request in flight must wait for it, not end "cancelled by resume".
+    let second = tier.slow_request_to_node1(2000);
+    wait_until(
+        Duration::from_secs(2),
+        "the second request in flight",
+        || agent.count("api", "in_flight") == 1,
+    );
+    let started = Instant::now();
+    let outcome = agent.cli(&["drain", "api", "--wait", "--json"]);
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    let report = outcome.json();
+    assert_eq!(report["outcome"], "ok", "{report}");
+    assert_eq!(report["phase"], "drained", "{report}");
+    assert_eq!(second.join().unwrap(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "the drain ended after {:?}, before the request in flight",
+        started.elapsed()
+    );
+    assert_eq!(agent.cli(&["resume", "api"]).code, Some(0));
+}
+
+#[test]
+fn restart_output_with_a_multibyte_character_at_the_cut_rolls_back_in_words() {
+    // 499 ASCII bytes and then `é` (2 bytes) on stderr: a byte cut at 500 splits it.
+    let tier = tier(
+        "restart = { command = [\"sh\", \"-c\", \"printf '%0499d' 0 >&2; printf '\\\\303\\\\251' >&2; exit 1\"] }\n\
+         rollback = { command = [\"true\"] }",
+    );
+    let agent = &tier.agents[0];
+    let outcome = agent.cli(&["cycle", "api"]);
+    assert_eq!(outcome.code, Some(6), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains("restart failed")
+            && outcome.stderr.contains("rolled back")
+            && !outcome.stderr.contains("Progress {"),
+        "{}",
+        outcome.stderr
+    );
+    let backend = agent.backend("api");
+    assert_eq!(backend["state"], "serving", "{backend}");
+    assert!(
+        !agent.log().contains("panicked"),
+        "the agent panicked:\n{}",
+        agent.log()
+    );
+    tier.assert_everywhere("node1", "UP");
+}
