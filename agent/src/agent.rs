@@ -24,7 +24,7 @@ use crate::{
     haproxy::RuntimeApiClient,
     kernel::{BackendSample, KernelMode, Tracker, TrackerError},
     metrics::Metrics,
-    status::{BackendStatus, FlowTableStatus, Status},
+    status::{BackendStatus, FlowTableStatus, OperationSummary, Status},
 };
 
 /// The kernel side, shared by status, the drain operations and housekeeping.
@@ -46,8 +46,16 @@ impl KernelView for Kernel {
     }
 }
 
+/// The last finished operation of a backend, for `status`.
+struct LastOperation {
+    report: crate::drain::Report,
+    ended: Instant,
+}
+
 /// Everything the running agent shares between its tasks.
 struct Agent {
+    /// Per backend (config order), the last finished operation.
+    last_reports: Mutex<Vec<Option<LastOperation>>>,
     config: Arc<Config>,
     kernel: Arc<Kernel>,
     operations: Arc<Operations>,
@@ -104,6 +112,7 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
             pollers.clone(),
         )),
         metrics: Arc::new(Metrics::new(config.backends.len())),
+        last_reports: Mutex::new(config.backends.iter().map(|_| None).collect()),
         config: config.clone(),
         control_gid,
         kernel,
@@ -143,8 +152,12 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
     agent.metrics.set_ready(true);
     info!(
         control_socket = %config.control_socket.display(),
-        agent_check = ?config.agent_check_listen,
-        metrics = ?config.metrics_listen,
+        agent_check = config
+            .agent_check_listen
+            .map_or_else(|| "off".to_string(), |address| address.to_string()),
+        metrics = config
+            .metrics_listen
+            .map_or_else(|| "off".to_string(), |address| address.to_string()),
         kernel = agent.kernel.tracker.lock().expect("tracker lock").mode().as_str(),
         "drain-agent ready"
     );
@@ -358,13 +371,16 @@ impl Agent {
                 Request::Resume { backend } => {
                     let response = match self.operations.resume(&backend).await {
                         Ok(report) => {
-                            self.metrics.observe_report(&report);
+                            self.finished(&report);
                             Response::Report(Box::new(report))
                         }
-                        Err(refusal) => Response::Refused {
-                            exit_code: refusal.exit_code,
-                            message: refusal.message,
-                        },
+                        Err(refusal) => {
+                            self.metrics.observe_refusal(&backend, "resume");
+                            Response::Refused {
+                                exit_code: refusal.exit_code,
+                                message: refusal.message,
+                            }
+                        }
                     };
                     let _ = sender.send(response).await;
                 }
@@ -385,6 +401,11 @@ impl Agent {
         let mut events = match self.operations.start(backend, kind).await {
             Ok(events) => events,
             Err(refusal) => {
+                let operation = match kind {
+                    Kind::Drain => "drain",
+                    Kind::Cycle => "cycle",
+                };
+                self.metrics.observe_refusal(backend, operation);
                 let _ = sender
                     .send(Response::Refused {
                         exit_code: refusal.exit_code,
@@ -408,12 +429,28 @@ impl Agent {
                 Event::Started { .. } => continue,
                 Event::Progress(progress) => Response::Progress(progress),
                 Event::Done(report) => {
-                    self.metrics.observe_report(&report);
+                    self.finished(&report);
                     Response::Report(report)
                 }
             };
             // A client that went away does not stop the operation: keep draining events.
             let _ = sender.send(response).await;
+        }
+    }
+
+    /// Counts a finished operation and keeps its report for `status`.
+    fn finished(&self, report: &crate::drain::Report) {
+        self.metrics.observe_report(report);
+        if let Some(index) = self
+            .config
+            .backends
+            .iter()
+            .position(|backend| backend.name == report.backend)
+        {
+            self.last_reports.lock().expect("reports lock")[index] = Some(LastOperation {
+                report: report.clone(),
+                ended: Instant::now(),
+            });
         }
     }
 
@@ -441,6 +478,9 @@ impl Agent {
                     let mut status = backend_status(backend, sample, self.config.quiet_period);
                     status.state = phase.phase.as_str().to_string();
                     status.reason = phase.reason;
+                    status.last_operation = self.last_reports.lock().expect("reports lock")[index]
+                        .as_ref()
+                        .map(|last| OperationSummary::of(&last.report, last.ended.elapsed()));
                     status
                 })
                 .collect(),
@@ -494,6 +534,7 @@ fn backend_status(
         vanished: sample.vanished,
         cut_in_flight: sample.cut_in_flight,
         reason: None,
+        last_operation: None,
     }
 }
 

@@ -73,7 +73,10 @@ pub enum HaproxyError {
         api: String,
         reason: String,
     },
-    #[error("load balancer {lb}: the runtime API at {api} did not answer within {timeout:?}")]
+    #[error(
+        "load balancer {lb}: the runtime API at {api} did not answer within {}",
+        humantime::format_duration(*.timeout)
+    )]
     Timeout {
         lb: String,
         api: String,

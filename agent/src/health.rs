@@ -23,14 +23,19 @@ pub async fn wait_healthy(check: &HealthCheck) -> Result<Duration, String> {
         match tokio::time::timeout(PROBE_TIMEOUT, probe(&check.probe)).await {
             Ok(Ok(())) => return Ok(started.elapsed()),
             Ok(Err(err)) => last = err,
-            Err(_) => last = format!("no answer within {PROBE_TIMEOUT:?}"),
+            Err(_) => {
+                last = format!(
+                    "no answer within {}",
+                    humantime::format_duration(PROBE_TIMEOUT)
+                )
+            }
         }
         tokio::time::sleep(RETRY_EVERY).await;
     }
     Err(format!(
-        "{} not healthy within {:?}: {last}",
+        "{} not healthy within {}: {last}",
         describe(&check.probe),
-        check.timeout
+        humantime::format_duration(check.timeout)
     ))
 }
 

@@ -38,6 +38,10 @@ const PHASES: [Phase; 6] = [
     Phase::Failed,
 ];
 
+/// How long load balancers take to follow: from 10 ms (a runtime API) to a minute (a slow
+/// agent-check interval).
+const CONFIRMATION_BUCKETS: [f64; 10] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 60.0];
+
 /// Drain durations: from 10 ms (an idle node) to 10 minutes (Envoy's default drain).
 const DURATION_BUCKETS: [f64; 12] = [
     0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 600.0,
@@ -61,6 +65,7 @@ pub struct Metrics {
     time_to_healthy: Family<Labels, Histogram>,
     cut_at_deadline: Family<Labels, Counter>,
     load_balancer_up: Family<Labels, Gauge>,
+    confirmation_lag: Family<Labels, Histogram>,
     /// Kernel totals at the previous scrape, to turn them into counter increments.
     previous: Mutex<Vec<BackendSample>>,
     ready: AtomicBool,
@@ -94,6 +99,7 @@ impl Metrics {
             time_to_healthy: Family::new_with_constructor(|| Histogram::new(DURATION_BUCKETS)),
             cut_at_deadline: Family::default(),
             load_balancer_up: Family::default(),
+            confirmation_lag: Family::new_with_constructor(|| Histogram::new(CONFIRMATION_BUCKETS)),
             previous: Mutex::new(vec![BackendSample::default(); backends]),
             ready: AtomicBool::new(false),
             registry: Registry::default(),
@@ -172,6 +178,12 @@ impl Metrics {
             "load_balancer_up",
             "Whether the load balancer's runtime API answers (1) or not (0)",
             metrics.load_balancer_up.clone(),
+        );
+        registry.register(
+            "load_balancer_confirmation_seconds",
+            "From a server's state change until each load balancer confirmed it (step=\"drain\" \
+             or \"ready\"; via=\"runtime-api\" read back, or \"agent-check\" answered)",
+            metrics.confirmation_lag.clone(),
         );
         Metrics {
             registry,
@@ -290,6 +302,45 @@ impl Metrics {
         if let Some(cut) = report.forced_with_in_flight {
             self.cut_at_deadline.get_or_create(&labels).inc_by(cut);
         }
+        // The lag is measured from the start of the phase that asked for the state.
+        let started = |phase: Phase, last: bool| {
+            let mut starts = report.phases.iter().filter(|timing| timing.phase == phase);
+            if last { starts.last() } else { starts.next() }.map(|timing| timing.started_ms)
+        };
+        let draining = started(Phase::Draining, false);
+        let serving = started(Phase::Serving, true);
+        for lb in &report.load_balancers {
+            let via = match lb.via {
+                crate::drain::report::Via::RuntimeApi => "runtime-api",
+                crate::drain::report::Via::AgentCheck => "agent-check",
+            };
+            for (step, from, at) in [
+                ("drain", draining, lb.drain_confirmed_ms),
+                ("ready", serving, lb.ready_confirmed_ms),
+            ] {
+                let (Some(from), Some(at)) = (from, at) else {
+                    continue;
+                };
+                let lag = at.saturating_sub(from) as f64 / 1000.0;
+                let labels = with(
+                    with(with(labels.clone(), "load_balancer", &lb.name), "via", via),
+                    "step",
+                    step,
+                );
+                self.confirmation_lag.get_or_create(&labels).observe(lag);
+            }
+        }
+    }
+
+    /// Counts an operation that was refused before it changed anything.
+    pub fn observe_refusal(&self, backend_name: &str, operation: &str) {
+        self.operations
+            .get_or_create(&with(
+                with(backend(backend_name), "operation", operation),
+                "outcome",
+                "refused",
+            ))
+            .inc();
     }
 
     pub fn observe_load_balancer(&self, name: &str, up: bool) {

@@ -20,7 +20,10 @@ pub enum StepError {
         status: std::process::ExitStatus,
         output: String,
     },
-    #[error("`{command}` did not finish within {timeout:?} and was killed")]
+    #[error(
+        "`{command}` did not finish within {} and was killed",
+        humantime::format_duration(*.timeout)
+    )]
     Timeout { command: String, timeout: Duration },
 }
 

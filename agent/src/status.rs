@@ -71,6 +71,36 @@ pub struct BackendStatus {
     pub cut_in_flight: Option<u64>,
     /// Why the backend is in its phase, when it failed.
     pub reason: Option<String>,
+    /// The last drain, cycle or resume of this backend since the agent started.
+    #[serde(default)]
+    pub last_operation: Option<OperationSummary>,
+}
+
+/// How the last operation of a backend ended, and what each load balancer confirmed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OperationSummary {
+    pub operation: String,
+    pub outcome: crate::drain::Outcome,
+    pub message: String,
+    /// Seconds since it ended.
+    pub ended_seconds_ago: f64,
+    /// What ended its drain, if it drained.
+    pub drain_evidence: Option<String>,
+    pub load_balancers: Vec<crate::drain::report::LoadBalancerReport>,
+}
+
+impl OperationSummary {
+    /// The summary of a finished report.
+    pub fn of(report: &crate::drain::Report, ago: std::time::Duration) -> OperationSummary {
+        OperationSummary {
+            operation: report.operation.clone(),
+            outcome: report.outcome,
+            message: report.message.clone(),
+            ended_seconds_ago: ago.as_secs_f64(),
+            drain_evidence: report.drain_evidence.clone(),
+            load_balancers: report.load_balancers.clone(),
+        }
+    }
 }
 
 impl Status {
@@ -86,6 +116,9 @@ impl Status {
             );
         }
         let _ = writeln!(out, "   uptime: {:.0}s", self.uptime_seconds);
+        if let Some(running) = &self.running {
+            let _ = writeln!(out, "running: {running}");
+        }
         let _ = writeln!(
             out,
             "{:<16} {:<12} {:<10} {:>11} {:>9} {:>6} {:>9} {:>8} {:>7} {:>10}",
@@ -122,6 +155,39 @@ impl Status {
                 show(backend.reset),
                 show(backend.flow_table_full),
             );
+        }
+        for backend in &self.backends {
+            if let Some(reason) = &backend.reason {
+                let _ = writeln!(out, "{} is {}: {reason}", backend.name, backend.state);
+            }
+            let Some(last) = &backend.last_operation else {
+                continue;
+            };
+            let outcome = serde_json::to_value(last.outcome)
+                .ok()
+                .and_then(|value| value.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{}: last {} {:.0}s ago: {outcome} — {}",
+                backend.name, last.operation, last.ended_seconds_ago, last.message
+            );
+            for lb in &last.load_balancers {
+                let at = |v: Option<u64>| {
+                    v.map_or_else(|| "-".into(), |v| format!("{:.3}s", v as f64 / 1000.0))
+                };
+                let _ = writeln!(
+                    out,
+                    "  {}: drain confirmed {}, ready confirmed {}{}",
+                    lb.name,
+                    at(lb.drain_confirmed_ms),
+                    at(lb.ready_confirmed_ms),
+                    lb.error
+                        .as_ref()
+                        .map(|e| format!(" ({e})"))
+                        .unwrap_or_default()
+                );
+            }
         }
         if self
             .backends

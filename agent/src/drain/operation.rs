@@ -206,7 +206,7 @@ impl Operations {
             };
             info!(
                 backend = report.backend,
-                outcome = ?report.outcome,
+                outcome = report.outcome.as_str(),
                 message = report.message,
                 "{} finished",
                 report.operation

@@ -45,6 +45,20 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome as reports, logs and metrics spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Refused => "refused",
+            Outcome::DrainTimeout => "drain-timeout",
+            Outcome::Cancelled => "cancelled",
+            Outcome::RolledBack => "rolled-back",
+            Outcome::Failed => "failed",
+            Outcome::Unconfirmed => "unconfirmed",
+        }
+    }
+
     pub fn exit_code(self) -> u8 {
         match self {
             Outcome::Ok => exit::OK,
