@@ -753,13 +753,26 @@ impl Config {
     /// Checks what depends on this node: every interface exists here, the control group too.
     pub fn check_host(&self) -> Result<(), ConfigError> {
         if let Some(group) = &self.control_group {
-            if !matches!(nix::unistd::Group::from_name(group), Ok(Some(_))) {
+            let Ok(Some(entry)) = nix::unistd::Group::from_name(group) else {
                 return Err(ConfigError {
                     path: self.path.clone(),
                     line: None,
                     key: Some("control_group".into()),
                     message: format!(
                         "group `{group}` does not exist on this node (see `getent group`)"
+                    ),
+                });
+            };
+            if !can_give_files_to(entry.gid) {
+                return Err(ConfigError {
+                    path: self.path.clone(),
+                    line: None,
+                    key: Some("control_group".into()),
+                    message: format!(
+                        "the agent cannot hand the control socket to group `{group}`: it has \
+                         no CAP_CHOWN (the shipped unit does not grant it) and is not a member \
+                         of `{group}`. Add `SupplementaryGroups={group}` to the unit (systemctl \
+                         edit drain-agent), or remove control_group"
                     ),
                 });
             }
@@ -791,6 +804,22 @@ impl Config {
             .iter()
             .position(|backend| backend.ports.contains(&port))
     }
+}
+
+/// Whether this process may change a file it owns to group `gid`: with CAP_CHOWN, or as a
+/// member of the group (chown(2)'s rule for owners).
+fn can_give_files_to(gid: nix::unistd::Gid) -> bool {
+    const CAP_CHOWN: u32 = 0;
+    let has_chown = std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("CapEff:"))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .is_some_and(|caps| caps & (1 << CAP_CHOWN) != 0)
+    });
+    has_chown
+        || nix::unistd::getegid() == gid
+        || nix::unistd::getgroups().is_ok_and(|groups| groups.contains(&gid))
 }
 
 /// HAProxy proxy and server names are letters, digits and `-_.:`; anything else could split a

@@ -304,3 +304,64 @@ fn garbage_on_the_control_socket_and_the_agent_check_port_gets_an_error() {
     });
     assert_eq!(agent.backend("api")["state"], "serving");
 }
+
+#[test]
+fn control_group_needs_the_group_or_chown_under_the_units_capabilities() {
+    let dir = TempDir::new("control-group");
+    let path = dir.path().join("agent.toml");
+    std::fs::write(
+        &path,
+        "interfaces = [\"lo\"]\ncontrol_group = \"daemon\"\n[[backend]]\nname = \"api\"\nports = [8774]\n",
+    )
+    .unwrap();
+    // The shipped unit's capability set: CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, no CAP_CHOWN.
+    let as_the_unit = |groups: &str| {
+        let out = Command::new("setpriv")
+            .args(["--bounding-set", "-all,+bpf,+net_admin,+perfmon"])
+            .args(["--inh-caps", "-all", "--groups", groups])
+            .arg(agent_binary())
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (code, text) = as_the_unit("0");
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("control_group")
+            && text.contains("no CAP_CHOWN")
+            && text.contains("SupplementaryGroups=daemon"),
+        "{text}"
+    );
+    // With the group as a supplementary group (the documented drop-in) it passes.
+    let (code, text) = as_the_unit("0,1");
+    assert!(!text.contains("control_group"), "{code:?}: {text}");
+}
+
+#[test]
+fn min_serving_without_a_runtime_api_is_refused_in_words() {
+    let (code, text) = check_config(
+        "interfaces = [\"lo\"]\nagent_check_listen = \"127.0.0.1:9500\"\n\
+         [[backend]]\nname = \"api\"\nports = [8774]\nmin_serving = 1\n",
+    );
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("backend[0].min_serving")
+            && text.contains("agent-check alone the agent cannot see the other servers"),
+        "{text}"
+    );
+    // Without the key, an agent-check-only backend asks for nothing it cannot check.
+    let (code, text) = check_config(
+        "interfaces = [\"lo\"]\nagent_check_listen = \"127.0.0.1:9500\"\n\
+         [[backend]]\nname = \"api\"\nports = [8774]\n",
+    );
+    assert_eq!(code, Some(0), "{text}");
+}
