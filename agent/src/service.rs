@@ -125,6 +125,33 @@ fn truncate_on_char_boundary(text: &mut String, limit: usize) {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_command_runs_in_a_process_group_of_its_own() {
+        // The step prints its own /proc stat (field 5 is the process group) and fails, so
+        // the output comes back in the error.
+        let failed = run(&step(
+            &["sh", "-c", "cat /proc/$$/stat >&2; exit 1"],
+            Duration::from_secs(5),
+        ))
+        .await
+        .unwrap_err();
+        let StepError::Failed { output, .. } = failed else {
+            panic!("unexpected: {failed}");
+        };
+        let after_name = output.rsplit_once(')').expect("stat line").1;
+        let group: i32 = after_name
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_ne!(
+            group,
+            nix::unistd::getpgrp().as_raw(),
+            "the step shares the agent's process group: {output}"
+        );
+    }
+
     #[test]
     fn output_is_cut_on_a_character_boundary() {
         let mut text = format!("{}é and more", "a".repeat(499));

@@ -700,3 +700,32 @@ fn restart_output_with_a_multibyte_character_at_the_cut_rolls_back_in_words() {
     );
     tier.assert_everywhere("node1", "UP");
 }
+
+#[test]
+fn on_shutdown_finish_is_bounded_by_shutdown_timeout() {
+    let mut tier = tier_with("", "on_shutdown = \"finish\"\nshutdown_timeout = \"1s\"");
+    let slow = tier.slow_request_to_node1(6000);
+    wait_until(Duration::from_secs(3), "the request in flight", || {
+        tier.agents[0].count("api", "in_flight") == 1
+    });
+    assert_eq!(tier.agents[0].cli(&["drain", "api"]).code, Some(0));
+    let signalled = Instant::now();
+    tier.agents[0]
+        .process
+        .signal(nix::sys::signal::Signal::SIGTERM);
+    let status = tier.agents[0].process.wait(Duration::from_secs(15));
+    let took = signalled.elapsed();
+    assert!(status.success(), "the agent's exit: {status}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the agent took {took:?} to stop with shutdown_timeout = 1s"
+    );
+    let log = tier.agents[0].log();
+    assert!(log.contains("shutdown_timeout passed"), "{log}");
+    tier.assert_everywhere("node1", "UP");
+    assert_eq!(
+        slow.join().unwrap(),
+        200,
+        "the request in flight must finish"
+    );
+}
