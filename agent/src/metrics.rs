@@ -305,7 +305,12 @@ impl Metrics {
         // The lag is measured from the start of the phase that asked for the state.
         let started = |phase: Phase, last: bool| {
             let mut starts = report.phases.iter().filter(|timing| timing.phase == phase);
-            if last { starts.next_back() } else { starts.next() }.map(|timing| timing.started_ms)
+            if last {
+                starts.next_back()
+            } else {
+                starts.next()
+            }
+            .map(|timing| timing.started_ms)
         };
         let draining = started(Phase::Draining, false);
         let serving = started(Phase::Serving, true);
