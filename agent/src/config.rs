@@ -16,6 +16,9 @@ use drain_agent_common::{DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS};
 use serde::Deserialize;
 use toml::Spanned;
 
+/// Where the operation journal lives unless the config says otherwise (the unit's
+/// `StateDirectory=drain-agent`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/drain-agent";
 /// Where the control socket lives unless the config says otherwise.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/drain-agent/control.sock";
 /// How long in-flight must stay at 0 before a backend counts as quiet.
@@ -69,6 +72,10 @@ pub struct Config {
     pub control_group: Option<String>,
     /// What SIGTERM does to a drain in progress.
     pub on_shutdown: OnShutdown,
+    /// Where the operation journal is kept (survives the agent's crash).
+    pub state_dir: PathBuf,
+    /// What a restarted agent does with an operation the previous one left unfinished.
+    pub on_restart: OnRestart,
     /// HAProxy instances in front of this node.
     pub load_balancers: Vec<LoadBalancer>,
     /// The API services on this node.
@@ -108,6 +115,19 @@ pub enum OnShutdown {
     /// under way is waited for, then the cycle ends as it ends).
     Abort,
     /// Let the running drain or cycle finish, then exit.
+    Finish,
+}
+
+/// What a restarted agent does with a drain or cycle the previous agent left unfinished (it
+/// crashed, or was killed). A restart that was under way is always verified first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRestart {
+    /// Undo it: put the server back in service (after a health check if the service was being
+    /// restarted; the rollback path if that fails). The safe default: capacity comes back.
+    Restore,
+    /// Finish it: drain again (with what the restarted agent can see) and carry a cycle on to
+    /// its restart, verification and return.
     Finish,
 }
 
@@ -239,6 +259,8 @@ struct RawConfig {
     metrics_listen: Option<Spanned<String>>,
     control_group: Option<Spanned<String>>,
     on_shutdown: Option<OnShutdown>,
+    state_dir: Option<PathBuf>,
+    on_restart: Option<OnRestart>,
     #[serde(default, rename = "load_balancer")]
     load_balancers: Vec<Spanned<RawLoadBalancer>>,
     #[serde(default, rename = "backend")]
@@ -745,6 +767,10 @@ impl Config {
             metrics_listen,
             control_group,
             on_shutdown: raw.on_shutdown.unwrap_or(OnShutdown::Abort),
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            on_restart: raw.on_restart.unwrap_or(OnRestart::Restore),
             load_balancers,
             backends,
         })

@@ -74,6 +74,10 @@ pub struct BackendStatus {
     /// The last drain, cycle or resume of this backend since the agent started.
     #[serde(default)]
     pub last_operation: Option<OperationSummary>,
+    /// Load balancers whose view of the server differs from the agent's phase at rest, one
+    /// sentence each (drift.rs).
+    #[serde(default)]
+    pub drift: Vec<String>,
 }
 
 /// How the last operation of a backend ended, and what each load balancer confirmed.
@@ -157,6 +161,9 @@ impl Status {
             );
         }
         for backend in &self.backends {
+            for sentence in &backend.drift {
+                let _ = writeln!(out, "warning: {}: {sentence}", backend.name);
+            }
             if let Some(reason) = &backend.reason {
                 let _ = writeln!(out, "{} is {}: {reason}", backend.name, backend.state);
             }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::{
-    phase::{Board, CancelToken, Phase, millis},
+    phase::{Board, CancelToken, ClaimError, Phase, millis},
     report::{
         Counts, KernelSeen, LoadBalancerReport, Outcome, PhaseTiming, Progress, Report, Via, exit,
     },
@@ -56,7 +56,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Kind::Drain => "drain",
             Kind::Cycle => "cycle",
@@ -101,11 +101,13 @@ pub enum Event {
 
 /// Starts and tracks drains and cycles on this node.
 pub struct Operations {
-    config: Arc<Config>,
-    board: Arc<Board>,
+    pub(super) config: Arc<Config>,
+    pub(super) board: Arc<Board>,
     kernel: Arc<dyn KernelView>,
     /// Who polled the agent-check port and what they were told.
     pollers: Arc<Pollers>,
+    /// What the last reconciliation after an agent restart did, for the next report.
+    pub(super) reconciled: std::sync::Mutex<Option<String>>,
 }
 
 impl Operations {
@@ -120,6 +122,7 @@ impl Operations {
             board,
             kernel,
             pollers,
+            reconciled: std::sync::Mutex::new(None),
         }
     }
 
@@ -165,15 +168,8 @@ impl Operations {
         }
         let claim = self
             .board
-            .claim(format!("{} {}", kind.as_str(), backend.name))
-            .map_err(|other| {
-                Refusal::new(
-                    exit::REFUSED,
-                    format!(
-                        "refused: `{other}` is already running on this node; one drain at a time"
-                    ),
-                )
-            })?;
+            .claim(index, kind.as_str())
+            .map_err(refusal_of_claim)?;
         let phase = self.board.get(index).phase;
         let allowed = match kind {
             Kind::Drain => phase == Phase::Serving,
@@ -239,10 +235,8 @@ impl Operations {
         }
         let claim = self
             .board
-            .claim(format!("resume {}", backend.name))
-            .map_err(|other| {
-                Refusal::new(exit::REFUSED, format!("refused: `{other}` is running"))
-            })?;
+            .claim(index, "resume")
+            .map_err(refusal_of_claim)?;
         let lbs = RuntimeApiClient::for_each(&self.config.load_balancers);
         let (events, _) = mpsc::channel(1);
         let mut run = Run::new(
@@ -258,7 +252,7 @@ impl Operations {
         Ok(run.resume().await)
     }
 
-    fn backend(&self, name: &str) -> Result<(usize, Backend), Refusal> {
+    pub(super) fn backend(&self, name: &str) -> Result<(usize, Backend), Refusal> {
         self.config
             .backends
             .iter()
@@ -357,16 +351,16 @@ impl Operations {
 }
 
 /// One running operation.
-struct Run {
+pub(super) struct Run {
     config: Arc<Config>,
     board: Arc<Board>,
     kernel: Arc<dyn KernelView>,
     pollers: Arc<Pollers>,
     cancel: Arc<CancelToken>,
     index: usize,
-    backend: Backend,
-    kind: Kind,
-    operation: &'static str,
+    pub(super) backend: Backend,
+    pub(super) kind: Kind,
+    pub(super) operation: &'static str,
     lbs: Vec<RuntimeApiClient>,
     events: mpsc::Sender<Event>,
     started: Instant,
@@ -376,7 +370,7 @@ struct Run {
 }
 
 impl Run {
-    fn new(
+    pub(super) fn new(
         ops: &Operations,
         cancel: Arc<CancelToken>,
         index: usize,
@@ -419,6 +413,7 @@ impl Run {
                     })
                     .collect(),
                 drain_evidence: None,
+                reconciled_before: ops.reconciled.lock().expect("reconciled lock").take(),
                 kernel: None,
                 total_ms: 0,
             },
@@ -433,7 +428,7 @@ impl Run {
         }
     }
 
-    async fn execute(&mut self, from: Phase) -> Report {
+    pub(super) async fn execute(&mut self, from: Phase) -> Report {
         if from == Phase::Serving {
             if let Err(outcome) = self.drain().await {
                 return self.finish(outcome.0, outcome.1);
@@ -457,7 +452,7 @@ impl Run {
     }
 
     /// serving → draining → drained. `Err` carries the outcome when the drain did not finish.
-    async fn drain(&mut self) -> Result<(), (Outcome, String)> {
+    pub(super) async fn drain(&mut self) -> Result<(), (Outcome, String)> {
         let sample = self.kernel.sample(self.index).ok();
         self.report.at_drain_start = sample.as_ref().map(|sample| Counts {
             established: sample.established,
@@ -625,7 +620,7 @@ impl Run {
 
     /// drained → restarting → verifying → serving, with rollback when the service stays
     /// unhealthy.
-    async fn restart_and_verify(&mut self) -> Report {
+    pub(super) async fn restart_and_verify(&mut self) -> Report {
         let restart = self.backend.restart.clone().expect("checked at start");
         let check = self.health_check();
         self.enter(Phase::Restarting, None);
@@ -655,7 +650,7 @@ impl Run {
 
     /// The service is not healthy: run the rollback (if any) and put the server back on the
     /// old version, or leave it out of rotation and say so plainly.
-    async fn roll_back(&mut self, mut problem: String) -> Report {
+    pub(super) async fn roll_back(&mut self, mut problem: String) -> Report {
         let check = self.health_check();
         if let Some(rollback) = self.backend.rollback.clone() {
             warn!(backend = self.backend.name, problem, "running the rollback");
@@ -769,7 +764,7 @@ impl Run {
 
     /// Back to serving: the phase first (agent-check answers "ready"), then every runtime
     /// API, then the wait until every known agent-check poller was told.
-    async fn back_in_service(&mut self, outcome: Outcome, message: String) -> Report {
+    pub(super) async fn back_in_service(&mut self, outcome: Outcome, message: String) -> Report {
         self.enter(Phase::Serving, None);
         let since = Instant::now();
         let set = self.set_all(AdminState::Ready).await;
@@ -836,7 +831,7 @@ impl Run {
     }
 
     /// Undoes a drain: serving, and ready on every load balancer (confirmed as for a return).
-    async fn restore_service(&mut self) {
+    pub(super) async fn restore_service(&mut self) {
         self.enter(Phase::Serving, None);
         let since = Instant::now();
         if let Err(err) = self.set_all(AdminState::Ready).await {
@@ -874,7 +869,7 @@ impl Run {
         }
     }
 
-    fn health_check(&self) -> HealthCheck {
+    pub(super) fn health_check(&self) -> HealthCheck {
         self.backend.health.clone().unwrap_or_else(|| HealthCheck {
             probe: Probe::Tcp(format!("127.0.0.1:{}", self.backend.ports[0])),
             timeout: crate::config::DEFAULT_HEALTH_TIMEOUT,
@@ -953,7 +948,17 @@ impl Run {
             return Ok(0);
         };
         let mut total = 0;
-        for lb in &self.lbs {
+        let reports = self
+            .report
+            .load_balancers
+            .iter()
+            .filter(|lb| lb.via == Via::RuntimeApi);
+        for (lb, report) in self.lbs.iter().zip(reports) {
+            // Unreachable when the drain began (tolerated because agent-check tells it): its
+            // sessions were never readable; the report names it as not confirmed.
+            if !report.reachable {
+                continue;
+            }
             let stat = lb.server(server).await.map_err(|err| err.to_string())?;
             total += stat.scur + stat.qcur;
         }
@@ -973,7 +978,7 @@ impl Run {
         }
     }
 
-    fn enter(&mut self, phase: Phase, reason: Option<String>) {
+    pub(super) fn enter(&mut self, phase: Phase, reason: Option<String>) {
         self.close_phase();
         self.board.set(self.index, phase, reason);
         self.phase_started = Instant::now();
@@ -994,7 +999,7 @@ impl Run {
         }
     }
 
-    fn finish(&mut self, outcome: Outcome, message: String) -> Report {
+    pub(super) fn finish(&mut self, outcome: Outcome, message: String) -> Report {
         self.close_phase();
         // The phase the operation ends in is where the backend rests, not a timed step.
         if let Some(last) = self.report.phases.last_mut() {
@@ -1042,9 +1047,15 @@ impl PollerWait {
                 .checked_sub(interval * KNOWN_POLLER_INTERVALS)
                 .unwrap_or(since),
         );
+        // A return needs a second poll (see `settle`), so it may take two intervals.
+        let polls = if run.board.get(run.index).phase == Phase::Serving {
+            2
+        } else {
+            1
+        };
         PollerWait {
             since,
-            bound: since + interval + POLL_GRACE,
+            bound: since + interval * polls + POLL_GRACE,
             done: run.config.agent_check_listen.is_none(),
             none_known: known.is_empty(),
         }
@@ -1070,10 +1081,19 @@ impl PollerWait {
         let now = Instant::now();
         let mut all = true;
         for peer in &peers {
+            // A drain takes effect on the poll that carries it. A return from MAINT does not:
+            // HAProxy reset the server's health and marks it UP only after `rise` checks, so
+            // the second "ready" in a row (one agent-inter later) is the confirmation —
+            // docs/operations.md asks for rise × inter below agent-inter.
+            let polls_needed = if phase == Phase::Serving { 2 } else { 1 };
             let confirmed_at = run
                 .pollers
                 .last(*peer, run.index)
-                .filter(|answered| answered.at >= self.since && wanted(&answered.word))
+                .filter(|answered| {
+                    answered.streak_since >= self.since
+                        && answered.streak >= polls_needed
+                        && wanted(&answered.word)
+                })
                 .map(|answered| answered.at);
             let entry = poller_entry(&mut run.report, *peer);
             match confirmed_at {
@@ -1146,6 +1166,14 @@ fn poller_entry(report: &mut Report, peer: IpAddr) -> &mut LoadBalancerReport {
         }
     };
     &mut report.load_balancers[index]
+}
+
+/// A claim that failed, as the refusal the CLI shows.
+pub(super) fn refusal_of_claim(err: ClaimError) -> Refusal {
+    match err {
+        ClaimError::Busy(_) => Refusal::new(exit::REFUSED, format!("refused: {err}")),
+        ClaimError::Journal(_) => Refusal::new(exit::ERROR, format!("refused: {err}")),
+    }
 }
 
 /// A panic's message, whatever its payload type.

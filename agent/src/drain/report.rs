@@ -186,6 +186,9 @@ pub struct Report {
     pub rollback: Option<String>,
     pub load_balancers: Vec<LoadBalancerReport>,
     pub kernel: Option<KernelSeen>,
+    /// What the agent found and did when it last started after a crash, if that has not been
+    /// reported yet (a reconciliation).
+    pub reconciled_before: Option<String>,
     pub total_ms: u64,
 }
 
@@ -251,6 +254,9 @@ impl Report {
                     .map(|e| format!(" ({e})"))
                     .unwrap_or_default()
             ));
+        }
+        if let Some(reconciled) = &self.reconciled_before {
+            out.push_str(&format!("  before this: {reconciled}\n"));
         }
         if let Some(kernel) = &self.kernel {
             out.push_str(&format!(
