@@ -287,3 +287,35 @@ fn a_rollback_that_fails_leaves_the_server_in_maint_and_says_where() {
     assert_eq!(tier.agents[0].cli(&["resume", "api"]).code, Some(0));
     tier.assert_everywhere("node1", "UP");
 }
+
+#[test]
+fn a_load_balancer_down_for_the_whole_cycle_is_named_and_no_request_fails() {
+    let mut tier = tier("drain_timeout = \"30s\"");
+    tier.lbs[1]
+        .process
+        .signal(nix::sys::signal::Signal::SIGKILL);
+    tier.lbs[1].process.wait(Duration::from_secs(5));
+    std::fs::write(tier.node("node1").dir.join("version"), "2.0").unwrap();
+    let load = load_through_lb1(&tier, 12);
+    std::thread::sleep(Duration::from_secs(1));
+    let outcome = tier.agents[0].cli(&["cycle", "api", "--json"]);
+    // Back in service and confirmed by lb1, but lb2 never confirmed: exit 7 names it.
+    assert_eq!(outcome.code, Some(7), "{outcome:?}");
+    let report = outcome.json();
+    let lb2 = report["load_balancers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|lb| lb["name"] == "lb2")
+        .cloned()
+        .unwrap_or_else(|| panic!("lb2 not in the report: {report}"));
+    assert_eq!(lb2["reachable"], false, "{lb2}");
+    assert!(lb2["ready_confirmed_ms"].is_null(), "{lb2}");
+    assert!(
+        report["message"].as_str().unwrap().contains("lb2"),
+        "{report}"
+    );
+    assert_eq!(tier.lbs[0].status("node1"), "UP");
+    assert_eq!(tier.version_of("node1"), "2.0");
+    assert_no_failed_requests(&load.finish(Duration::from_secs(60)));
+}
