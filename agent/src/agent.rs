@@ -649,9 +649,8 @@ fn backend_status(
         ports: backend.ports.clone(),
         state: "serving".into(),
         established: sample.established,
-        idle: sample
-            .in_flight
-            .map(|in_flight| sample.established.saturating_sub(in_flight)),
+        idle: sample.idle(),
+        unknown: sample.unknown,
         quiet: sample.in_flight.map(|in_flight| {
             in_flight == 0
                 && sample

@@ -115,7 +115,7 @@ impl Metrics {
         );
         registry.register(
             "connections",
-            "Connections to the backend's ports by state: established, in_flight, idle",
+            "Connections to the backend's ports by state: established, in_flight, unknown (not seen begin, not settled yet), idle",
             metrics.connections.clone(),
         );
         registry.register(
@@ -237,9 +237,12 @@ impl Metrics {
                     .set(value as i64);
             };
             gauge("established", sample.established);
+            if let Some(unknown) = sample.unknown {
+                gauge("unknown", unknown);
+            }
             if let Some(in_flight) = sample.in_flight {
                 gauge("in_flight", in_flight);
-                gauge("idle", sample.established.saturating_sub(in_flight));
+                gauge("idle", sample.idle().unwrap_or(0));
             }
             let grow = |counter: &Counter, now: Option<u64>, then: Option<u64>| {
                 counter.inc_by(now.unwrap_or(0).saturating_sub(then.unwrap_or(0)));

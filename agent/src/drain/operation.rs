@@ -457,9 +457,8 @@ impl Run {
         self.report.at_drain_start = sample.as_ref().map(|sample| Counts {
             established: sample.established,
             in_flight: sample.in_flight,
-            idle: sample
-                .in_flight
-                .map(|f| sample.established.saturating_sub(f)),
+            unknown: sample.unknown,
+            idle: sample.idle(),
         });
         // The phase changes first: from now on every agent check answers "drain".
         self.enter(Phase::Draining, None);
@@ -474,7 +473,6 @@ impl Run {
         let mut pollers = PollerWait::new(self, drain_started);
 
         let deadline = drain_started + self.backend.drain_timeout;
-        let quiet_period = self.config.quiet_period;
         let mut lb_sessions: Result<u64, String> = Err("not read yet".into());
         let mut last_lb_poll: Option<Instant> = None;
         let mut last_progress: Option<Instant> = None;
@@ -495,21 +493,9 @@ impl Run {
                     .await;
                 started_sent = true;
             }
-            // Evidence, never its absence: a failed read is not "nothing in flight".
-            let kernel_quiet = match &sample {
-                Ok(sample) => match sample.in_flight {
-                    Some(in_flight) => {
-                        in_flight == 0
-                            && sample
-                                .since_last_idle
-                                .is_none_or(|since| since >= quiet_period)
-                    }
-                    // procfs mode: no in-flight view; rely on HAProxy's sessions and one
-                    // quiet period.
-                    None => drain_started.elapsed() >= quiet_period,
-                },
-                Err(_) => false,
-            };
+            // Evidence, never its absence: a failed read is not "nothing in flight", and a
+            // connection the agent did not see begin is not idle until something says so.
+            let evidence = self.evidence(&sample, &lb_sessions);
             if last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
                 let shown = sample.clone().unwrap_or_default();
                 let _ = self.events.try_send(Event::Progress(
@@ -517,7 +503,7 @@ impl Run {
                 ));
                 last_progress = Some(Instant::now());
             }
-            if confirmed && kernel_quiet && lb_sessions == Ok(0) {
+            if confirmed && evidence.is_some() && lb_sessions == Ok(0) {
                 // Confirm HAProxy's side right now rather than from a poll up to 200 ms old.
                 lb_sessions = self.lb_sessions().await;
                 if lb_sessions == Ok(0) {
@@ -527,7 +513,7 @@ impl Run {
                         let zero_at = Instant::now().checked_sub(since)?;
                         zero_at.checked_duration_since(drain_started).map(millis)
                     });
-                    self.report.drain_evidence = Some(self.evidence(&sample));
+                    self.report.drain_evidence = evidence;
                     break;
                 }
             }
@@ -591,21 +577,59 @@ impl Run {
         Ok(())
     }
 
-    /// What ended the drain, in words, for the report.
-    fn evidence(&self, sample: &Result<BackendSample, String>) -> String {
-        let kernel = match sample {
-            Ok(sample) if sample.in_flight.is_some() => format!(
-                "the kernel counted 0 requests in flight for {}",
-                humantime::format_duration(self.config.quiet_period)
-            ),
-            _ => "procfs mode: no in-flight count; one quiet period passed".to_string(),
-        };
-        let lbs = if self.lbs.is_empty() || self.backend.haproxy.is_none() {
-            String::new()
-        } else {
-            ", and every reachable load balancer showed 0 sessions".to_string()
-        };
-        format!("{kernel}{lbs}")
+    /// The evidence that the backend is drained, in words for the report, or `None` while
+    /// there is none. Three sources, strongest first: the kernel's count (every connection
+    /// seen and quiet), the load balancers' sessions (0 on every one of them means no request
+    /// rides on connections the kernel cannot judge), and no connection at all.
+    fn evidence(
+        &self,
+        sample: &Result<BackendSample, String>,
+        lb_sessions: &Result<u64, String>,
+    ) -> Option<String> {
+        let sample = sample.as_ref().ok()?;
+        let unknown = sample.unknown.unwrap_or(0);
+        // Every configured load balancer answered with 0 sessions: none was left out
+        // because it was unreachable.
+        let lbs_vouch = self.backend.haproxy.is_some()
+            && !self.lbs.is_empty()
+            && lb_sessions == &Ok(0)
+            && self
+                .report
+                .load_balancers
+                .iter()
+                .filter(|lb| lb.via == Via::RuntimeApi)
+                .all(|lb| lb.reachable);
+        let lbs_words = "every load balancer showed 0 sessions for the server";
+        if sample.established == 0 {
+            return Some("no connection to the backend's ports was left".into());
+        }
+        match sample.in_flight {
+            Some(in_flight) => {
+                let quiet = in_flight == 0
+                    && sample
+                        .since_last_idle
+                        .is_none_or(|since| since >= self.config.quiet_period);
+                let kernel_words = format!(
+                    "the kernel counted 0 requests in flight for {}",
+                    humantime::format_duration(self.config.quiet_period)
+                );
+                match (quiet, unknown) {
+                    (false, _) => None,
+                    (true, 0) if self.backend.haproxy.is_some() => {
+                        Some(format!("{kernel_words}, and {lbs_words}"))
+                    }
+                    (true, 0) => Some(kernel_words),
+                    (true, unknown) if lbs_vouch => Some(format!(
+                        "{kernel_words}, and {lbs_words}: the {unknown} connection(s) the agent \
+                         did not see begin carry nothing"
+                    )),
+                    (true, _) => None,
+                }
+            }
+            // procfs: the agent knows nothing per connection.
+            None if lbs_vouch => Some(format!("procfs mode (in-flight unknown): {lbs_words}")),
+            None => None,
+        }
     }
 
     /// Names of the load balancers and pollers that did not confirm the current step.
@@ -970,9 +994,8 @@ impl Run {
             backend: self.backend.name.clone(),
             phase: self.board.get(self.index).phase,
             in_flight: sample.in_flight,
-            idle: sample
-                .in_flight
-                .map(|f| sample.established.saturating_sub(f)),
+            unknown: sample.unknown,
+            idle: sample.idle(),
             lb_sessions,
             elapsed_ms: millis(self.started.elapsed()),
         }
@@ -1090,7 +1113,7 @@ impl PollerWait {
                 .pollers
                 .last(*peer, run.index)
                 .filter(|answered| {
-                    answered.streak_since >= self.since
+                    answered.at >= self.since
                         && answered.streak >= polls_needed
                         && wanted(&answered.word)
                 })
