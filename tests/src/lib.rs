@@ -390,8 +390,14 @@ fn start_agent_in(netns: &Netns, dir: &Path, config: &str, kernel: &str) -> Agen
     std::fs::write(&config_path, config).unwrap();
     let log_path = dir.join("agent.log");
     let log = File::create(&log_path).unwrap();
-    let mut command = netns.command(agent_binary());
+    // nsenter, not `ip netns exec`: that one remounts /sys, which hides the cgroup-v2 mount
+    // the agent attaches its sock_ops program to. Only the network namespace changes.
+    let mut command = Command::new("nsenter");
     command
+        .arg(format!("--net=/run/netns/{}", netns.name()))
+        .arg("--")
+        .arg(agent_binary())
+        .stdin(Stdio::null())
         .args(["run", "--kernel", kernel, "--config"])
         .arg(&config_path)
         .env("RUST_LOG", "debug")

@@ -276,7 +276,15 @@ fn killing_the_agent_detaches_the_programs_and_the_node_keeps_serving() {
         .iter()
         .map(|attachment| attachment["program_id"].as_u64().unwrap())
         .collect();
-    assert_eq!(programs.len(), 2, "ingress and egress on eth0: {status}");
+    assert_eq!(
+        programs.len(),
+        3,
+        "sock_ops on the cgroup root, ingress and egress on eth0: {status}"
+    );
+    assert_eq!(
+        status["attachments"][0]["direction"], "sock_ops",
+        "{status}"
+    );
     // A program exists in the kernel as long as a link (or an fd) holds it.
     let loaded = |id: u64| {
         command_output("bpftool", &["prog", "show", "id", &id.to_string()])
@@ -353,30 +361,32 @@ fn connections_older_than_the_agent_are_counted_and_tracked() {
 }
 
 #[test]
-fn a_connection_that_vanishes_without_fin_or_rst_is_garbage_collected() {
+fn a_connection_whose_socket_dies_without_fin_or_rst_on_the_wire_leaves_the_counters() {
     let lab = Lab::new();
     let _api = lab.start_api(API);
-    let agent = lab.start_agent(&[(BACKEND, &[API])], "flow_idle_check = \"2s\"", "ebpf");
-    let _connection = idle_connections(&lab, Lab::node_addr(false, API), 1);
-    wait_for(&agent, "established", 1, Duration::from_secs(2));
+    let agent = lab.start_agent(&[(BACKEND, &[API])], "", "ebpf");
+    let mut connection = lab.connect(Lab::node_addr(false, API));
+    connection.send("/slow?ms=3000").unwrap();
+    wait_for(&agent, "in_flight", 1, Duration::from_secs(1));
 
-    // Destroy the node's socket while the link is down, so no RST reaches the wire.
+    // Destroy the node's socket while the link is down, so no RST reaches the wire: nothing
+    // the TC programs see says it ended, but the kernel's state change does.
     lab.node.ip(&["link", "set", "eth0", "down"]);
     let mut kill = lab.node.command("ss");
     kill.args(["-K", "-tn", "state", "established", "( sport = :8080 )"]);
     assert!(kill.status().unwrap().success(), "ss -K failed");
-    lab.node.ip(&["link", "set", "eth0", "up"]);
-    assert_eq!(lab.ss_established(API), 0);
-    assert_eq!(
-        agent.count(BACKEND, "established"),
-        1,
-        "nothing on the wire said it closed"
-    );
-
-    let backend = agent.wait_backend(BACKEND, Duration::from_secs(6), "garbage collection", |b| {
+    let backend = agent.wait_backend(BACKEND, Duration::from_secs(1), "the state callback", |b| {
         b["established"] == 0
     });
+    lab.node.ip(&["link", "set", "eth0", "up"]);
+    assert_eq!(lab.ss_established(API), 0);
     assert_eq!(backend["vanished"], 1, "{backend}");
     assert_eq!(backend["in_flight"], 0, "{backend}");
+    assert_eq!(
+        backend["cut_in_flight"], 1,
+        "lost while in flight: {backend}"
+    );
+    assert_eq!(backend["reset"], 0, "{backend}");
+    assert_eq!(backend["closed"], 0, "{backend}");
     assert_eq!(agent.status()["flow_table"]["entries"], 0);
 }
