@@ -391,6 +391,36 @@ fn a_connection_whose_socket_dies_without_fin_or_rst_on_the_wire_leaves_the_coun
     assert_eq!(agent.status()["flow_table"]["entries"], 0);
 }
 
+#[test]
+fn an_older_connection_whose_socket_vanishes_is_garbage_collected() {
+    let lab = Lab::new();
+    let _api = lab.start_api(API);
+    let _connection = idle_connections(&lab, Lab::node_addr(false, API), 1);
+    // Seeded from the socket table: no state callback for it, only the wire and the GC.
+    let agent = lab.start_agent(&[(BACKEND, &[API])], "flow_idle_check = \"1s\"", "ebpf");
+    assert_eq!(agent.count(BACKEND, "established"), 1);
+    assert_eq!(agent.status()["flow_table"]["entries"], 1);
+
+    lab.node.ip(&["link", "set", "eth0", "down"]);
+    let mut kill = lab.node.command("ss");
+    kill.args(["-K", "-tn", "state", "established", "( sport = :8080 )"]);
+    assert!(kill.status().unwrap().success(), "ss -K failed");
+    lab.node.ip(&["link", "set", "eth0", "up"]);
+    assert_eq!(lab.ss_established(API), 0);
+    assert_eq!(
+        agent.count(BACKEND, "established"),
+        1,
+        "nothing on the wire said it closed, and the kernel does not call back for it"
+    );
+
+    let backend = agent.wait_backend(BACKEND, Duration::from_secs(5), "garbage collection", |b| {
+        b["established"] == 0
+    });
+    assert_eq!(backend["vanished"], 1, "{backend}");
+    assert_eq!(backend["in_flight"], 0, "{backend}");
+    assert_eq!(agent.status()["flow_table"]["entries"], 0);
+}
+
 /// Raw TCP from the client namespace (Python: the standard library has raw sockets).
 const RAW_TCP: &str = r#"
 import socket, struct, sys
