@@ -7,7 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drain_agent_tests::{Agent, Lab, NODE_V4, command_output, http::Connection, wait_until};
+use drain_agent_tests::{
+    Agent, Lab, NODE_V4, NODE_V6, command_output, http::Connection, wait_until,
+};
 
 const API: u16 = 8080;
 const BACKEND: &str = "api";
@@ -436,6 +438,8 @@ def checksum(data):
 def tcp(src, sport, dst, dport, seq, ack, flags):
     header = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
                          5 << 4, flags, 65535, 0, 0)
+    if ":" in dst:
+        return header  # IPv6: the raw socket computes the checksum (IPV6_CHECKSUM)
     pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(header))
     return header[:16] + struct.pack("!H", checksum(pseudo + header)) + header[18:]
 
@@ -446,26 +450,38 @@ FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 /// own data segment (AF_PACKET), then follows commands on stdin.
 const SPOOFER: &str = r#"
 node, port = sys.argv[1], int(sys.argv[2])
+v6 = ":" in node
 # ETH_P_ALL: only "all protocols" taps see outgoing frames.
 sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
 sniff.bind(("eth0", 3))
 sniff.settimeout(10)
 conn = socket.create_connection((node, port))
-src, sport = conn.getsockname()
+src, sport = conn.getsockname()[:2]
 conn.sendall(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: node\r\n\r\n")
 while True:
     frame = sniff.recv(65535)
     ip = frame[14:]
-    ihl = (ip[0] & 15) * 4
-    if frame[12:14] != b"\x08\x00" or ip[9] != 6:
-        continue
-    segment = ip[ihl:]
+    if v6:
+        if frame[12:14] != b"\x86\xdd" or ip[6] != 6:
+            continue
+        segment = ip[40:]
+        ip_payload = struct.unpack("!H", ip[4:6])[0]
+    else:
+        ihl = (ip[0] & 15) * 4
+        if frame[12:14] != b"\x08\x00" or ip[9] != 6:
+            continue
+        segment = ip[ihl:]
+        ip_payload = struct.unpack("!H", ip[2:4])[0] - ihl
     s, d, seq, ack = struct.unpack("!HHII", segment[:12])
-    payload = struct.unpack("!H", ip[2:4])[0] - ihl - (segment[12] >> 4) * 4
+    payload = ip_payload - (segment[12] >> 4) * 4
     if s == sport and d == port and payload > 0:
         next_seq, acked = (seq + payload) & 0xFFFFFFFF, ack
         break
-raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+if v6:
+    raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    raw.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_CHECKSUM, 16)
+else:
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
 def send(seq, ack, flags):
     raw.sendto(tcp(src, sport, node, port, seq, ack, flags), (node, 0))
 print("ready", next_seq, flush=True)
@@ -557,9 +573,19 @@ impl Drop for Helper {
 }
 
 #[test]
-fn spoofed_rst_and_fin_outside_the_window_do_not_end_a_running_request() {
+fn spoofed_rst_and_fin_outside_the_window_do_not_end_a_running_request_ipv4() {
+    spoofed_rst_and_fin(false);
+}
+
+#[test]
+fn spoofed_rst_and_fin_outside_the_window_do_not_end_a_running_request_ipv6() {
+    spoofed_rst_and_fin(true);
+}
+
+fn spoofed_rst_and_fin(v6: bool) {
     let (lab, _api, agent) = lab_with_agent();
-    let mut spoofer = Helper::start(&lab, SPOOFER, &[NODE_V4, &API.to_string()]);
+    let node = if v6 { NODE_V6 } else { NODE_V4 };
+    let mut spoofer = Helper::start(&lab, SPOOFER, &[node, &API.to_string()]);
     let ready = spoofer.line();
     assert!(ready.starts_with("ready "), "{ready}");
     wait_for(&agent, "in_flight", 1, Duration::from_secs(1));
