@@ -10,8 +10,8 @@
 pub struct BackendCounters {
     /// Connections whose handshake completed and which have not closed (gauge, wrapping delta).
     pub established: u64,
-    /// Flow-table entries of this backend, half-open handshakes included (gauge delta): the
-    /// table's fill level without walking it.
+    /// Flow-table entries of this backend (gauge delta): the table's fill level without
+    /// walking it. Only established connections have entries.
     pub tracked: u64,
     /// Established connections carrying a request or an unacknowledged response (gauge delta).
     pub in_flight: u64,
@@ -29,8 +29,10 @@ pub struct BackendCounters {
     pub cut_in_flight: u64,
     /// New connections that could not be tracked because the flow table was full (total).
     pub flow_table_full: u64,
-    /// Tracked connections that disappeared without FIN or RST (total): a new handshake reused
-    /// the tuple. Userspace adds the ones its garbage collector removes.
+    /// Tracked connections that ended without FIN or RST the agent could attribute (total): the
+    /// kernel gave up on them (retransmission timeouts, a socket destroyed without a RST on the
+    /// wire) or a new handshake reused the tuple. Userspace adds the seeded ones its garbage
+    /// collector removes.
     pub vanished: u64,
     /// CLOCK_MONOTONIC nanoseconds of the last in-flight → idle transition on this CPU.
     pub last_idle_ns: u64,

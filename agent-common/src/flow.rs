@@ -15,23 +15,37 @@ pub struct FlowKey {
     pub server_port: u16,
 }
 
-/// `Flow::state`: the node sent SYN-ACK, the client has not acknowledged it yet.
-pub const FLOW_SYN_RECEIVED: u32 = 1;
-/// `Flow::state`: handshake complete; counted in `established`.
+/// `Flow::state`: the kernel established the connection; counted in `established`. (There is
+/// no half-open state: a flow is created only once the kernel established the connection.)
 pub const FLOW_ESTABLISHED: u32 = 2;
+
+/// `Flow::origin`: created by the `sock_ops` program when the kernel established the
+/// connection (`BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB`); lives in `FLOWS` and is ended by the
+/// kernel's own state change to `TCP_CLOSE`.
+pub const ORIGIN_HANDSHAKE: u32 = 0;
+/// `Flow::origin`: a connection older than the agent, seeded by userspace from the socket table
+/// into `SEEDED_FLOWS`; its sequence numbers start unknown (`*_unsynced`), and only userspace
+/// deletes it.
+pub const ORIGIN_SEEDED: u32 = 1;
 
 /// `Flow::counted_in_flight`: counted as idle in the aggregates.
 pub const COUNTED_IDLE: u64 = 0;
 /// `Flow::counted_in_flight`: counted as in flight in the aggregates.
 pub const COUNTED_IN_FLIGHT: u64 = 1;
-/// `Flow::counted_in_flight`: the flow is being removed; no further transition may touch the
-/// aggregates. Written by whoever wins the removal (kernel on FIN/RST, userspace GC).
+/// `Flow::counted_in_flight`: the flow is ended and out of the aggregates; no further transition
+/// may touch them. Written by whoever wins the ending (the kernel's state callback, a newer
+/// connection on the same tuple, the TC programs for a seeded flow, or the userspace GC).
 pub const COUNTED_REMOVED: u64 = 2;
 
-/// `Flow::fin_seen` bit: the client sent FIN.
+/// `Flow::hints` bit: the client sent a FIN inside the window.
 pub const FIN_FROM_CLIENT: u64 = 1;
-/// `Flow::fin_seen` bit: the node sent FIN.
+/// `Flow::hints` bit: the node sent FIN.
 pub const FIN_FROM_SERVER: u64 = 2;
+/// `Flow::hints` bit: the client sent a RST at exactly the next expected sequence number (the
+/// only RST the kernel accepts, RFC 5961).
+pub const RST_FROM_CLIENT: u64 = 4;
+/// `Flow::hints` bit: the node sent a RST.
+pub const RST_FROM_SERVER: u64 = 8;
 
 /// State of one tracked connection. Sequence numbers are raw TCP sequence numbers and are
 /// compared modulo 2^32 (see docs/accounting.md).
@@ -40,16 +54,17 @@ pub const FIN_FROM_SERVER: u64 = 2;
 pub struct Flow {
     /// Index of the backend the server port belongs to.
     pub backend: u32,
-    /// `FLOW_SYN_RECEIVED` or `FLOW_ESTABLISHED`.
+    /// `FLOW_ESTABLISHED`.
     pub state: u32,
     /// 1 when the client's newest payload arrived after the node's newest payload: a request
     /// the node has not started answering.
     pub request_pending: u32,
-    /// The node's initial sequence number (from its SYN-ACK).
-    pub server_isn: u32,
-    /// Sequence number just past the newest client payload seen.
+    /// `ORIGIN_HANDSHAKE` or `ORIGIN_SEEDED`.
+    pub origin: u32,
+    /// Sequence number just past the newest client payload (or FIN) seen: the next sequence
+    /// number the client may use, where the kernel accepts its RST.
     pub client_next_seq: u32,
-    /// Sequence number just past the newest payload (or SYN) the node sent.
+    /// Sequence number just past the newest payload the node sent.
     pub server_next_seq: u32,
     /// Highest acknowledgment number the client sent: node bytes before it are delivered.
     pub client_acked: u32,
@@ -61,16 +76,17 @@ pub struct Flow {
     pub client_unsynced: u32,
     /// Likewise for the node's side, until the node's first segment.
     pub server_unsynced: u32,
-    /// `FIN_FROM_CLIENT` | `FIN_FROM_SERVER` bits, set by atomic fetch-or: the two FINs
-    /// often cross on two CPUs, and the one that completes the pair removes the flow.
-    pub fin_seen: u64,
+    /// `FIN_FROM_*` | `RST_FROM_*` bits the TC programs saw on the wire, set by atomic
+    /// fetch-or (the two directions run on two CPUs). They only classify an ending the kernel
+    /// decided (closed, reset by whom); for a seeded flow the completed FIN pair or a RST ends it.
+    pub hints: u64,
     /// Which aggregate this flow is counted in: `COUNTED_IDLE`, `COUNTED_IN_FLIGHT` or
     /// `COUNTED_REMOVED`. Changed only by atomic compare-and-swap so that concurrent packets
     /// in both directions apply each transition to the aggregates exactly once. 64 bits
     /// because the BPF target has 64-bit atomics only (32-bit ones need alu32).
     pub counted_in_flight: u64,
-    /// CLOCK_MONOTONIC nanoseconds of the last packet in either direction (for garbage
-    /// collection of vanished flows).
+    /// CLOCK_MONOTONIC nanoseconds of the flow's creation, and for a seeded flow of its last
+    /// packet in either direction (the userspace garbage collector checks silent ones).
     pub last_seen_ns: u64,
 }
 
@@ -86,6 +102,19 @@ mod user {
 #[inline(always)]
 pub fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
+}
+
+/// Largest distance, either way, between a client segment's sequence number and the next one
+/// expected for the segment to be believed: 16 MiB, above the largest receive window Linux
+/// advertises with its default buffers (`tcp_rmem` max 6 MiB). The kernel's own check uses the
+/// exact window, which the TC programs cannot see; a segment farther away than this cannot be
+/// inside it, so it is a stale or spoofed segment the kernel drops (docs/accounting.md).
+pub const CLIENT_WINDOW_LIMIT: u32 = 1 << 24;
+
+/// `seq` is within `CLIENT_WINDOW_LIMIT` of `next`, before or after (modulo 2^32).
+#[inline(always)]
+pub fn in_client_window(seq: u32, next: u32) -> bool {
+    seq.wrapping_sub(next).wrapping_add(CLIENT_WINDOW_LIMIT) <= 2 * CLIENT_WINDOW_LIMIT
 }
 
 /// Whether a flow carries work the node has not finished: a request not yet answered,
@@ -159,12 +188,23 @@ mod tests {
     }
 
     #[test]
-    fn half_open_handshake_is_never_in_flight() {
+    fn a_flow_that_is_not_established_is_never_in_flight() {
         let flow = Flow {
-            state: FLOW_SYN_RECEIVED,
+            state: 0,
             request_pending: 1,
             ..established()
         };
         assert!(!carries_work(&flow));
+    }
+
+    #[test]
+    fn window_check_accepts_near_and_rejects_far_sequence_numbers() {
+        assert!(in_client_window(1000, 1000));
+        assert!(in_client_window(1000 + 65_536, 1000));
+        assert!(in_client_window(1000u32.wrapping_sub(65_536), 1000));
+        assert!(in_client_window(5, u32::MAX - 5));
+        assert!(!in_client_window(1000 + 0x4000_0000, 1000));
+        assert!(!in_client_window(1000 + 0x8000_0000, 1000));
+        assert!(!in_client_window(1000u32.wrapping_sub(0x1000_0000), 1000));
     }
 }

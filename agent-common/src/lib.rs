@@ -12,14 +12,26 @@ pub mod flow;
 pub mod names {
     /// `Array<u32>` indexed by local TCP port: 0 = not watched, otherwise backend index + 1.
     pub const BACKEND_BY_PORT: &str = "BACKEND_BY_PORT";
-    /// `HashMap<FlowKey, Flow>`: one entry per tracked connection.
+    /// `HashMap<FlowKey, Flow>`: one entry per connection the kernel established while the
+    /// agent watched; created and removed only by the `sock_ops` program.
     pub const FLOWS: &str = "FLOWS";
+    /// `HashMap<FlowKey, Flow>`: connections older than the agent, seeded by userspace from
+    /// the socket table at start; only userspace deletes from it.
+    pub const SEEDED_FLOWS: &str = "SEEDED_FLOWS";
+    /// `LruHashMap<FlowKey, u64>`: flows just ended as `vanished` (CLOCK_MONOTONIC ns), so that
+    /// a RST the node sends right after its state change re-counts them as `reset_by_server`.
+    pub const JUST_ENDED: &str = "JUST_ENDED";
     /// `PerCpuArray<BackendCounters>` indexed by backend index.
     pub const BACKEND_COUNTERS: &str = "BACKEND_COUNTERS";
     /// TC classifier for packets arriving at the node (client → server).
     pub const INGRESS_PROGRAM: &str = "drain_ingress";
     /// TC classifier for packets leaving the node (server → client).
     pub const EGRESS_PROGRAM: &str = "drain_egress";
+    /// `sock_ops` program on the cgroup-v2 root: where connections start and end.
+    pub const SOCK_OPS_PROGRAM: &str = "drain_sock_ops";
+    /// Global (`u64`) the loader sets to the agent's network namespace cookie: the `sock_ops`
+    /// program sees every namespace's sockets and keeps only these.
+    pub const NETNS_COOKIE: &str = "NETNS_COOKIE";
 }
 
 /// Most backends one agent can watch (size of the per-backend counter array).

@@ -1,6 +1,8 @@
-//! drain-agent's kernel side: two TC classifiers (ingress and egress) that keep a flow table of
-//! connections to the configured backend ports and per-backend aggregates of established,
-//! in-flight and idle connections. They only observe: every packet continues unchanged.
+//! drain-agent's kernel side: a `sock_ops` program on the cgroup-v2 root that starts and ends
+//! flows from the kernel's own socket state, and two TC classifiers (ingress and egress) that
+//! keep each flow's in-flight state from its segments, with per-backend aggregates of
+//! established, in-flight and idle connections. They only observe: every packet continues
+//! unchanged, every socket operation proceeds.
 #![no_std]
 #![no_main]
 // The BPF target offers no compare-and-swap through core::sync::atomic (it lacks 32-bit
@@ -8,11 +10,17 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod accounting;
+mod lifecycle;
 mod maps;
 mod packet;
 mod tracking;
 
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC,
+    macros::{classifier, sock_ops},
+    programs::{SockOpsContext, TcContext},
+};
 
 /// Client → node. `TC_ACT_UNSPEC` hands the packet to the next program (or the stack) untouched.
 #[classifier]
@@ -30,6 +38,14 @@ pub fn drain_egress(ctx: TcContext) -> i32 {
         tracking::from_server(&segment);
     }
     TC_ACT_UNSPEC
+}
+
+/// Connection lifecycle on every TCP socket of the node (cgroup-v2 root). Returns 1: never
+/// refuses anything.
+#[sock_ops]
+pub fn drain_sock_ops(ctx: SockOpsContext) -> u32 {
+    lifecycle::handle(&ctx);
+    1
 }
 
 #[cfg(not(test))]

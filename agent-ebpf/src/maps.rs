@@ -1,8 +1,9 @@
 //! The maps shared with userspace. Their names are `drain_agent_common::names`.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use drain_agent_common::{
     DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS,
@@ -15,11 +16,27 @@ use drain_agent_common::{
 #[map]
 pub static BACKEND_BY_PORT: Array<u32> = Array::with_max_entries(65536, 0);
 
-/// Tracked connections. A plain hash map, not LRU: an LRU map would silently evict live
-/// connections; here a failed insert is counted as `flow_table_full`. Userspace resizes it
-/// from `flow_table_size` at load time.
+/// Connections the kernel established while the agent watched, created at
+/// `PASSIVE_ESTABLISHED` and removed at the kernel's change to `TCP_CLOSE`, both by the
+/// `sock_ops` program and nothing else. A plain hash map, not LRU: an LRU map would silently
+/// evict live connections; here a failed insert is counted as `flow_table_full`. Userspace
+/// resizes it from `flow_table_size` at load time.
 #[map]
 pub static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+
+/// Connections older than the agent, seeded by userspace; the programs update and may end them
+/// (mark them removed) but only userspace deletes. Not preallocated: it holds only what was
+/// established when the agent started, and shrinks from there.
+#[map]
+pub static SEEDED_FLOWS: HashMap<FlowKey, Flow> =
+    HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_PREALLOC);
+
+/// Flows the state callback just ended as `vanished` → when (CLOCK_MONOTONIC ns). The kernel
+/// changes the state to `TCP_CLOSE` before it sends the RST of an abort (close with unread
+/// data, SO_LINGER 0), so the egress program re-counts such an ending as `reset_by_server`
+/// when that RST follows. LRU: losing an old entry only loses that re-count.
+#[map]
+pub static JUST_ENDED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// Per-backend aggregates, per CPU so that the hot path needs no atomics on shared counters.
 #[map]

@@ -1,133 +1,128 @@
-//! The per-connection state machine and the aggregates it keeps (docs/accounting.md).
-//!
-//! A flow is created when the node answers a SYN with SYN-ACK on a watched port, counted as
-//! established when the client acknowledges it, and removed on RST or once both sides sent FIN.
-//! Every change of "carries work" moves the flow between the in-flight and idle aggregates.
+//! The TC programs' part: the in-flight definition, updated from every segment of a tracked
+//! connection (docs/accounting.md). They never create or end a connection the kernel
+//! established — the `sock_ops` program does (lifecycle.rs) — they only record hints (a FIN, a
+//! RST at the exact sequence, a RST from the node) that classify the kernel's ending. Seeded
+//! connections (older than the agent) have no kernel callback, so the TC programs end those on
+//! the FIN pair or an exact RST; userspace deletes their entries.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xchg};
-
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-};
-use drain_agent_common::{
-    counters::BackendCounters,
-    flow::{
-        COUNTED_IDLE, COUNTED_IN_FLIGHT, COUNTED_REMOVED, FIN_FROM_CLIENT, FIN_FROM_SERVER,
-        FLOW_ESTABLISHED, FLOW_SYN_RECEIVED, Flow, carries_work, seq_after,
-    },
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
+use drain_agent_common::flow::{
+    COUNTED_REMOVED, FIN_FROM_CLIENT, FIN_FROM_SERVER, Flow, RST_FROM_CLIENT, RST_FROM_SERVER,
+    in_client_window, seq_after,
 };
 
 use crate::{
-    maps::{BACKEND_COUNTERS, FLOWS},
+    accounting::{Ending, account_end, claim, counters, hint, lookup, settle},
+    maps::JUST_ENDED,
     packet::{Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// -E2BIG from bpf_map_update_elem: the hash map is full.
-const E2BIG: i32 = 7;
 /// last_seen_ns only needs GC precision; skipping the store keeps the flow's cache line clean.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
+/// How long after the state change a node RST still re-counts a `vanished` ending: the RST of
+/// an abort follows within microseconds (or once the neighbour resolves).
+const ABORT_RST_WITHIN_NS: u64 = 1_000_000_000;
 
-/// How a flow ended, for the totals.
-#[derive(Clone, Copy)]
-enum Ending {
-    Closed,
-    ResetByClient,
-    ResetByServer,
-    Vanished,
-}
-
-/// A segment from the client.
+/// A segment from the client. Not trusted: anyone on the path can send one.
 #[inline(always)]
 pub fn from_client(segment: &Segment) {
-    let Some(flow) = FLOWS.get_ptr_mut(segment.key) else {
-        // Flows start at the node's SYN-ACK; anything else (a stray ACK after close, a SYN
-        // not yet answered) is not a connection to count.
+    let Some((flow, seeded)) = lookup(&segment.key) else {
+        // No state before the kernel established the connection (a SYN, the handshake's ACK),
+        // nor after it ended.
         return;
     };
-    // SAFETY: the pointer comes from a successful lookup and stays valid for this program run.
-    let flow = unsafe { &mut *flow };
-    touch(flow);
-
-    if flow.state == FLOW_SYN_RECEIVED {
-        if segment.has(TCP_RST) {
-            end(segment, flow, Ending::ResetByClient);
-            return;
-        }
-        // The handshake completes with the first ACK that covers the node's SYN.
-        if segment.has(TCP_SYN)
-            || !segment.has(TCP_ACK)
-            || seq_after(flow.server_isn.wrapping_add(1), segment.ack)
-        {
-            return;
-        }
-        flow.state = FLOW_ESTABLISHED;
-        if let Some(counters) = counters(segment.backend) {
-            counters.established = counters.established.wrapping_add(1);
-            counters.accepted += 1;
-        }
-    }
-    if flow.client_unsynced != 0 {
-        sync_client(segment, flow);
-    }
-    if segment.has(TCP_ACK) && seq_after(segment.ack, flow.client_acked) {
-        flow.client_acked = segment.ack;
-    }
-    if segment.has(TCP_RST) {
-        // A RST acknowledges what the client received (HAProxy resets its health-check
-        // connections right after reading the answer); only then does it end the flow, so a
-        // fully answered connection is not counted as cut. Its window field means nothing.
-        flow.client_window_closed = 0;
-        settle(segment, flow);
-        end(segment, flow, Ending::ResetByClient);
+    if flow.counted_in_flight == COUNTED_REMOVED {
         return;
     }
+    if seeded {
+        touch(flow);
+        if flow.client_unsynced != 0 {
+            sync_client(segment, flow);
+        }
+    }
+
+    if segment.has(TCP_RST) {
+        // RFC 5961: the kernel accepts a RST only at exactly the next expected sequence
+        // number; any other RST it ignores (or answers with a challenge ACK), and so do we.
+        if segment.seq != flow.client_next_seq {
+            return;
+        }
+        // A RST acknowledges what the client received (HAProxy resets its health-check
+        // connections right after reading the answer), so a fully answered connection is not
+        // counted as cut. Its window field means nothing.
+        apply_ack(segment, flow);
+        flow.client_window_closed = 0;
+        hint(flow, RST_FROM_CLIENT);
+        if seeded {
+            end_seeded(flow, Ending::ResetByClient);
+        } else {
+            settle(segment.backend, flow);
+        }
+        return;
+    }
+    // Far outside any receive window: the kernel drops it, ACK and all.
+    if !in_client_window(segment.seq, flow.client_next_seq) {
+        return;
+    }
+    apply_ack(segment, flow);
     if segment.has(TCP_ACK) {
         let closed = u32::from(segment.window == 0);
         if flow.client_window_closed != closed {
             flow.client_window_closed = closed;
         }
     }
+    let end_seq = segment.seq.wrapping_add(segment.payload_len);
     if segment.payload_len != 0 {
-        let end_seq = segment.seq.wrapping_add(segment.payload_len);
         // Only new bytes make a request; a retransmission ends at or before client_next_seq.
         if seq_after(end_seq, flow.client_next_seq) {
             flow.client_next_seq = end_seq;
             flow.request_pending = 1;
         }
     }
-    if segment.has(TCP_FIN) && fin(flow, FIN_FROM_CLIENT) {
-        end(segment, flow, Ending::Closed);
-        return;
+    if segment.has(TCP_FIN) {
+        // The FIN occupies one sequence number: the client's RST after it comes at end + 1.
+        let fin_end = end_seq.wrapping_add(1);
+        if seq_after(fin_end, flow.client_next_seq) {
+            flow.client_next_seq = fin_end;
+        }
+        let before = hint(flow, FIN_FROM_CLIENT);
+        if seeded && before & FIN_FROM_SERVER != 0 {
+            end_seeded(flow, Ending::Closed);
+            return;
+        }
     }
-    settle(segment, flow);
+    settle(segment.backend, flow);
 }
 
-/// A segment from the node.
+/// A segment from the node: its own, trusted.
 #[inline(always)]
 pub fn from_server(segment: &Segment) {
     if segment.has(TCP_SYN) {
-        if segment.has(TCP_ACK) {
-            start(segment);
+        return; // a handshake: no state until the kernel established it
+    }
+    let Some((flow, seeded)) = lookup(&segment.key) else {
+        if segment.has(TCP_RST) {
+            recount_abort(segment);
         }
         return;
-    }
-    let Some(flow) = FLOWS.get_ptr_mut(segment.key) else {
-        return;
     };
-    // SAFETY: as in from_client.
-    let flow = unsafe { &mut *flow };
-    touch(flow);
-
+    if flow.counted_in_flight == COUNTED_REMOVED {
+        return;
+    }
+    if seeded {
+        touch(flow);
+        if flow.server_unsynced != 0 {
+            sync_server(segment, flow);
+        }
+    }
     if segment.has(TCP_RST) {
-        end(segment, flow, Ending::ResetByServer);
+        // Sent before the state change (ss -K, keepalive or orphan timeouts): the state
+        // callback reads the hint. Aborts by close() send theirs after: see recount_abort.
+        hint(flow, RST_FROM_SERVER);
+        if seeded {
+            end_seeded(flow, Ending::ResetByServer);
+        }
         return;
-    }
-    if flow.state != FLOW_ESTABLISHED {
-        return;
-    }
-    if flow.server_unsynced != 0 {
-        sync_server(segment, flow);
     }
     if segment.payload_len != 0 {
         let end_seq = segment.seq.wrapping_add(segment.payload_len);
@@ -137,50 +132,66 @@ pub fn from_server(segment: &Segment) {
             flow.request_pending = 0;
         }
     }
-    if segment.has(TCP_FIN) && fin(flow, FIN_FROM_SERVER) {
-        end(segment, flow, Ending::Closed);
-        return;
+    if segment.has(TCP_FIN) {
+        let before = hint(flow, FIN_FROM_SERVER);
+        if seeded && before & FIN_FROM_CLIENT != 0 {
+            end_seeded(flow, Ending::Closed);
+            return;
+        }
     }
-    settle(segment, flow);
+    settle(segment.backend, flow);
 }
 
-/// The node sent SYN-ACK: start tracking (or ignore a retransmitted SYN-ACK).
+/// A client ACK counts only for bytes the node sent (plus its FIN): the kernel ignores an ACK
+/// of data it never sent, and a forged one must not make a running response look delivered.
 #[inline(always)]
-fn start(segment: &Segment) {
-    if let Some(existing) = FLOWS.get_ptr_mut(segment.key) {
-        // SAFETY: as in from_client.
-        let existing = unsafe { &mut *existing };
-        if existing.server_isn == segment.seq {
-            return; // retransmitted SYN-ACK
-        }
-        // A new handshake on the same tuple: the old connection is gone without FIN/RST.
-        end(segment, existing, Ending::Vanished);
+fn apply_ack(segment: &Segment, flow: &mut Flow) {
+    if segment.has(TCP_ACK)
+        && seq_after(segment.ack, flow.client_acked)
+        && !seq_after(segment.ack, flow.server_next_seq.wrapping_add(1))
+    {
+        flow.client_acked = segment.ack;
     }
-    let flow = Flow {
-        backend: segment.backend,
-        state: FLOW_SYN_RECEIVED,
-        counted_in_flight: COUNTED_IDLE,
-        request_pending: 0,
-        server_isn: segment.seq,
-        client_next_seq: segment.ack,
-        server_next_seq: segment.seq.wrapping_add(1),
-        client_acked: segment.seq,
-        fin_seen: 0,
-        client_window_closed: 0,
-        client_unsynced: 0,
-        server_unsynced: 0,
-        // SAFETY: helper without preconditions.
-        last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
-    };
-    let inserted = FLOWS.insert(segment.key, flow, BPF_NOEXIST as u64);
-    let Some(counters) = counters(segment.backend) else {
+}
+
+/// The node's RST of a connection the state callback just ended as `vanished`: the kernel
+/// changes the state to `TCP_CLOSE` first and sends the RST of an abort (close() with unread
+/// data, SO_LINGER 0) right after, so this is where that ending learns it was the node's
+/// reset. The delete decides who re-counts (exactly once).
+#[inline(always)]
+fn recount_abort(segment: &Segment) {
+    let Some(ended) = JUST_ENDED.get_ptr(segment.key) else {
         return;
     };
-    match inserted {
-        Ok(()) => counters.tracked = counters.tracked.wrapping_add(1),
-        Err(err) if err == -E2BIG => counters.flow_table_full += 1,
-        // EEXIST: the other direction raced us to the same tuple; nothing lost.
-        Err(_) => {}
+    // SAFETY: valid for this program run (see accounting::lookup).
+    let ended = unsafe { *ended };
+    // SAFETY: helper without preconditions.
+    if unsafe { bpf_ktime_get_ns() }.wrapping_sub(ended) > ABORT_RST_WITHIN_NS {
+        return;
+    }
+    if JUST_ENDED.remove(segment.key).is_err() {
+        return;
+    }
+    if let Some(counters) = counters(segment.backend) {
+        // A vanished connection and a node reset are both cuts when in flight: the cut
+        // count stays as it is.
+        crate::accounting::add(&mut counters.vanished, u64::MAX);
+        crate::accounting::add(&mut counters.reset_by_server, 1);
+    }
+}
+
+/// Ends a seeded flow (marks it removed and takes it out of the aggregates); userspace deletes
+/// the entry, and untracks it then.
+#[inline(always)]
+fn end_seeded(flow: &mut Flow, ending: Ending) {
+    if let Some(counted) = claim(flow) {
+        account_end(
+            flow.backend,
+            counted,
+            flow.request_pending != 0,
+            ending,
+            false,
+        );
     }
 }
 
@@ -209,97 +220,7 @@ fn sync_server(segment: &Segment, flow: &mut Flow) {
     flow.server_unsynced = 0;
 }
 
-/// Records one side's FIN; true when this completes the pair (the connection is closed).
-#[inline(always)]
-fn fin(flow: &mut Flow, side: u64) -> bool {
-    // SAFETY: a valid, aligned u64 in map memory for this program run.
-    let before =
-        unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(&mut flow.fin_seen, side) };
-    before & side == 0 && (before | side) == FIN_FROM_CLIENT | FIN_FROM_SERVER
-}
-
-/// After a segment: move the flow between idle and in flight if that changed.
-#[inline(always)]
-fn settle(segment: &Segment, flow: &mut Flow) {
-    let wanted = if carries_work(flow) {
-        COUNTED_IN_FLIGHT
-    } else {
-        COUNTED_IDLE
-    };
-    let counted = flow.counted_in_flight;
-    if counted == wanted || counted == COUNTED_REMOVED {
-        return; // the common case: a plain read, no atomic, no counter write
-    }
-    // Both directions may run at once on different CPUs; only the one that wins the swap
-    // applies the transition, so the aggregate moves exactly once.
-    // SAFETY: a valid, aligned u64 in map memory for this program run.
-    let (_, swapped) = unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-            &mut flow.counted_in_flight,
-            counted,
-            wanted,
-        )
-    };
-    if !swapped {
-        return;
-    }
-    if let Some(counters) = counters(segment.backend) {
-        if wanted == COUNTED_IN_FLIGHT {
-            counters.in_flight = counters.in_flight.wrapping_add(1);
-        } else {
-            counters.in_flight = counters.in_flight.wrapping_sub(1);
-            // SAFETY: helper without preconditions.
-            counters.last_idle_ns = unsafe { bpf_ktime_get_ns() };
-        }
-    }
-}
-
-/// Removes a flow and takes it out of the aggregates. Whoever swaps `counted_in_flight` to
-/// `COUNTED_REMOVED` first owns the removal, so a FIN and a RST racing on two CPUs (or the
-/// userspace garbage collector) cannot count one connection twice.
-#[inline(always)]
-fn end(segment: &Segment, flow: &mut Flow, ending: Ending) {
-    // SAFETY: a valid, aligned u64 in map memory for this program run.
-    let counted = unsafe {
-        atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&mut flow.counted_in_flight, COUNTED_REMOVED)
-    };
-    if counted == COUNTED_REMOVED {
-        return;
-    }
-    let was_established = flow.state == FLOW_ESTABLISHED;
-    let _ = FLOWS.remove(segment.key);
-    let Some(counters) = counters(flow.backend) else {
-        return;
-    };
-    counters.tracked = counters.tracked.wrapping_sub(1);
-    if counted == COUNTED_IN_FLIGHT {
-        counters.in_flight = counters.in_flight.wrapping_sub(1);
-        // SAFETY: helper without preconditions.
-        counters.last_idle_ns = unsafe { bpf_ktime_get_ns() };
-    }
-    if !was_established {
-        return; // a handshake that never completed was never counted
-    }
-    counters.established = counters.established.wrapping_sub(1);
-    // Cuts are what the node did to a request: a RST from the node or a connection lost
-    // while carrying one, or a close without an answer. A client abandoning its own request
-    // (HAProxy aborting a health check as the server enters MAINT) is its reset, not a cut.
-    let cut = match ending {
-        Ending::Closed => flow.request_pending != 0,
-        Ending::ResetByServer | Ending::Vanished => counted == COUNTED_IN_FLIGHT,
-        Ending::ResetByClient => false,
-    };
-    if cut {
-        counters.cut_in_flight += 1;
-    }
-    match ending {
-        Ending::Closed => counters.closed += 1,
-        Ending::ResetByClient => counters.reset_by_client += 1,
-        Ending::ResetByServer => counters.reset_by_server += 1,
-        Ending::Vanished => counters.vanished += 1,
-    }
-}
-
+/// Seeded flows only: the garbage collector checks those silent for `flow_idle_check`.
 #[inline(always)]
 fn touch(flow: &mut Flow) {
     // SAFETY: helper without preconditions.
@@ -307,12 +228,4 @@ fn touch(flow: &mut Flow) {
     if now.wrapping_sub(flow.last_seen_ns) >= LAST_SEEN_GRANULARITY_NS {
         flow.last_seen_ns = now;
     }
-}
-
-#[inline(always)]
-fn counters(backend: u32) -> Option<&'static mut BackendCounters> {
-    // SAFETY: per-CPU slot of this CPU; BPF programs do not migrate while running.
-    BACKEND_COUNTERS
-        .get_ptr_mut(backend)
-        .map(|counters| unsafe { &mut *counters })
 }

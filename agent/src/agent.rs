@@ -294,9 +294,9 @@ async fn check_load_balancers(agent: Arc<Agent>) {
     }
 }
 
-/// Periodically removes tracked connections whose sockets vanished without FIN or RST.
+/// Periodically deletes seeded connections (older than the agent) that ended or vanished.
 async fn collect_garbage(agent: Arc<Agent>) {
-    let period = (agent.config.flow_idle_check / 2).max(Duration::from_secs(1));
+    let period = (agent.config.flow_idle_check / 2).max(Duration::from_millis(100));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

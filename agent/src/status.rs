@@ -21,11 +21,12 @@ pub struct Status {
     pub backends: Vec<BackendStatus>,
 }
 
-/// One TC program attached to one interface.
+/// One kernel program attachment: a TC program on an interface, or the sock_ops program on
+/// the cgroup-v2 root (`interface` is then the cgroup's path).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Attachment {
     pub interface: String,
-    /// "ingress" or "egress".
+    /// "ingress", "egress" or "sock_ops".
     pub direction: String,
     /// Kernel program id (`bpftool prog show id N`).
     pub program_id: u32,

@@ -414,8 +414,14 @@ fn spawn_agent(netns: &Netns, config: &Path, log: &Path, kernel: &str) -> Proces
         .append(true)
         .open(log)
         .unwrap();
-    let mut command = netns.command(agent_binary());
+    // nsenter, not `ip netns exec`: that one remounts /sys, which hides the cgroup-v2 mount
+    // the agent attaches its sock_ops program to. Only the network namespace changes.
+    let mut command = Command::new("nsenter");
     command
+        .arg(format!("--net=/run/netns/{}", netns.name()))
+        .arg("--")
+        .arg(agent_binary())
+        .stdin(Stdio::null())
         .args(["run", "--kernel", kernel, "--config"])
         .arg(config)
         .env("RUST_LOG", "debug")

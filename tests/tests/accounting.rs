@@ -7,7 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drain_agent_tests::{Agent, Lab, command_output, http::Connection, wait_until};
+use drain_agent_tests::{
+    Agent, Lab, NODE_V4, NODE_V6, command_output, http::Connection, wait_until,
+};
 
 const API: u16 = 8080;
 const BACKEND: &str = "api";
@@ -276,7 +278,15 @@ fn killing_the_agent_detaches_the_programs_and_the_node_keeps_serving() {
         .iter()
         .map(|attachment| attachment["program_id"].as_u64().unwrap())
         .collect();
-    assert_eq!(programs.len(), 2, "ingress and egress on eth0: {status}");
+    assert_eq!(
+        programs.len(),
+        3,
+        "sock_ops on the cgroup root, ingress and egress on eth0: {status}"
+    );
+    assert_eq!(
+        status["attachments"][0]["direction"], "sock_ops",
+        "{status}"
+    );
     // A program exists in the kernel as long as a link (or an fd) holds it.
     let loaded = |id: u64| {
         command_output("bpftool", &["prog", "show", "id", &id.to_string()])
@@ -353,14 +363,46 @@ fn connections_older_than_the_agent_are_counted_and_tracked() {
 }
 
 #[test]
-fn a_connection_that_vanishes_without_fin_or_rst_is_garbage_collected() {
+fn a_connection_whose_socket_dies_without_fin_or_rst_on_the_wire_leaves_the_counters() {
     let lab = Lab::new();
     let _api = lab.start_api(API);
-    let agent = lab.start_agent(&[(BACKEND, &[API])], "flow_idle_check = \"2s\"", "ebpf");
-    let _connection = idle_connections(&lab, Lab::node_addr(false, API), 1);
-    wait_for(&agent, "established", 1, Duration::from_secs(2));
+    let agent = lab.start_agent(&[(BACKEND, &[API])], "", "ebpf");
+    let mut connection = lab.connect(Lab::node_addr(false, API));
+    connection.send("/slow?ms=3000").unwrap();
+    wait_for(&agent, "in_flight", 1, Duration::from_secs(1));
 
-    // Destroy the node's socket while the link is down, so no RST reaches the wire.
+    // Destroy the node's socket while the link is down, so no RST reaches the wire: nothing
+    // the TC programs see says it ended, but the kernel's state change does.
+    lab.node.ip(&["link", "set", "eth0", "down"]);
+    let mut kill = lab.node.command("ss");
+    kill.args(["-K", "-tn", "state", "established", "( sport = :8080 )"]);
+    assert!(kill.status().unwrap().success(), "ss -K failed");
+    let backend = agent.wait_backend(BACKEND, Duration::from_secs(1), "the state callback", |b| {
+        b["established"] == 0
+    });
+    lab.node.ip(&["link", "set", "eth0", "up"]);
+    assert_eq!(lab.ss_established(API), 0);
+    assert_eq!(backend["vanished"], 1, "{backend}");
+    assert_eq!(backend["in_flight"], 0, "{backend}");
+    assert_eq!(
+        backend["cut_in_flight"], 1,
+        "lost while in flight: {backend}"
+    );
+    assert_eq!(backend["reset"], 0, "{backend}");
+    assert_eq!(backend["closed"], 0, "{backend}");
+    assert_eq!(agent.status()["flow_table"]["entries"], 0);
+}
+
+#[test]
+fn an_older_connection_whose_socket_vanishes_is_garbage_collected() {
+    let lab = Lab::new();
+    let _api = lab.start_api(API);
+    let _connection = idle_connections(&lab, Lab::node_addr(false, API), 1);
+    // Seeded from the socket table: no state callback for it, only the wire and the GC.
+    let agent = lab.start_agent(&[(BACKEND, &[API])], "flow_idle_check = \"1s\"", "ebpf");
+    assert_eq!(agent.count(BACKEND, "established"), 1);
+    assert_eq!(agent.status()["flow_table"]["entries"], 1);
+
     lab.node.ip(&["link", "set", "eth0", "down"]);
     let mut kill = lab.node.command("ss");
     kill.args(["-K", "-tn", "state", "established", "( sport = :8080 )"]);
@@ -370,13 +412,470 @@ fn a_connection_that_vanishes_without_fin_or_rst_is_garbage_collected() {
     assert_eq!(
         agent.count(BACKEND, "established"),
         1,
-        "nothing on the wire said it closed"
+        "nothing on the wire said it closed, and the kernel does not call back for it"
     );
 
-    let backend = agent.wait_backend(BACKEND, Duration::from_secs(6), "garbage collection", |b| {
+    let backend = agent.wait_backend(BACKEND, Duration::from_secs(5), "garbage collection", |b| {
         b["established"] == 0
     });
     assert_eq!(backend["vanished"], 1, "{backend}");
     assert_eq!(backend["in_flight"], 0, "{backend}");
     assert_eq!(agent.status()["flow_table"]["entries"], 0);
+}
+
+/// Raw TCP from the client namespace (Python: the standard library has raw sockets).
+const RAW_TCP: &str = r#"
+import socket, struct, sys
+
+def checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+def tcp(src, sport, dst, dport, seq, ack, flags):
+    header = struct.pack("!HHIIBBHHH", sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
+                         5 << 4, flags, 65535, 0, 0)
+    if ":" in dst:
+        return header  # IPv6: the raw socket computes the checksum (IPV6_CHECKSUM)
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(header))
+    return header[:16] + struct.pack("!H", checksum(pseudo + header)) + header[18:]
+
+FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
+"#;
+
+/// Opens a connection, sends a slow request, learns its own next sequence number from its
+/// own data segment (AF_PACKET), then follows commands on stdin.
+const SPOOFER: &str = r#"
+node, port = sys.argv[1], int(sys.argv[2])
+v6 = ":" in node
+# ETH_P_ALL: only "all protocols" taps see outgoing frames.
+sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+sniff.bind(("eth0", 3))
+sniff.settimeout(10)
+conn = socket.create_connection((node, port))
+src, sport = conn.getsockname()[:2]
+conn.sendall(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: node\r\n\r\n")
+while True:
+    frame = sniff.recv(65535)
+    ip = frame[14:]
+    if v6:
+        if frame[12:14] != b"\x86\xdd" or ip[6] != 6:
+            continue
+        segment = ip[40:]
+        ip_payload = struct.unpack("!H", ip[4:6])[0]
+    else:
+        ihl = (ip[0] & 15) * 4
+        if frame[12:14] != b"\x08\x00" or ip[9] != 6:
+            continue
+        segment = ip[ihl:]
+        ip_payload = struct.unpack("!H", ip[2:4])[0] - ihl
+    s, d, seq, ack = struct.unpack("!HHII", segment[:12])
+    payload = ip_payload - (segment[12] >> 4) * 4
+    if s == sport and d == port and payload > 0:
+        next_seq, acked = (seq + payload) & 0xFFFFFFFF, ack
+        break
+if v6:
+    raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    raw.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_CHECKSUM, 16)
+else:
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+def send(seq, ack, flags):
+    raw.sendto(tcp(src, sport, node, port, seq, ack, flags), (node, 0))
+print("ready", next_seq, flush=True)
+for line in sys.stdin:
+    command = line.strip()
+    if command == "spoof":
+        far = 0x40000000
+        send(next_seq + far, 0, RST)
+        send(next_seq - far, acked, RST | ACK)
+        send(next_seq + far, acked, FIN | ACK)
+        send(next_seq - far, acked, FIN | ACK)
+        # Inside the window but not exact: the kernel answers with a challenge ACK (RFC 5961).
+        send(next_seq + 1000, 0, RST)
+        print("spoofed", flush=True)
+    elif command == "read":
+        conn.settimeout(10)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0]
+        while len(body) < length:
+            body += conn.recv(65536)
+        print("status", head.split(b" ")[1].decode(), flush=True)
+    elif command == "reset":
+        send(next_seq, 0, RST)
+        print("reset", flush=True)
+    elif command == "exit":
+        break
+"#;
+
+/// Sends `count` SYNs to the node from `src` (an address nobody owns), source ports from 10000.
+const SYN_FLOOD: &str = r#"
+import random
+node, port, src, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL
+for i in range(count):
+    segment = tcp(src, 10000 + i, node, port, random.getrandbits(32), 0, SYN)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(segment), 0, 0, 64, 6, 0,
+                     socket.inet_aton(src), socket.inet_aton(node))
+    raw.sendto(ip + segment, (node, 0))
+print("sent", count, flush=True)
+"#;
+
+/// A python helper in the client namespace, talked to line by line.
+struct Helper {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Helper {
+    fn start(lab: &Lab, script: &str, args: &[&str]) -> Helper {
+        let mut command = lab.client.command("python3");
+        command
+            .arg("-c")
+            .arg(format!("{RAW_TCP}\n{script}"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut child = command.spawn().expect("start python3");
+        let stdout = child.stdout.take().unwrap();
+        Helper {
+            child,
+            lines: std::io::BufRead::lines(std::io::BufReader::new(stdout)),
+        }
+    }
+
+    fn line(&mut self) -> String {
+        self.lines
+            .next()
+            .expect("the helper ended early")
+            .expect("read the helper's output")
+    }
+
+    fn ask(&mut self, command: &str) -> String {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{command}").unwrap();
+        stdin.flush().unwrap();
+        self.line()
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn spoofed_rst_and_fin_outside_the_window_do_not_end_a_running_request_ipv4() {
+    spoofed_rst_and_fin(false);
+}
+
+#[test]
+fn spoofed_rst_and_fin_outside_the_window_do_not_end_a_running_request_ipv6() {
+    spoofed_rst_and_fin(true);
+}
+
+fn spoofed_rst_and_fin(v6: bool) {
+    let (lab, _api, agent) = lab_with_agent();
+    let node = if v6 { NODE_V6 } else { NODE_V4 };
+    let mut spoofer = Helper::start(&lab, SPOOFER, &[node, &API.to_string()]);
+    let ready = spoofer.line();
+    assert!(ready.starts_with("ready "), "{ready}");
+    wait_for(&agent, "in_flight", 1, Duration::from_secs(1));
+
+    assert_eq!(spoofer.ask("spoof"), "spoofed");
+    // Give the segments time to reach the node and anything they would do time to show.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(500) {
+        let backend = agent.backend(BACKEND);
+        assert_eq!(
+            backend["in_flight"], 1,
+            "a spoofed segment ended it: {backend}"
+        );
+        assert_eq!(backend["established"], 1, "{backend}");
+        assert_eq!(backend["reset"], 0, "{backend}");
+        assert_eq!(backend["closed"], 0, "{backend}");
+        assert_eq!(backend["vanished"], 0, "{backend}");
+        assert_eq!(backend["cut_in_flight"], 0, "{backend}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(lab.ss_established(API), 1, "the kernel ignored them too");
+    assert!(
+        node_tcp_ext(&lab, "TCPChallengeACK") >= 1,
+        "the in-window RST reached the node and was challenged"
+    );
+
+    // The request runs on and completes.
+    assert_eq!(spoofer.ask("read"), "status 200");
+    wait_for(&agent, "in_flight", 0, QUIET + MARGIN);
+    assert_eq!(agent.count(BACKEND, "established"), 1);
+
+    // A RST at exactly the next sequence number is one the kernel accepts: it ends the flow.
+    assert_eq!(spoofer.ask("reset"), "reset");
+    let backend = agent.wait_backend(BACKEND, Duration::from_secs(2), "the reset", |b| {
+        b["established"] == 0
+    });
+    assert_eq!(backend["reset_by_client"], 1, "{backend}");
+    assert_eq!(backend["reset_by_server"], 0, "{backend}");
+    assert_eq!(backend["cut_in_flight"], 0, "{backend}");
+    assert_eq!(backend["vanished"], 0, "{backend}");
+    assert_eq!(agent.status()["flow_table"]["entries"], 0);
+}
+
+/// /proc/net/netstat's TcpExt counter `name` in the node namespace.
+fn node_tcp_ext(lab: &Lab, name: &str) -> u64 {
+    let out = lab
+        .node
+        .command("cat")
+        .arg("/proc/net/netstat")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("TcpExt:"))
+        .collect();
+    let names = lines[0].split_whitespace();
+    let values = lines[1].split_whitespace();
+    names
+        .zip(values)
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.parse().unwrap())
+        .unwrap_or_else(|| panic!("TcpExt {name} missing"))
+}
+
+#[test]
+fn a_half_open_syn_flood_creates_no_state_and_a_real_request_is_still_counted() {
+    const TABLE: u64 = 1024;
+    const SYNS: u64 = 2_500;
+    const NOBODY: &str = "198.18.0.77";
+    let lab = Lab::new();
+    let _api = lab.start_api(API);
+    let agent = lab.start_agent(
+        &[(BACKEND, &[API])],
+        &format!("flow_table_size = {TABLE}"),
+        "ebpf",
+    );
+    // The node answers the spoofed address's SYNs toward a MAC nobody has: the SYN-ACKs go
+    // nowhere and every handshake stays half open.
+    lab.node.ip(&[
+        "neigh",
+        "replace",
+        NOBODY,
+        "lladdr",
+        "02:00:00:00:00:77",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    let mut flood = Helper::start(
+        &lab,
+        SYN_FLOOD,
+        &[NODE_V4, &API.to_string(), NOBODY, &SYNS.to_string()],
+    );
+    assert_eq!(flood.line(), format!("sent {SYNS}"));
+    // Every SYN was answered: from the SYN queue (SYN-RECV sockets) or with a SYN cookie.
+    let mut half_open = 0;
+    wait_until(
+        Duration::from_secs(5),
+        "the node to answer the flood",
+        || {
+            let mut ss = lab.node.command("ss");
+            ss.args(["-Htn", "state", "syn-recv", "( sport = :8080 )"]);
+            let syn_recv = String::from_utf8_lossy(&ss.output().unwrap().stdout)
+                .lines()
+                .count() as u64;
+            half_open = syn_recv + node_tcp_ext(&lab, "SyncookiesSent");
+            half_open >= 2 * TABLE
+        },
+    );
+    eprintln!("half-open handshakes answered: {half_open}");
+
+    let backend = agent.backend(BACKEND);
+    assert_eq!(backend["established"], 0, "{backend}");
+    assert_eq!(backend["flow_table_full"], 0, "{backend}");
+    assert_eq!(agent.status()["flow_table"]["entries"], 0);
+
+    let mut connection = lab.connect(Lab::node_addr(false, API));
+    connection.send("/slow?ms=1500").unwrap();
+    wait_for(&agent, "in_flight", 1, Duration::from_secs(1));
+    let backend = agent.backend(BACKEND);
+    assert_eq!(backend["established"], 1, "{backend}");
+    assert_eq!(backend["accepted"], 1, "{backend}");
+    assert_eq!(backend["flow_table_full"], 0, "{backend}");
+    assert_eq!(agent.status()["flow_table"]["entries"], 1);
+    assert_eq!(connection.read_response().unwrap().status, 200);
+}
+
+#[test]
+fn churn_on_reused_source_ports_never_counts_a_connection_twice() {
+    const CONNECTIONS: usize = 10_000;
+    const PORTS: u16 = 8;
+    let lab = Lab::new();
+    let _api = lab.start_api(API);
+    let addr = Lab::node_addr(false, API);
+    // One connection older than the agent: the garbage collector has a seeded flow to check
+    // (silent, socket alive) every 100 ms while the churn runs.
+    let mut older = idle_connections(&lab, addr, 1);
+    let agent = lab.start_agent(
+        &[(BACKEND, &[API])],
+        "quiet_period = \"50ms\"\nflow_idle_check = \"200ms\"",
+        "ebpf",
+    );
+    assert_eq!(agent.count(BACKEND, "established"), 1);
+
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let done = done.clone();
+        let socket = agent.socket.clone();
+        std::thread::spawn(move || {
+            let mut samples = 0;
+            let mut worst = (0u64, 0u64);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = std::process::Command::new(drain_agent_tests::agent_binary())
+                    .args(["status", "--json", "--control-socket"])
+                    .arg(&socket)
+                    .output()
+                    .unwrap();
+                let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                let backend = &status["backends"][0];
+                let established = backend["established"].as_u64().unwrap();
+                let in_flight = backend["in_flight"].as_u64().unwrap();
+                // At most one connection per source port, plus the older one.
+                assert!(
+                    established <= u64::from(PORTS) + 1 && in_flight <= established,
+                    "more than the true count: {backend}"
+                );
+                worst = (worst.0.max(established), worst.1.max(in_flight));
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (samples, worst)
+        })
+    };
+
+    let client = lab.client.name().to_string();
+    let workers: Vec<_> = (0..PORTS)
+        .map(|index| {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                drain_agent_tests::enter_netns(&client);
+                let local = SocketAddr::new(
+                    drain_agent_tests::CLIENT_V4.parse().unwrap(),
+                    41_000 + index,
+                );
+                let mut failures = 0;
+                for round in 0..CONNECTIONS / PORTS as usize {
+                    failures += usize::from(!churn_once(local, addr, round % 5 == 0));
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: usize = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (samples, worst) = sampler.join().unwrap();
+    eprintln!(
+        "{samples} status samples during the churn; highest established, in flight: {worst:?}"
+    );
+    assert_eq!(failures, 0, "requests failed");
+
+    let backend = agent.wait_backend(BACKEND, Duration::from_secs(5), "the churn to end", |b| {
+        b["established"] == 1 && b["in_flight"] == 0
+    });
+    assert_eq!(backend["accepted"], CONNECTIONS as u64, "{backend}");
+    let ended = backend["closed"].as_u64().unwrap() + backend["reset"].as_u64().unwrap();
+    assert_eq!(ended, CONNECTIONS as u64, "closed + reset: {backend}");
+    assert_eq!(backend["vanished"], 0, "{backend}");
+    assert_eq!(backend["flow_table_full"], 0, "{backend}");
+    assert_eq!(backend["cut_in_flight"], 0, "{backend}");
+
+    // The older connection still works, then ends; everything is back to zero.
+    assert_eq!(older[0].get("/").unwrap().status, 200);
+    drop(older.pop());
+    let backend = agent.wait_backend(BACKEND, Duration::from_secs(3), "zero", |b| {
+        b["established"] == 0 && b["in_flight"] == 0
+    });
+    assert_eq!(backend["idle"], 0, "{backend}");
+    wait_until(
+        Duration::from_secs(2),
+        "the seeded entry to be deleted",
+        || agent.status()["flow_table"]["entries"] == 0,
+    );
+}
+
+/// One connection from `local` (reused: SO_REUSEADDR; the node recycles its TIME_WAIT socket
+/// for the next SYN): a request with `Connection: close`, then either the normal close or an
+/// abort (SO_LINGER 0). Retries the connect while the previous one on the port still lingers.
+fn churn_once(local: SocketAddr, server: SocketAddr, abort: bool) -> bool {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let stream = loop {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_reuse_address(true).unwrap();
+        let connected = socket
+            .bind(&local.into())
+            .and_then(|()| socket.connect(&server.into()));
+        match connected {
+            Ok(()) => break std::net::TcpStream::from(socket),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+            Err(_) => return false,
+        }
+    };
+    let mut stream = stream;
+    let request = if abort {
+        "GET / HTTP/1.1\r\nHost: node\r\n\r\n"
+    } else {
+        "GET / HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n"
+    };
+    if stream.write_all(request.as_bytes()).is_err() {
+        return false;
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                response.extend_from_slice(&buf[..n]);
+                if abort && complete(&response) {
+                    break;
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    if abort {
+        socket2::SockRef::from(&stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+    response.starts_with(b"HTTP/1.1 200") || response.starts_with(b"HTTP/1.0 200")
+}
+
+/// A whole response (head and Content-Length body) is in `data`.
+fn complete(data: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(data);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    head.lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .is_some_and(|length| body.len() >= length)
 }

@@ -1,20 +1,27 @@
-//! Loads the TC programs, attaches them as links, and reads the kernel's per-backend aggregates.
+//! Loads the kernel programs (the `sock_ops` program on the cgroup-v2 root, the TC programs on
+//! the interfaces), attaches them as links, and reads the kernel's per-backend aggregates.
 
 use std::{
     collections::HashSet,
+    fs::File,
     net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, RawFd},
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType},
     util::KernelVersion,
 };
 use drain_agent_common::{
     counters::BackendCounters,
-    flow::{COUNTED_IDLE, COUNTED_IN_FLIGHT, FLOW_ESTABLISHED, Flow, FlowKey},
+    flow::{
+        COUNTED_IDLE, COUNTED_IN_FLIGHT, COUNTED_REMOVED, FLOW_ESTABLISHED, Flow, FlowKey,
+        ORIGIN_SEEDED,
+    },
     names,
 };
 use tracing::{debug, info, warn};
@@ -32,8 +39,8 @@ const BPF_NOEXIST: u64 = 1;
 /// ends, so a crashed agent never leaves code in the node's data path.
 const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
 
-/// Userspace's share of a backend's gauges: connections it seeded into the flow table at
-/// start (positive) and flows its garbage collector removed (negative). The kernel's counters
+/// Userspace's share of a backend's gauges: connections it seeded into `SEEDED_FLOWS` at
+/// start (positive) and seeded flows its garbage collector removed (negative). The kernel's counters
 /// are per-CPU and written without locks, so userspace keeps its share apart and adds it.
 #[derive(Debug, Default, Clone, Copy)]
 struct Adjustment {
@@ -56,9 +63,9 @@ pub struct EbpfTracker {
 }
 
 impl EbpfTracker {
-    /// Loads the object, fills the port map, and attaches ingress and egress classifiers to
-    /// every configured interface. On any failure nothing stays attached (the `Ebpf` value,
-    /// which owns the links, is dropped).
+    /// Loads the object, fills the port map, attaches the `sock_ops` program to the cgroup-v2
+    /// root and ingress and egress classifiers to every configured interface. On any failure
+    /// nothing stays attached (the `Ebpf` value, which owns the links, is dropped).
     pub fn start(config: &Config) -> Result<EbpfTracker, TrackerError> {
         let kernel = KernelVersion::current().map_err(|err| TrackerError::Read {
             what: "the kernel version",
@@ -70,8 +77,12 @@ impl EbpfTracker {
             });
         }
 
+        let netns_cookie = netns_cookie()?;
+        let cgroup_root = cgroup2_root()?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::FLOWS, config.flow_table_size)
+            .map_max_entries(names::SEEDED_FLOWS, config.flow_table_size)
+            .override_global(names::NETNS_COOKIE, &netns_cookie, true)
             .load(EBPF_OBJECT)
             .map_err(TrackerError::load)?;
 
@@ -88,6 +99,45 @@ impl EbpfTracker {
         }
 
         let mut attachments = Vec::new();
+        // Connections start and end here: the TC programs below only follow them. Attached
+        // first, so that a connection established once the TC programs see its packets has
+        // an entry (the ones before are seeded from the socket table afterwards).
+        {
+            let cgroup = File::open(&cgroup_root).map_err(|err| TrackerError::Attach {
+                interface: cgroup_root.display().to_string(),
+                direction: "sock_ops",
+                source: Box::new(err),
+            })?;
+            let program: &mut SockOps = ebpf
+                .program_mut(names::SOCK_OPS_PROGRAM)
+                .ok_or_else(|| TrackerError::Load {
+                    cause: format!(
+                        "program {} missing from the eBPF object",
+                        names::SOCK_OPS_PROGRAM
+                    ),
+                })?
+                .try_into()
+                .map_err(load_error)?;
+            program.load().map_err(load_error)?;
+            let program_id = program.info().map_err(load_error)?.id();
+            // A link (kernel >= 5.7) detaches when the agent's process ends. Cgroup links
+            // always coexist with other programs on the same cgroup (other agents, one per
+            // network namespace, share the root) and refuse any attach flag: `Single` is the
+            // mode that passes none.
+            program
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|err| TrackerError::Attach {
+                    interface: cgroup_root.display().to_string(),
+                    direction: "sock_ops",
+                    source: Box::new(err),
+                })?;
+            debug!(cgroup = %cgroup_root.display(), program_id, netns_cookie, "attached sock_ops program as a cgroup link");
+            attachments.push(Attachment {
+                interface: cgroup_root.display().to_string(),
+                direction: "sock_ops".to_string(),
+                program_id,
+            });
+        }
         for (program, attach_type, direction) in [
             (names::INGRESS_PROGRAM, TcAttachType::Ingress, "ingress"),
             (names::EGRESS_PROGRAM, TcAttachType::Egress, "egress"),
@@ -140,9 +190,11 @@ impl EbpfTracker {
     }
 
     /// Adds the connections that were established before the programs were attached, from
-    /// the socket table: without them a restarted agent would undercount and could call a
-    /// node drained while an older connection still carries a request. They start with
-    /// unknown sequence numbers, which their first segment in each direction sets.
+    /// the socket table, to `SEEDED_FLOWS`: without them a restarted agent would undercount
+    /// and could call a node drained while an older connection still carries a request. They
+    /// start with unknown sequence numbers, which their first segment in each direction sets.
+    /// The kernel never called back for them, so the TC programs end them (FIN pair, exact
+    /// RST) and the garbage collector deletes them.
     fn with_existing_connections(mut self, config: &Config) -> EbpfTracker {
         let sockets = match sockets::tcp_sockets() {
             Ok(sockets) => sockets,
@@ -151,7 +203,14 @@ impl EbpfTracker {
                 return self;
             }
         };
-        let Ok(flows) = map_mut(&mut self.ebpf, names::FLOWS) else {
+        let established: HashSet<FlowKey> = match map(&self.ebpf, names::FLOWS).and_then(|flows| {
+            HashMap::<&MapData, FlowKey, Flow>::try_from(flows)
+                .map_err(read_error("the flow table"))
+        }) {
+            Ok(flows) => flows.keys().filter_map(Result::ok).collect(),
+            Err(_) => return self,
+        };
+        let Ok(flows) = map_mut(&mut self.ebpf, names::SEEDED_FLOWS) else {
             return self;
         };
         let Ok(mut flows) = HashMap::<&mut MapData, FlowKey, Flow>::try_from(flows) else {
@@ -174,11 +233,16 @@ impl EbpfTracker {
                 client_port,
                 server_port,
             };
+            // Established after the sock_ops program was attached: the kernel's own entry.
+            if established.contains(&key) {
+                continue;
+            }
             // Unread request bytes or unacknowledged response bytes: in flight now.
             let busy = socket.rx_queue > 0 || socket.tx_queue > 0;
             let flow = Flow {
                 backend: backend as u32,
                 state: FLOW_ESTABLISHED,
+                origin: ORIGIN_SEEDED,
                 request_pending: u32::from(busy),
                 client_unsynced: 1,
                 server_unsynced: 1,
@@ -190,7 +254,6 @@ impl EbpfTracker {
                 last_seen_ns: now,
                 ..Flow::default()
             };
-            // NOEXIST: a connection the programs already track (handshake seen) stays theirs.
             if flows.insert(key, flow, BPF_NOEXIST).is_err() {
                 continue;
             }
@@ -253,67 +316,215 @@ impl EbpfTracker {
         self.flow_table_size
     }
 
-    /// Removes flows that have been silent for `flow_idle_check` and whose socket no longer
-    /// exists (the node's TCP stack dropped them without a FIN or RST on the wire, e.g. after
-    /// retransmission timeouts). Without this a vanished connection would count as established
-    /// (or in flight) forever and hold a drain.
+    /// Deletes seeded flows (connections older than the agent) that are over: those the TC
+    /// programs ended (FIN pair, exact RST) or a new handshake on their tuple replaced, and
+    /// those silent for `flow_idle_check` whose socket no longer exists (the kernel gave up
+    /// on them without a FIN or RST on the wire). Flows the kernel established while the agent
+    /// watched are never touched here: the kernel's state callback ends them.
+    ///
+    /// Each delete is an atomic lookup-and-delete, so the accounting uses the value actually
+    /// removed: if a program ended the flow meanwhile, the value says so and it is not counted
+    /// twice.
     pub fn collect_garbage(&mut self) -> Result<u64, TrackerError> {
-        // Grace for sockets still starting up: a flow younger than its check period stays.
-        if self.started.elapsed() < self.flow_idle_check {
-            return Ok(0);
-        }
         let now = monotonic_now();
         let idle_check = self.flow_idle_check.as_nanos() as u64;
-        let stale: Vec<(FlowKey, Flow)> = {
+        // Grace for the socket table: seeded sockets existed at start, but a check right
+        // after start has nothing to gain.
+        let check_silent = self.started.elapsed() >= self.flow_idle_check;
+        type Entries = Vec<(FlowKey, Flow)>;
+        let (ended, silent): (Entries, Entries) = {
             let flows: HashMap<&MapData, FlowKey, Flow> =
-                HashMap::try_from(map(&self.ebpf, names::FLOWS)?)
-                    .map_err(read_error("the flow table"))?;
+                HashMap::try_from(map(&self.ebpf, names::SEEDED_FLOWS)?)
+                    .map_err(read_error("the seeded flow table"))?;
             flows
                 .iter()
                 .filter_map(Result::ok)
-                .filter(|(_, flow)| now.saturating_sub(flow.last_seen_ns) >= idle_check)
-                .collect()
+                .filter(|(_, flow)| {
+                    flow.counted_in_flight == COUNTED_REMOVED
+                        || (check_silent && now.saturating_sub(flow.last_seen_ns) >= idle_check)
+                })
+                .partition(|(_, flow)| flow.counted_in_flight == COUNTED_REMOVED)
         };
-        if stale.is_empty() {
+        if ended.is_empty() && silent.is_empty() {
             return Ok(0);
         }
-        let live: HashSet<(SocketAddr, SocketAddr)> = sockets::tcp_sockets()?
-            .into_iter()
-            .filter(|socket| sockets::is_connected(&socket.state))
-            .map(|socket| (socket.local, socket.remote))
-            .collect();
-
-        let mut flows: HashMap<&mut MapData, FlowKey, Flow> =
-            HashMap::try_from(map_mut(&mut self.ebpf, names::FLOWS)?)
-                .map_err(read_error("the flow table"))?;
+        let live: HashSet<(SocketAddr, SocketAddr)> = if silent.is_empty() {
+            HashSet::new()
+        } else {
+            sockets::tcp_sockets()?
+                .into_iter()
+                .filter(|socket| sockets::is_connected(&socket.state))
+                .map(|socket| (socket.local, socket.remote))
+                .collect()
+        };
+        let fd = map_fd(map(&self.ebpf, names::SEEDED_FLOWS)?)?;
         let mut removed = 0;
-        for (key, flow) in stale {
-            let local = sockets::from_flow_bytes(key.server_addr, key.server_port);
-            let remote = sockets::from_flow_bytes(key.client_addr, key.client_port);
-            if live.contains(&(local, remote)) {
+        for (key, _) in ended
+            .into_iter()
+            .chain(silent.into_iter().filter(|(key, _)| {
+                let local = sockets::from_flow_bytes(key.server_addr, key.server_port);
+                let remote = sockets::from_flow_bytes(key.client_addr, key.client_port);
+                !live.contains(&(local, remote))
+            }))
+        {
+            let Some(flow) = lookup_and_delete(fd, &key)? else {
                 continue;
-            }
-            // The kernel may have removed it meanwhile (FIN/RST): then it did the accounting.
-            if flows.remove(&key).is_err() {
-                continue;
-            }
+            };
             let Some(adjustment) = self.adjustments.get_mut(flow.backend as usize) else {
                 continue;
             };
             adjustment.tracked -= 1;
-            if flow.state == FLOW_ESTABLISHED {
-                adjustment.established -= 1;
-                adjustment.vanished += 1;
+            if flow.counted_in_flight == COUNTED_REMOVED {
+                continue; // ended (and counted) by the kernel
             }
+            adjustment.established -= 1;
+            adjustment.vanished += 1;
             if flow.counted_in_flight == COUNTED_IN_FLIGHT {
                 adjustment.in_flight -= 1;
                 adjustment.cut_in_flight += 1;
             }
             removed += 1;
-            warn!(%local, %remote, "removed a tracked connection whose socket is gone");
+            let local = sockets::from_flow_bytes(key.server_addr, key.server_port);
+            let remote = sockets::from_flow_bytes(key.client_addr, key.client_port);
+            warn!(%local, %remote, "removed a connection older than the agent whose socket is gone");
         }
         Ok(removed)
     }
+}
+
+/// The raw fd of a hash map.
+fn map_fd(map: &Map) -> Result<RawFd, TrackerError> {
+    match map {
+        Map::HashMap(data) => Ok(data.fd().as_fd().as_raw_fd()),
+        _ => Err(TrackerError::Load {
+            cause: "the seeded flow table is not a hash map".to_string(),
+        }),
+    }
+}
+
+/// BPF_MAP_LOOKUP_AND_DELETE_ELEM on a hash map (kernel >= 5.14): removes `key` and returns
+/// the value it held at that moment, `None` if it was gone. aya 0.14 wraps this command only
+/// for queues and stacks.
+fn lookup_and_delete(fd: RawFd, key: &FlowKey) -> Result<Option<Flow>, TrackerError> {
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    /// The `map_elem` member of `union bpf_attr`.
+    #[repr(C)]
+    struct MapElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = Flow::default();
+    let attr = MapElemAttr {
+        map_fd: fd as u32,
+        _pad: 0,
+        key: key as *const FlowKey as u64,
+        value: &mut value as *mut Flow as u64,
+        flags: 0,
+    };
+    // SAFETY: bpf(2) with a correctly laid out attribute whose key and value point to live,
+    // correctly sized buffers (FlowKey and Flow are the map's key and value types); the
+    // kernel writes at most size_of::<Flow>() bytes to `value`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &attr as *const MapElemAttr,
+            std::mem::size_of::<MapElemAttr>() as libc::c_uint,
+        )
+    };
+    if ret == 0 {
+        return Ok(Some(value));
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOENT) {
+        return Ok(None);
+    }
+    Err(TrackerError::Read {
+        what: "the seeded flow table (lookup and delete)",
+        source: Box::new(err),
+    })
+}
+
+/// The cookie of the agent's network namespace (SO_NETNS_COOKIE, kernel >= 5.14), which the
+/// `sock_ops` program compares with `bpf_get_netns_cookie()`.
+fn netns_cookie() -> Result<u64, TrackerError> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))
+        .map_err(|err| TrackerError::Read {
+            what: "the network namespace cookie (socket)",
+            source: Box::new(err),
+        })?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt on an open socket with a buffer of the size passed.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(TrackerError::Read {
+            what: "the network namespace cookie (SO_NETNS_COOKIE)",
+            source: Box::new(std::io::Error::last_os_error()),
+        });
+    }
+    Ok(cookie)
+}
+
+/// Where the cgroup-v2 hierarchy is mounted (its root), from /proc/self/mountinfo.
+fn cgroup2_root() -> Result<PathBuf, TrackerError> {
+    const MOUNTINFO: &str = "/proc/self/mountinfo";
+    let mountinfo = std::fs::read_to_string(MOUNTINFO).map_err(|err| TrackerError::Read {
+        what: "/proc/self/mountinfo",
+        source: Box::new(err),
+    })?;
+    cgroup2_mount(&mountinfo).ok_or(TrackerError::NoCgroup2 {
+        searched: Path::new(MOUNTINFO).to_path_buf(),
+    })
+}
+
+/// The mount point of the first cgroup2 mount of the hierarchy's root in `mountinfo` text.
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER
+        let (mount, fs) = line.split_once(" - ")?;
+        let mut fields = mount.split(' ');
+        let root = fields.nth(3)?;
+        let mount_point = fields.next()?;
+        (fs.split(' ').next()? == "cgroup2" && root == "/").then(|| unescape(mount_point))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo (octal).
+fn unescape(field: &str) -> PathBuf {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            out.push(
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'),
+            );
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
 }
 
 fn map<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, TrackerError> {
@@ -350,4 +561,42 @@ pub fn monotonic_now() -> u64 {
         .map(Duration::from)
         .unwrap_or_default();
     now.as_nanos() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_root_in_a_hybrid_layout() {
+        let mountinfo = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn skips_cgroup2_mounts_of_a_subtree_and_unescapes_the_path() {
+        let mountinfo = "\
+50 23 0:38 /system.slice /mnt/sub rw - cgroup2 cgroup2 rw
+51 23 0:38 / /mnt/my\\040cgroup rw shared:5 - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            cgroup2_mount(mountinfo),
+            Some(PathBuf::from("/mnt/my cgroup"))
+        );
+    }
+
+    #[test]
+    fn no_cgroup2_mount_is_none() {
+        assert_eq!(
+            cgroup2_mount("48 45 0:39 / /sys rw,relatime - sysfs sysfs rw\n"),
+            None
+        );
+    }
 }

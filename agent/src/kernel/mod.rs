@@ -110,7 +110,8 @@ impl Tracker {
         }
     }
 
-    /// Removes tracked connections whose socket is gone (eBPF mode); returns how many.
+    /// Deletes seeded connections (older than the agent) that ended or whose socket is gone
+    /// (eBPF mode); returns how many vanished.
     pub fn collect_garbage(&mut self) -> Result<u64, TrackerError> {
         match self {
             Tracker::Ebpf(tracker) => tracker.collect_garbage(),
@@ -135,7 +136,15 @@ pub enum TrackerError {
          the kernel, or run with `--kernel procfs` (established connections only)"
     )]
     KernelTooOld { found: String },
-    #[error("could not attach the {direction} program to interface `{interface}`")]
+    #[error(
+        "no cgroup v2 hierarchy is mounted in this mount namespace (searched {}): drain-agent \
+         attaches its sock_ops program to the cgroup-v2 root. Mount one (`mount -t cgroup2 none \
+         /sys/fs/cgroup`), and note that `ip netns exec` remounts /sys without it: enter a \
+         namespace with `nsenter --net=/run/netns/NAME` instead",
+        searched.display()
+    )]
+    NoCgroup2 { searched: std::path::PathBuf },
+    #[error("could not attach the {direction} program to `{interface}`")]
     Attach {
         interface: String,
         direction: &'static str,

@@ -1,0 +1,157 @@
+//! What every program shares: finding a flow, moving it between the idle and in-flight
+//! aggregates, and taking an ended flow out of them exactly once (docs/accounting.md).
+
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg};
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use drain_agent_common::{
+    counters::BackendCounters,
+    flow::{COUNTED_IDLE, COUNTED_IN_FLIGHT, COUNTED_REMOVED, Flow, FlowKey, carries_work},
+};
+
+use crate::maps::{BACKEND_COUNTERS, FLOWS, SEEDED_FLOWS};
+
+/// How a flow ended, for the totals.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Closed,
+    ResetByClient,
+    ResetByServer,
+    Vanished,
+}
+
+/// The flow of `key`: first the kernel-established ones, then (on a miss only) the seeded
+/// ones. The bool says whether it is seeded.
+#[inline(always)]
+pub fn lookup(key: &FlowKey) -> Option<(&'static mut Flow, bool)> {
+    if let Some(flow) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: the pointer comes from a successful lookup and stays valid for this
+        // program run (hash map elements are freed after an RCU grace period).
+        return Some((unsafe { &mut *flow }, false));
+    }
+    SEEDED_FLOWS
+        .get_ptr_mut(key)
+        // SAFETY: as above.
+        .map(|flow| (unsafe { &mut *flow }, true))
+}
+
+/// Sets hint bits; returns the bits that were set before.
+#[inline(always)]
+pub fn hint(flow: &mut Flow, bits: u64) -> u64 {
+    // SAFETY: a valid, aligned u64 in map memory for this program run.
+    unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(&mut flow.hints, bits) }
+}
+
+/// After a segment: move the flow between idle and in flight if that changed.
+#[inline(always)]
+pub fn settle(backend: u32, flow: &mut Flow) {
+    let wanted = if carries_work(flow) {
+        COUNTED_IN_FLIGHT
+    } else {
+        COUNTED_IDLE
+    };
+    let counted = flow.counted_in_flight;
+    if counted == wanted || counted == COUNTED_REMOVED {
+        return; // the common case: a plain read, no atomic, no counter write
+    }
+    // Both directions may run at once on different CPUs; only the one that wins the swap
+    // applies the transition, so the aggregate moves exactly once.
+    // SAFETY: a valid, aligned u64 in map memory for this program run.
+    let (_, swapped) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            &mut flow.counted_in_flight,
+            counted,
+            wanted,
+        )
+    };
+    if !swapped {
+        return;
+    }
+    if let Some(counters) = counters(backend) {
+        if wanted == COUNTED_IN_FLIGHT {
+            add(&mut counters.in_flight, 1);
+        } else {
+            add(&mut counters.in_flight, u64::MAX);
+            // SAFETY: helper without preconditions.
+            counters.last_idle_ns = unsafe { bpf_ktime_get_ns() };
+        }
+    }
+}
+
+/// Claims the ending of a flow: whoever swaps `counted_in_flight` to `COUNTED_REMOVED` first
+/// owns it, so the state callback, a newer connection on the same tuple, the TC programs (for
+/// a seeded flow) and the userspace garbage collector cannot count one connection twice.
+/// Returns what the flow was counted as, or `None` if someone else ended it.
+#[inline(always)]
+pub fn claim(flow: &mut Flow) -> Option<u64> {
+    // SAFETY: a valid, aligned u64 in map memory for this program run.
+    let counted = unsafe {
+        atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&mut flow.counted_in_flight, COUNTED_REMOVED)
+    };
+    (counted != COUNTED_REMOVED).then_some(counted)
+}
+
+/// Takes a claimed flow out of the aggregates. `untrack` when its entry leaves the flow table
+/// (seeded entries leave it when userspace deletes them). `request_pending`, `backend` and
+/// `counted` are copies taken before the entry was removed.
+#[inline(always)]
+pub fn account_end(
+    backend: u32,
+    counted: u64,
+    request_pending: bool,
+    ending: Ending,
+    untrack: bool,
+) {
+    let Some(counters) = counters(backend) else {
+        return;
+    };
+    if untrack {
+        add(&mut counters.tracked, u64::MAX);
+    }
+    if counted == COUNTED_IN_FLIGHT {
+        add(&mut counters.in_flight, u64::MAX);
+        // SAFETY: helper without preconditions.
+        counters.last_idle_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    add(&mut counters.established, u64::MAX);
+    // Cuts are what the node did to a request: a RST from the node or a connection lost
+    // while carrying one, or a close without an answer. A client abandoning its own request
+    // (HAProxy aborting a health check as the server enters MAINT) is its reset, not a cut.
+    let cut = match ending {
+        Ending::Closed => request_pending,
+        Ending::ResetByServer | Ending::Vanished => counted == COUNTED_IN_FLIGHT,
+        Ending::ResetByClient => false,
+    };
+    if cut {
+        add(&mut counters.cut_in_flight, 1);
+    }
+    let total = match ending {
+        Ending::Closed => &mut counters.closed,
+        Ending::ResetByClient => &mut counters.reset_by_client,
+        Ending::ResetByServer => &mut counters.reset_by_server,
+        Ending::Vanished => &mut counters.vanished,
+    };
+    add(total, 1);
+}
+
+/// This CPU's counters of a backend.
+#[inline(always)]
+pub fn counters(backend: u32) -> Option<&'static mut BackendCounters> {
+    // SAFETY: per-CPU slot of this CPU; BPF programs do not migrate while running.
+    BACKEND_COUNTERS
+        .get_ptr_mut(backend)
+        .map(|counters| unsafe { &mut *counters })
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` is -1) to a per-CPU counter with one atomic instruction.
+/// The TC programs run in softirq or with bottom halves off, but the `sock_ops` program also
+/// runs in process context (close(), with preemption possible), where a plain
+/// read-modify-write could interleave with another writer on the same CPU and lose an update.
+/// A single locked add cannot be split.
+#[inline(always)]
+pub fn add(counter: &mut u64, delta: u64) {
+    // SAFETY: a valid, aligned u64 in map memory for this program run.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, delta);
+    }
+}

@@ -1,0 +1,307 @@
+//! The `sock_ops` program's part: where a connection starts and ends, from the kernel's own
+//! socket state (docs/accounting.md). A flow is created when the kernel has established a
+//! passive connection — never for a half-open one — and ended exactly once when the kernel
+//! moves the socket to `TCP_CLOSE`, so a RST or FIN the kernel did not accept ends nothing.
+
+use core::ptr::{addr_of, read_volatile};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1,
+        BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, bpf_sock_ops,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    programs::SockOpsContext,
+};
+use drain_agent_common::flow::{
+    COUNTED_IDLE, COUNTED_IN_FLIGHT, FLOW_ESTABLISHED, Flow, FlowKey, ORIGIN_HANDSHAKE,
+    RST_FROM_CLIENT, RST_FROM_SERVER, carries_work,
+};
+
+use crate::{
+    accounting::{Ending, account_end, add, claim, counters},
+    maps::{BACKEND_BY_PORT, FLOWS, JUST_ENDED, SEEDED_FLOWS},
+};
+
+/// The agent's network namespace cookie, set by the loader. Every namespace's sockets pass
+/// through a program on the root cgroup; only this namespace's are the agent's.
+#[unsafe(no_mangle)]
+static NETNS_COOKIE: u64 = 0;
+
+/// -E2BIG from bpf_map_update_elem: the hash map is full.
+const E2BIG: i32 = 7;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// Dispatches the callbacks the program handles; every other one passes.
+#[inline(always)]
+pub fn handle(ctx: &SockOpsContext) {
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => closed(ctx, ctx.arg(0)),
+        _ => {}
+    }
+}
+
+/// The kernel established a passive connection (the client's ACK of the SYN-ACK was
+/// accepted, or a Fast Open SYN): start tracking it with the socket's own sequence state.
+#[inline(always)]
+fn established(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    // SAFETY (all `field` reads): `ops` is the program's context, valid for this run.
+    let port = unsafe { field(addr_of!((*ops).local_port)) } as u16; // host order
+    let Some(&backend) = BACKEND_BY_PORT.get(u32::from(port)) else {
+        return;
+    };
+    if backend == 0 || !our_netns(ctx) {
+        return;
+    }
+    let backend = backend - 1;
+    let Some(key) = flow_key(ops, port) else {
+        return;
+    };
+    // SAFETY: as above.
+    let (rcv_nxt, snd_nxt, snd_una) = unsafe {
+        (
+            field(addr_of!((*ops).rcv_nxt)),
+            field(addr_of!((*ops).snd_nxt)),
+            field(addr_of!((*ops).snd_una)),
+        )
+    };
+    // Payload on the handshake-completing ACK (or a Fast Open SYN) went past the TC program
+    // before this entry existed; the kernel queues it after this callback, so rcv_nxt does
+    // not include it yet.
+    let payload = handshake_payload(ops);
+    let mut flow = Flow {
+        backend,
+        state: FLOW_ESTABLISHED,
+        origin: ORIGIN_HANDSHAKE,
+        request_pending: u32::from(payload != 0),
+        client_next_seq: rcv_nxt.wrapping_add(payload),
+        server_next_seq: snd_nxt,
+        client_acked: snd_una,
+        // SAFETY: helper without preconditions.
+        last_seen_ns: unsafe { bpf_ktime_get_coarse_ns() },
+        ..Flow::default()
+    };
+    let in_flight = carries_work(&flow);
+    flow.counted_in_flight = if in_flight {
+        COUNTED_IN_FLIGHT
+    } else {
+        COUNTED_IDLE
+    };
+
+    // An entry for the same tuple is a connection whose end was missed (its state callback
+    // was switched off by someone else) or one seeded by userspace: it is gone now.
+    if let Some(old) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: valid for this program run (see accounting::lookup).
+        end(&key, unsafe { &mut *old }, Ending::Vanished);
+    }
+    if let Some(old) = SEEDED_FLOWS.get_ptr_mut(key) {
+        // SAFETY: as above. Only userspace deletes seeded entries: mark it ended.
+        let old = unsafe { &mut *old };
+        if let Some(counted) = claim(old) {
+            account_end(
+                old.backend,
+                counted,
+                old.request_pending != 0,
+                Ending::Vanished,
+                false,
+            );
+        }
+    }
+
+    let Some(counters) = counters(backend) else {
+        return;
+    };
+    // Counted before the insert: a segment on another CPU may settle the new entry at once,
+    // and its -1 must never meet a gauge that lacks the +1 (it would wrap to 2^64 - 1).
+    add(&mut counters.established, 1);
+    add(&mut counters.tracked, 1);
+    if in_flight {
+        add(&mut counters.in_flight, 1);
+    }
+    match FLOWS.insert(key, flow, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {
+            add(&mut counters.accepted, 1);
+            // OR: other sock_ops programs may have set flags of their own.
+            let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+            let _ = ctx.set_cb_flags(flags as i32);
+        }
+        Err(err) => {
+            add(&mut counters.established, u64::MAX);
+            add(&mut counters.tracked, u64::MAX);
+            if in_flight {
+                add(&mut counters.in_flight, u64::MAX);
+            }
+            if err == -E2BIG {
+                add(&mut counters.flow_table_full, 1);
+            }
+        }
+    }
+}
+
+/// The kernel moved a socket to `TCP_CLOSE`: the connection is over, whatever was or was not
+/// seen on the wire. `old_state` is the state it leaves.
+#[inline(always)]
+fn closed(ctx: &SockOpsContext, old_state: u32) {
+    if !our_netns(ctx) {
+        return;
+    }
+    let ops = ctx.ops;
+    // SAFETY: as in established.
+    let port = unsafe { field(addr_of!((*ops).local_port)) } as u16;
+    let Some(key) = flow_key(ops, port) else {
+        return;
+    };
+    let Some(flow) = FLOWS.get_ptr_mut(key) else {
+        return; // a socket the agent never tracked (table full, not a backend port)
+    };
+    // SAFETY: valid for this program run (see accounting::lookup).
+    let flow = unsafe { &mut *flow };
+    // SAFETY: as in established.
+    let all_acked = unsafe { field(addr_of!((*ops).snd_una)) == field(addr_of!((*ops).snd_nxt)) };
+    let hints = flow.hints;
+    let ending = if hints & RST_FROM_SERVER != 0 {
+        Ending::ResetByServer
+    } else if hints & RST_FROM_CLIENT != 0 {
+        Ending::ResetByClient
+    } else if all_acked
+        && matches!(
+            old_state,
+            BPF_TCP_FIN_WAIT1 | BPF_TCP_FIN_WAIT2 | BPF_TCP_CLOSING | BPF_TCP_LAST_ACK
+        )
+    {
+        // Both FINs exchanged and everything the node sent acknowledged (or the node's own
+        // close timed out in FIN_WAIT2, its data delivered).
+        Ending::Closed
+    } else {
+        // Straight from ESTABLISHED or CLOSE_WAIT (or with data unacknowledged): a loss, or an
+        // abort whose RST the node sends after this callback (recounted at egress).
+        Ending::Vanished
+    };
+    end(&key, flow, ending);
+}
+
+/// Ends a kernel-established flow exactly once: claim it, copy what the accounting needs,
+/// then remove the entry.
+#[inline(always)]
+fn end(key: &FlowKey, flow: &mut Flow, ending: Ending) {
+    let Some(counted) = claim(flow) else {
+        return;
+    };
+    // Copies first: after the delete the element may be reused.
+    let backend = flow.backend;
+    let request_pending = flow.request_pending != 0;
+    let _ = FLOWS.remove(key);
+    if ending == Ending::Vanished {
+        // SAFETY: helper without preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let _ = JUST_ENDED.insert(key, now, 0);
+    }
+    account_end(backend, counted, request_pending, ending, true);
+}
+
+/// Payload bytes of the skb that completed the handshake: its length minus the TCP header,
+/// which is exactly what the kernel exposes as skb_data..skb_data_end for this callback.
+#[inline(always)]
+fn handshake_payload(ops: *mut bpf_sock_ops) -> u32 {
+    // SAFETY: context fields, valid for this run; the pointers are only subtracted, never
+    // dereferenced (the verifier allows pointer subtraction to privileged programs).
+    let (len, data, data_end) = unsafe {
+        (
+            field(addr_of!((*ops).skb_len)),
+            read_volatile(addr_of!((*ops).__bindgen_anon_3.skb_data)) as u64,
+            read_volatile(addr_of!((*ops).__bindgen_anon_4.skb_data_end)) as u64,
+        )
+    };
+    let header = data_end.wrapping_sub(data);
+    if header == 0 || header > u64::from(len) {
+        return 0;
+    }
+    len - header as u32
+}
+
+/// The socket's 4-tuple as the TC programs see it: IPv4 as IPv4-mapped (an IPv6 socket
+/// carrying IPv4 already has mapped addresses), ports in host order.
+#[inline(always)]
+fn flow_key(ops: *mut bpf_sock_ops, server_port: u16) -> Option<FlowKey> {
+    // SAFETY: context fields, valid for this run. One 32-bit load each at a constant offset,
+    // all of them before any branch: the verifier rejects wider loads of these fields and
+    // loads through a computed context pointer (which LLVM makes of a per-family choice).
+    let (family, remote, remote4, local4, remote6, local6) = unsafe {
+        (
+            field(addr_of!((*ops).family)),
+            field(addr_of!((*ops).remote_port)),
+            field(addr_of!((*ops).remote_ip4)),
+            field(addr_of!((*ops).local_ip4)),
+            [
+                field(addr_of!((*ops).remote_ip6[0])),
+                field(addr_of!((*ops).remote_ip6[1])),
+                field(addr_of!((*ops).remote_ip6[2])),
+                field(addr_of!((*ops).remote_ip6[3])),
+            ],
+            [
+                field(addr_of!((*ops).local_ip6[0])),
+                field(addr_of!((*ops).local_ip6[1])),
+                field(addr_of!((*ops).local_ip6[2])),
+                field(addr_of!((*ops).local_ip6[3])),
+            ],
+        )
+    };
+    // Network order in the upper 16 bits on little-endian kernels (the kernel shifts
+    // skc_dport left by 16); lower bits on big-endian ones.
+    let remote = if remote > 0xffff {
+        remote >> 16
+    } else {
+        remote
+    };
+    let client_port = u16::from_be(remote as u16);
+    let (client_addr, server_addr) = match family {
+        AF_INET => (v4_mapped(remote4), v4_mapped(local4)),
+        AF_INET6 => (v6(remote6), v6(local6)),
+        _ => return None,
+    };
+    Some(FlowKey {
+        client_addr,
+        server_addr,
+        client_port,
+        server_port,
+    })
+}
+
+#[inline(always)]
+fn our_netns(ctx: &SockOpsContext) -> bool {
+    // SAFETY: the helper takes the program's context; NETNS_COOKIE is a read-only global that
+    // the loader patched (volatile: the compiler must not fold the 0 it was built with).
+    unsafe { bpf_get_netns_cookie(ctx.ops.cast()) == read_volatile(addr_of!(NETNS_COOKIE)) }
+}
+
+/// One 32-bit context load.
+///
+/// # Safety
+/// `at` points into the program's context.
+#[inline(always)]
+unsafe fn field(at: *const u32) -> u32 {
+    // SAFETY: the caller's.
+    unsafe { read_volatile(at) }
+}
+
+/// Network-order u32 words (as stored in `bpf_sock_ops`) → address bytes.
+#[inline(always)]
+fn v6(words: [u32; 4]) -> [u8; 16] {
+    let [a, b, c, d] = words.map(u32::to_ne_bytes);
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
+#[inline(always)]
+fn v4_mapped(addr: u32) -> [u8; 16] {
+    let a = addr.to_ne_bytes();
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+    ]
+}
