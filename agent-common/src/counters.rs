@@ -15,6 +15,9 @@ pub struct BackendCounters {
     pub tracked: u64,
     /// Established connections carrying a request or an unacknowledged response (gauge delta).
     pub in_flight: u64,
+    /// Established connections the agent did not see begin and cannot judge yet (gauge delta;
+    /// userspace adds the ones it seeds).
+    pub unknown: u64,
     /// Handshakes completed (total).
     pub accepted: u64,
     /// Connections closed by FIN in both directions (total).
@@ -51,6 +54,7 @@ impl BackendCounters {
                 established: acc.established.wrapping_add(c.established),
                 tracked: acc.tracked.wrapping_add(c.tracked),
                 in_flight: acc.in_flight.wrapping_add(c.in_flight),
+                unknown: acc.unknown.wrapping_add(c.unknown),
                 accepted: acc.accepted.wrapping_add(c.accepted),
                 closed: acc.closed.wrapping_add(c.closed),
                 reset_by_client: acc.reset_by_client.wrapping_add(c.reset_by_client),

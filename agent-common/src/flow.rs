@@ -32,6 +32,10 @@ pub const ORIGIN_SEEDED: u32 = 1;
 pub const COUNTED_IDLE: u64 = 0;
 /// `Flow::counted_in_flight`: counted as in flight in the aggregates.
 pub const COUNTED_IN_FLIGHT: u64 = 1;
+/// `Flow::counted_in_flight`: counted as unknown: a connection the agent did not see begin
+/// (seeded from the socket table) whose traffic has not yet shown whether it carries a
+/// request. The first payload in either direction settles it (docs/accounting.md).
+pub const COUNTED_UNKNOWN: u64 = 3;
 /// `Flow::counted_in_flight`: the flow is ended and out of the aggregates; no further transition
 /// may touch them. Written by whoever wins the ending (the kernel's state callback, a newer
 /// connection on the same tuple, the TC programs for a seeded flow, or the userspace GC).
@@ -46,6 +50,9 @@ pub const FIN_FROM_SERVER: u64 = 2;
 pub const RST_FROM_CLIENT: u64 = 4;
 /// `Flow::hints` bit: the node sent a RST.
 pub const RST_FROM_SERVER: u64 = 8;
+/// `Flow::hints` bit: payload crossed in either direction since the flow was seeded: an
+/// unknown flow is settled from then on.
+pub const PAYLOAD_SEEN: u64 = 16;
 
 /// State of one tracked connection. Sequence numbers are raw TCP sequence numbers and are
 /// compared modulo 2^32 (see docs/accounting.md).

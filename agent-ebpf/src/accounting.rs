@@ -6,7 +6,10 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xadd, ato
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use drain_agent_common::{
     counters::BackendCounters,
-    flow::{COUNTED_IDLE, COUNTED_IN_FLIGHT, COUNTED_REMOVED, Flow, FlowKey, carries_work},
+    flow::{
+        COUNTED_IDLE, COUNTED_IN_FLIGHT, COUNTED_REMOVED, COUNTED_UNKNOWN, Flow, FlowKey,
+        PAYLOAD_SEEN, carries_work,
+    },
 };
 
 use crate::maps::{BACKEND_COUNTERS, FLOWS, SEEDED_FLOWS};
@@ -42,15 +45,20 @@ pub fn hint(flow: &mut Flow, bits: u64) -> u64 {
     unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(&mut flow.hints, bits) }
 }
 
-/// After a segment: move the flow between idle and in flight if that changed.
+/// After a segment: move the flow between idle and in flight if that changed. An unknown
+/// (seeded) flow stays unknown until payload crossed: a pure ACK says nothing about a request
+/// the node may be computing.
 #[inline(always)]
 pub fn settle(backend: u32, flow: &mut Flow) {
+    let counted = flow.counted_in_flight;
+    if counted == COUNTED_UNKNOWN && flow.hints & PAYLOAD_SEEN == 0 {
+        return;
+    }
     let wanted = if carries_work(flow) {
         COUNTED_IN_FLIGHT
     } else {
         COUNTED_IDLE
     };
-    let counted = flow.counted_in_flight;
     if counted == wanted || counted == COUNTED_REMOVED {
         return; // the common case: a plain read, no atomic, no counter write
     }
@@ -68,10 +76,17 @@ pub fn settle(backend: u32, flow: &mut Flow) {
         return;
     }
     if let Some(counters) = counters(backend) {
+        if counted == COUNTED_UNKNOWN {
+            add(&mut counters.unknown, u64::MAX);
+        }
         if wanted == COUNTED_IN_FLIGHT {
             add(&mut counters.in_flight, 1);
         } else {
-            add(&mut counters.in_flight, u64::MAX);
+            if counted == COUNTED_IN_FLIGHT {
+                add(&mut counters.in_flight, u64::MAX);
+            }
+            // Leaving in flight, or an unknown flow found idle (its response just completed):
+            // either way the quiet period starts now.
             // SAFETY: helper without preconditions.
             counters.last_idle_ns = unsafe { bpf_ktime_get_ns() };
         }
@@ -112,6 +127,10 @@ pub fn account_end(
         add(&mut counters.in_flight, u64::MAX);
         // SAFETY: helper without preconditions.
         counters.last_idle_ns = unsafe { bpf_ktime_get_ns() };
+    }
+    if counted == COUNTED_UNKNOWN {
+        // Whether it carried a request is unknown: it is not counted as a cut either.
+        add(&mut counters.unknown, u64::MAX);
     }
     add(&mut counters.established, u64::MAX);
     // Cuts are what the node did to a request: a RST from the node or a connection lost

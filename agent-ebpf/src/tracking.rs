@@ -7,8 +7,8 @@
 
 use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use drain_agent_common::flow::{
-    COUNTED_REMOVED, FIN_FROM_CLIENT, FIN_FROM_SERVER, Flow, RST_FROM_CLIENT, RST_FROM_SERVER,
-    in_client_window, seq_after,
+    COUNTED_REMOVED, COUNTED_UNKNOWN, FIN_FROM_CLIENT, FIN_FROM_SERVER, Flow, PAYLOAD_SEEN,
+    RST_FROM_CLIENT, RST_FROM_SERVER, in_client_window, seq_after,
 };
 
 use crate::{
@@ -73,6 +73,9 @@ pub fn from_client(segment: &Segment) {
     }
     let end_seq = segment.seq.wrapping_add(segment.payload_len);
     if segment.payload_len != 0 {
+        if flow.counted_in_flight == COUNTED_UNKNOWN {
+            hint(flow, PAYLOAD_SEEN); // a request: the unknown flow is settled
+        }
         // Only new bytes make a request; a retransmission ends at or before client_next_seq.
         if seq_after(end_seq, flow.client_next_seq) {
             flow.client_next_seq = end_seq;
@@ -125,6 +128,9 @@ pub fn from_server(segment: &Segment) {
         return;
     }
     if segment.payload_len != 0 {
+        if flow.counted_in_flight == COUNTED_UNKNOWN {
+            hint(flow, PAYLOAD_SEEN); // a response: in flight until acknowledged, then idle
+        }
         let end_seq = segment.seq.wrapping_add(segment.payload_len);
         // New response bytes answer every request byte received before them.
         if seq_after(end_seq, flow.server_next_seq) {

@@ -452,6 +452,12 @@ impl Agent {
         );
     }
 
+    /// SIGKILL, then the same config again with `--kernel MODE` ("ebpf" or "procfs").
+    pub fn restart_in_mode(&mut self, kernel: &str) -> Instant {
+        self.kernel = kernel.to_string();
+        self.kill_and_restart()
+    }
+
     /// What systemd's `Restart=on-failure` does after a crash: SIGKILL, then the same agent
     /// with the same config (and journal) again. Returns when its control socket answers.
     pub fn kill_and_restart(&mut self) -> Instant {

@@ -347,15 +347,22 @@ fn connections_older_than_the_agent_are_counted_and_tracked() {
         backend["accepted"], 0,
         "seeded connections were not accepted while we watched"
     );
+    // The agent did not see them begin: unknown, not idle, until their traffic says.
+    assert_eq!(backend["unknown"], 6, "{backend}");
+    assert_eq!(backend["in_flight"], 0, "{backend}");
+    assert_eq!(backend["idle"], 0, "{backend}");
 
     // A new request on an old connection is seen from its first byte.
     connections[0].send("/slow?ms=1000").unwrap();
     wait_for(&agent, "in_flight", 1, Duration::from_millis(500));
-    // The request that was already running shows up once its response starts; all end idle.
+    assert_eq!(agent.count(BACKEND, "unknown"), 5);
+    // The request that was already running shows up once its response starts; both end
+    // idle, the four untouched connections stay unknown.
     assert_eq!(slow.read_response().unwrap().status, 200);
     assert_eq!(connections[0].read_response().unwrap().status, 200);
     wait_for(&agent, "in_flight", 0, QUIET + MARGIN);
-    assert_eq!(agent.count(BACKEND, "idle"), 6);
+    wait_for(&agent, "unknown", 4, QUIET + MARGIN);
+    assert_eq!(agent.count(BACKEND, "idle"), 2);
     drop(connections);
     drop(slow);
     wait_for(&agent, "established", 0, Duration::from_secs(2));
@@ -878,4 +885,53 @@ fn complete(data: &[u8]) -> bool {
                 .then(|| value.trim().parse::<usize>().ok())?
         })
         .is_some_and(|length| body.len() >= length)
+}
+
+#[test]
+fn a_request_older_than_the_agent_holds_the_drain_until_it_is_answered() {
+    let lab = Lab::new();
+    let _api = lab.start_api(API);
+    let mut slow = lab.connect(Lab::node_addr(false, API));
+    slow.send("/slow?ms=4000").unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // the API is computing it
+    let sent = Instant::now();
+    let agent = lab.start_agent(
+        &[(BACKEND, &[API])],
+        "quiet_period = \"50ms\"\nagent_check_listen = \"127.0.0.1:9500\"\n\
+         agent_check_interval = \"200ms\"",
+        "ebpf",
+    );
+    let backend = agent.backend(BACKEND);
+    assert_eq!(backend["unknown"], 1, "the running request: {backend}");
+    let drain = std::thread::spawn({
+        let socket = agent.socket.clone();
+        move || {
+            let out = std::process::Command::new(drain_agent_tests::agent_binary())
+                .args(["drain", BACKEND, "--wait", "--json", "--control-socket"])
+                .arg(socket)
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        }
+    });
+    assert_eq!(slow.read_response().unwrap().status, 200);
+    let answered = sent.elapsed();
+    let (code, stdout) = drain.join().unwrap();
+    let drained = sent.elapsed();
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        drained >= answered,
+        "the drain returned before the response ({drained:?} < {answered:?})"
+    );
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["at_drain_start"]["unknown"], 1, "{report}");
+    assert!(
+        report["drain_evidence"]
+            .as_str()
+            .is_some_and(|evidence| evidence.contains("the kernel counted 0 requests in flight")),
+        "{report}"
+    );
 }

@@ -19,7 +19,7 @@ use aya::{
 use drain_agent_common::{
     counters::BackendCounters,
     flow::{
-        COUNTED_IDLE, COUNTED_IN_FLIGHT, COUNTED_REMOVED, FLOW_ESTABLISHED, Flow, FlowKey,
+        COUNTED_IN_FLIGHT, COUNTED_REMOVED, COUNTED_UNKNOWN, FLOW_ESTABLISHED, Flow, FlowKey,
         ORIGIN_SEEDED,
     },
     names,
@@ -47,6 +47,7 @@ struct Adjustment {
     tracked: i64,
     established: i64,
     in_flight: i64,
+    unknown: i64,
     vanished: u64,
     cut_in_flight: u64,
 }
@@ -237,20 +238,16 @@ impl EbpfTracker {
             if established.contains(&key) {
                 continue;
             }
-            // Unread request bytes or unacknowledged response bytes: in flight now.
-            let busy = socket.rx_queue > 0 || socket.tx_queue > 0;
+            // Whatever its queues say now, the agent did not see its request begin: a
+            // request already read and being computed shows empty queues. Unknown until its
+            // traffic settles it (docs/accounting.md).
             let flow = Flow {
                 backend: backend as u32,
                 state: FLOW_ESTABLISHED,
                 origin: ORIGIN_SEEDED,
-                request_pending: u32::from(busy),
                 client_unsynced: 1,
                 server_unsynced: 1,
-                counted_in_flight: if busy {
-                    COUNTED_IN_FLIGHT
-                } else {
-                    COUNTED_IDLE
-                },
+                counted_in_flight: COUNTED_UNKNOWN,
                 last_seen_ns: now,
                 ..Flow::default()
             };
@@ -260,7 +257,7 @@ impl EbpfTracker {
             let adjustment = &mut self.adjustments[backend];
             adjustment.tracked += 1;
             adjustment.established += 1;
-            adjustment.in_flight += i64::from(busy);
+            adjustment.unknown += 1;
             seeded += 1;
         }
         if seeded > 0 {
@@ -286,7 +283,7 @@ impl EbpfTracker {
                 let total = BackendCounters::sum(per_cpu.iter());
                 let adjustment = self.adjustments[index];
                 Ok(BackendSample {
-                    unknown: None,
+                    unknown: Some(total.unknown.wrapping_add_signed(adjustment.unknown)),
                     tracked: Some(total.tracked.wrapping_add_signed(adjustment.tracked)),
                     established: total
                         .established
@@ -382,6 +379,9 @@ impl EbpfTracker {
             if flow.counted_in_flight == COUNTED_IN_FLIGHT {
                 adjustment.in_flight -= 1;
                 adjustment.cut_in_flight += 1;
+            }
+            if flow.counted_in_flight == COUNTED_UNKNOWN {
+                adjustment.unknown -= 1;
             }
             removed += 1;
             let local = sockets::from_flow_bytes(key.server_addr, key.server_port);
