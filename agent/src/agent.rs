@@ -166,6 +166,7 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
         )));
     }
     tasks.push(tokio::spawn(collect_garbage(agent.clone())));
+    tasks.push(tokio::spawn(count_untracked(agent.clone())));
     tasks.push(tokio::spawn(check_load_balancers(agent.clone())));
 
     // Agent-check already answers from the journal's phases; now settle what the previous
@@ -301,16 +302,79 @@ async fn collect_garbage(agent: Arc<Agent>) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let result = agent
-            .kernel
-            .tracker
-            .lock()
-            .expect("tracker lock")
-            .collect_garbage();
+        // On a blocking thread, and the socket table (hundreds of milliseconds at 100k
+        // connections) read without the tracker's lock: status, drains and agent checks
+        // never wait for a collection.
+        let kernel = agent.kernel.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let candidates = kernel
+                .tracker
+                .lock()
+                .expect("tracker lock")
+                .garbage_candidates()?;
+            let Some(candidates) = candidates else {
+                return Ok(0);
+            };
+            let live = if candidates.socket_table_needed() {
+                crate::kernel::ebpf::live_sockets()?
+            } else {
+                Default::default()
+            };
+            kernel
+                .tracker
+                .lock()
+                .expect("tracker lock")
+                .remove_garbage(candidates, live)
+        })
+        .await
+        .unwrap_or_else(|panic| {
+            Err(TrackerError::Read {
+                what: "the flow table (garbage collection panicked)",
+                source: panic.to_string().into(),
+            })
+        });
         match result {
             Ok(0) => {}
             Ok(removed) => info!(removed, "garbage-collected vanished connections"),
             Err(err) => error!(%err, "flow table garbage collection failed"),
+        }
+    }
+}
+
+/// How often the agent looks for connections a full flow table missed.
+const UNTRACKED_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// Fill level of a backend's flow-table share that is warned about.
+const FLOW_TABLE_WARN_FILL: f64 = 0.8;
+
+/// Counts connections a full flow table missed as unknown (from the socket table, on a
+/// blocking thread), and warns when the table passes 80%.
+async fn count_untracked(agent: Arc<Agent>) {
+    let mut warned = false;
+    loop {
+        tokio::time::sleep(UNTRACKED_CHECK_EVERY).await;
+        let kernel = agent.kernel.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut tracker = kernel.tracker.lock().expect("tracker lock");
+            let fill = tracker.sample().ok().and_then(|samples| {
+                tracker
+                    .flow_table(&samples)
+                    .map(|(entries, capacity)| entries as f64 / capacity.max(1) as f64)
+            });
+            tracker.seed_untracked().map(|seeded| (seeded, fill))
+        })
+        .await;
+        match result {
+            Ok(Ok((_, Some(fill)))) if fill >= FLOW_TABLE_WARN_FILL && !warned => {
+                warn!(
+                    fill = format!("{:.0}%", fill * 100.0),
+                    "the flow table is filling: past 80% connections may go untracked (they are \
+                     then counted as unknown from the socket table); raise flow_table_size"
+                );
+                warned = true;
+            }
+            Ok(Ok((_, Some(fill)))) if fill < FLOW_TABLE_WARN_FILL * 0.9 => warned = false,
+            Ok(Err(err)) => error!(%err, "counting untracked connections failed"),
+            _ => {}
         }
     }
 }
@@ -651,6 +715,7 @@ fn backend_status(
         established: sample.established,
         idle: sample.idle(),
         unknown: sample.unknown,
+        flow_table_entries: sample.tracked,
         quiet: sample.in_flight.map(|in_flight| {
             in_flight == 0
                 && sample

@@ -68,6 +68,7 @@ pub struct Metrics {
     confirmation_lag: Family<Labels, Histogram>,
     drift: Family<Labels, Gauge>,
     reapplied: Family<Labels, Counter>,
+    backend_table: Family<Labels, Gauge>,
     /// Kernel totals at the previous scrape, to turn them into counter increments.
     previous: Mutex<Vec<BackendSample>>,
     ready: AtomicBool,
@@ -104,6 +105,7 @@ impl Metrics {
             confirmation_lag: Family::new_with_constructor(|| Histogram::new(CONFIRMATION_BUCKETS)),
             drift: Family::default(),
             reapplied: Family::default(),
+            backend_table: Family::default(),
             previous: Mutex::new(vec![BackendSample::default(); backends]),
             ready: AtomicBool::new(false),
             registry: Registry::default(),
@@ -190,6 +192,11 @@ impl Metrics {
             metrics.confirmation_lag.clone(),
         );
         registry.register(
+            "backend_flow_table_entries",
+            "The backend's entries in the kernel flow table (its share of flow_table_capacity)",
+            metrics.backend_table.clone(),
+        );
+        registry.register(
             "load_balancer_drift",
             "Load balancers whose view of the backend's server differs from the agent's phase \
              at rest (status says how)",
@@ -239,6 +246,11 @@ impl Metrics {
             gauge("established", sample.established);
             if let Some(unknown) = sample.unknown {
                 gauge("unknown", unknown);
+            }
+            if let Some(entries) = sample.tracked {
+                self.backend_table
+                    .get_or_create(&backend(name))
+                    .set(entries as i64);
             }
             if let Some(in_flight) = sample.in_flight {
                 gauge("in_flight", in_flight);

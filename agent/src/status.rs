@@ -71,6 +71,9 @@ pub struct BackendStatus {
     pub reset_by_server: Option<u64>,
     /// Connections that could not be tracked because the flow table was full.
     pub flow_table_full: Option<u64>,
+    /// This backend's entries in the flow table (its share of the fill level).
+    #[serde(default)]
+    pub flow_table_entries: Option<u64>,
     /// Tracked connections that disappeared without FIN or RST (garbage-collected).
     pub vanished: Option<u64>,
     /// Connections the node ended while they carried a request.
@@ -218,8 +221,9 @@ impl Status {
         {
             let _ = writeln!(
                 out,
-                "warning: the flow table was full; connections beyond it are not counted \
-                 (raise flow_table_size)"
+                "warning: the flow table was full: the connections it missed are counted as \
+                 unknown from the socket table and hold drains until settled (raise \
+                 flow_table_size)"
             );
         }
         out

@@ -935,3 +935,52 @@ fn a_request_older_than_the_agent_holds_the_drain_until_it_is_answered() {
         "{report}"
     );
 }
+
+#[test]
+fn with_the_flow_table_full_a_new_connections_slow_request_still_holds_the_drain() {
+    let lab = Lab::new();
+    let _api = lab.start_api(API);
+    let agent = lab.start_agent(
+        &[(BACKEND, &[API])],
+        "quiet_period = \"50ms\"\nflow_table_size = 1024\n\
+         agent_check_listen = \"127.0.0.1:9500\"\nagent_check_interval = \"200ms\"",
+        "ebpf",
+    );
+    let addr = Lab::node_addr(false, API);
+    // Fill the table exactly with idle keep-alive connections.
+    let idle = idle_connections(&lab, addr, 1024);
+    wait_for(&agent, "established", 1024, Duration::from_secs(5));
+    let backend = agent.backend(BACKEND);
+    assert_eq!(backend["flow_table_full"], 0, "{backend}");
+    // The next connection does not fit: its slow request is invisible to the table...
+    let mut slow = lab.connect(addr);
+    slow.send("/slow?ms=3000").unwrap();
+    let sent = Instant::now();
+    wait_for(&agent, "flow_table_full", 1, Duration::from_secs(2));
+    // ...and is counted as unknown from the socket table instead.
+    wait_for(&agent, "unknown", 1, Duration::from_secs(3));
+    let drain = std::thread::spawn({
+        let socket = agent.socket.clone();
+        move || {
+            let out = std::process::Command::new(drain_agent_tests::agent_binary())
+                .args(["drain", BACKEND, "--wait", "--json", "--control-socket"])
+                .arg(socket)
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        }
+    });
+    assert_eq!(slow.read_response().unwrap().status, 200);
+    let answered = sent.elapsed();
+    let (code, stdout) = drain.join().unwrap();
+    let drained = sent.elapsed();
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        drained >= answered,
+        "the drain returned before the untracked request was answered ({drained:?} < {answered:?})"
+    );
+    drop(idle);
+}

@@ -587,6 +587,11 @@ impl Run {
         lb_sessions: &Result<u64, String>,
     ) -> Option<String> {
         let sample = sample.as_ref().ok()?;
+        if sample.untracked_pending {
+            // The table missed connections that are not counted as unknown yet: wait for
+            // the socket table (at most a second).
+            return None;
+        }
         let unknown = sample.unknown.unwrap_or(0);
         // Every configured load balancer answered with 0 sessions: none was left out
         // because it was unreachable.

@@ -61,6 +61,11 @@ pub struct EbpfTracker {
     flow_idle_check: Duration,
     adjustments: Vec<Adjustment>,
     started: Instant,
+    /// Local port → backend index, for seeding from the socket table.
+    backend_of_port: std::collections::HashMap<u16, usize>,
+    /// Per backend, the `flow_table_full` total the last seeding from the socket table
+    /// covered: above it, connections went untracked and are not yet counted as unknown.
+    untracked_covered: Vec<u64>,
 }
 
 impl EbpfTracker {
@@ -186,8 +191,42 @@ impl EbpfTracker {
             flow_idle_check: config.flow_idle_check,
             adjustments: vec![Adjustment::default(); config.backends.len()],
             started: Instant::now(),
+            backend_of_port: config
+                .backends
+                .iter()
+                .enumerate()
+                .flat_map(|(index, backend)| backend.ports.iter().map(move |&port| (port, index)))
+                .collect(),
+            untracked_covered: vec![0; config.backends.len()],
         }
-        .with_existing_connections(config))
+        .with_existing_connections())
+    }
+
+    /// Whether connections went untracked (the flow table was full) since the last seeding.
+    pub fn untracked_pending(&self) -> Result<bool, TrackerError> {
+        Ok(self.sample()?.iter().any(|sample| sample.untracked_pending))
+    }
+
+    /// The fallback for a full flow table: connections the kernel established but could not
+    /// track are taken from the socket table into `SEEDED_FLOWS` as unknown, exactly like
+    /// connections older than the agent, so a drain waits for evidence about them instead of
+    /// trusting a table that missed them (docs/accounting.md). Returns how many were added.
+    pub fn seed_untracked(&mut self) -> Result<usize, TrackerError> {
+        let totals: Vec<u64> = self
+            .sample()?
+            .iter()
+            .map(|sample| sample.flow_table_full.unwrap_or(0))
+            .collect();
+        let seeded = self.seed_from_socket_table();
+        self.untracked_covered = totals;
+        if seeded > 0 {
+            warn!(
+                seeded,
+                "the flow table was full: connections it missed are counted as unknown from the \
+                 socket table (raise flow_table_size)"
+            );
+        }
+        Ok(seeded)
     }
 
     /// Adds the connections that were established before the programs were attached, from
@@ -196,12 +235,25 @@ impl EbpfTracker {
     /// start with unknown sequence numbers, which their first segment in each direction sets.
     /// The kernel never called back for them, so the TC programs end them (FIN pair, exact
     /// RST) and the garbage collector deletes them.
-    fn with_existing_connections(mut self, config: &Config) -> EbpfTracker {
+    fn with_existing_connections(mut self) -> EbpfTracker {
+        let seeded = self.seed_from_socket_table();
+        if seeded > 0 {
+            info!(
+                seeded,
+                "counted connections established before the agent started, as unknown"
+            );
+        }
+        self
+    }
+
+    /// Adds every established connection on a backend port that neither map holds to
+    /// `SEEDED_FLOWS`, as unknown; returns how many.
+    fn seed_from_socket_table(&mut self) -> usize {
         let sockets = match sockets::tcp_sockets() {
             Ok(sockets) => sockets,
             Err(err) => {
-                warn!(%err, "cannot read the socket table: connections older than the agent are not counted");
-                return self;
+                warn!(%err, "cannot read the socket table: connections the flow table does not hold are not counted");
+                return 0;
             }
         };
         let established: HashSet<FlowKey> = match map(&self.ebpf, names::FLOWS).and_then(|flows| {
@@ -209,13 +261,13 @@ impl EbpfTracker {
                 .map_err(read_error("the flow table"))
         }) {
             Ok(flows) => flows.keys().filter_map(Result::ok).collect(),
-            Err(_) => return self,
+            Err(_) => return 0,
         };
         let Ok(flows) = map_mut(&mut self.ebpf, names::SEEDED_FLOWS) else {
-            return self;
+            return 0;
         };
         let Ok(mut flows) = HashMap::<&mut MapData, FlowKey, Flow>::try_from(flows) else {
-            return self;
+            return 0;
         };
         let now = monotonic_now();
         let mut seeded = 0;
@@ -223,7 +275,7 @@ impl EbpfTracker {
             if socket.state != procfs::net::TcpState::Established {
                 continue;
             }
-            let Some(backend) = config.backend_of_port(socket.local.port()) else {
+            let Some(&backend) = self.backend_of_port.get(&socket.local.port()) else {
                 continue;
             };
             let (server_addr, server_port) = sockets::to_flow_bytes(socket.local);
@@ -260,13 +312,7 @@ impl EbpfTracker {
             adjustment.unknown += 1;
             seeded += 1;
         }
-        if seeded > 0 {
-            info!(
-                seeded,
-                "counted connections established before the agent started"
-            );
-        }
-        self
+        seeded
     }
 
     /// Sums the per-CPU counters of every backend: O(backends × CPUs), never the flow table.
@@ -283,6 +329,7 @@ impl EbpfTracker {
                 let total = BackendCounters::sum(per_cpu.iter());
                 let adjustment = self.adjustments[index];
                 Ok(BackendSample {
+                    untracked_pending: total.flow_table_full > self.untracked_covered[index],
                     unknown: Some(total.unknown.wrapping_add_signed(adjustment.unknown)),
                     tracked: Some(total.tracked.wrapping_add_signed(adjustment.tracked)),
                     established: total
@@ -323,6 +370,18 @@ impl EbpfTracker {
     /// removed: if a program ended the flow meanwhile, the value says so and it is not counted
     /// twice.
     pub fn collect_garbage(&mut self) -> Result<u64, TrackerError> {
+        let candidates = self.garbage_candidates()?;
+        let live = candidates
+            .socket_table_needed()
+            .then(live_sockets)
+            .transpose()?;
+        self.remove_garbage(candidates, live.unwrap_or_default())
+    }
+
+    /// The first half of a collection, under the tracker's lock but without reading the
+    /// socket table: seeded entries ended by the programs, and those silent for
+    /// `flow_idle_check`.
+    pub fn garbage_candidates(&self) -> Result<GarbageCandidates, TrackerError> {
         let now = monotonic_now();
         let idle_check = self.flow_idle_check.as_nanos() as u64;
         // Grace for the socket table: seeded sockets existed at start, but a check right
@@ -342,18 +401,20 @@ impl EbpfTracker {
                 })
                 .partition(|(_, flow)| flow.counted_in_flight == COUNTED_REMOVED)
         };
+        Ok(GarbageCandidates { ended, silent })
+    }
+
+    /// The second half: deletes the ended entries and the silent ones whose socket is not in
+    /// `live` (read by the caller without holding the tracker's lock).
+    pub fn remove_garbage(
+        &mut self,
+        candidates: GarbageCandidates,
+        live: HashSet<(SocketAddr, SocketAddr)>,
+    ) -> Result<u64, TrackerError> {
+        let GarbageCandidates { ended, silent } = candidates;
         if ended.is_empty() && silent.is_empty() {
             return Ok(0);
         }
-        let live: HashSet<(SocketAddr, SocketAddr)> = if silent.is_empty() {
-            HashSet::new()
-        } else {
-            sockets::tcp_sockets()?
-                .into_iter()
-                .filter(|socket| sockets::is_connected(&socket.state))
-                .map(|socket| (socket.local, socket.remote))
-                .collect()
-        };
         let fd = map_fd(map(&self.ebpf, names::SEEDED_FLOWS)?)?;
         let mut removed = 0;
         for (key, _) in ended
@@ -390,6 +451,31 @@ impl EbpfTracker {
         }
         Ok(removed)
     }
+}
+
+/// What `garbage_candidates` found; `remove_garbage` finishes with the socket table.
+#[derive(Debug, Default)]
+pub struct GarbageCandidates {
+    ended: Vec<(FlowKey, Flow)>,
+    silent: Vec<(FlowKey, Flow)>,
+}
+
+impl GarbageCandidates {
+    /// Whether the silent ones must be checked against the socket table.
+    pub fn socket_table_needed(&self) -> bool {
+        !self.silent.is_empty()
+    }
+}
+
+/// Connected sockets of this network namespace (local, remote), IPv4 mapped: what a silent
+/// seeded entry is checked against. Hundreds of milliseconds at 100k sockets, so callers read
+/// it without holding the tracker's lock.
+pub fn live_sockets() -> Result<HashSet<(SocketAddr, SocketAddr)>, TrackerError> {
+    Ok(sockets::tcp_sockets()?
+        .into_iter()
+        .filter(|socket| sockets::is_connected(&socket.state))
+        .map(|socket| (socket.local, socket.remote))
+        .collect())
 }
 
 /// The raw fd of a hash map.

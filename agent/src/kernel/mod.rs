@@ -47,6 +47,9 @@ pub struct BackendSample {
     pub cut_in_flight: Option<u64>,
     /// Time since the last in-flight → idle transition.
     pub since_last_idle: Option<Duration>,
+    /// Connections went untracked (the flow table was full) and are not yet counted as
+    /// unknown from the socket table: the kernel's quiet cannot be trusted meanwhile.
+    pub untracked_pending: bool,
 }
 
 impl BackendSample {
@@ -115,6 +118,36 @@ impl Tracker {
     pub fn collect_garbage(&mut self) -> Result<u64, TrackerError> {
         match self {
             Tracker::Ebpf(tracker) => tracker.collect_garbage(),
+            Tracker::Procfs(_) => Ok(0),
+        }
+    }
+
+    /// Counts connections the full flow table missed as unknown, from the socket table, if
+    /// any went untracked since the last time (eBPF mode); returns how many were added.
+    pub fn seed_untracked(&mut self) -> Result<usize, TrackerError> {
+        match self {
+            Tracker::Ebpf(tracker) if tracker.untracked_pending()? => tracker.seed_untracked(),
+            _ => Ok(0),
+        }
+    }
+
+    /// The first half of a collection, without reading the socket table (see
+    /// [`ebpf::EbpfTracker::garbage_candidates`]); `None` in procfs mode.
+    pub fn garbage_candidates(&self) -> Result<Option<ebpf::GarbageCandidates>, TrackerError> {
+        match self {
+            Tracker::Ebpf(tracker) => tracker.garbage_candidates().map(Some),
+            Tracker::Procfs(_) => Ok(None),
+        }
+    }
+
+    /// The second half, with the socket table the caller read meanwhile.
+    pub fn remove_garbage(
+        &mut self,
+        candidates: ebpf::GarbageCandidates,
+        live: std::collections::HashSet<(std::net::SocketAddr, std::net::SocketAddr)>,
+    ) -> Result<u64, TrackerError> {
+        match self {
+            Tracker::Ebpf(tracker) => tracker.remove_garbage(candidates, live),
             Tracker::Procfs(_) => Ok(0),
         }
     }
