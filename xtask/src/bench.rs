@@ -7,6 +7,8 @@
 //!    a watched port and on an unwatched one (the one-lookup rejection).
 //! 3. Status cost: reading status with no connections and with thousands tracked (it must not
 //!    scan the flow table).
+//! 4. Churn: a million short connections from several client threads; afterwards
+//!    `established`, `in_flight`, `unknown` and the table's fill must all be back at 0.
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -18,6 +20,11 @@ use drain_agent_tests::{Lab, command_output, http::Connection, must, wait_until}
 
 const API: u16 = 8080;
 const OTHER: u16 = 9090;
+/// A bare accept-answer-close server for the churn (gunicorn would be the bottleneck).
+const CHURN: u16 = 9200;
+/// Connections the churn opens and closes; `DRAIN_AGENT_CHURN` overrides it.
+const CHURN_CONNECTIONS: usize = 1_000_000;
+const CHURN_CLIENTS: usize = 8;
 const QUIET_MS: u64 = 50;
 
 pub fn run() -> Result<()> {
@@ -25,8 +32,13 @@ pub fn run() -> Result<()> {
     let lab = Lab::new();
     let _api = lab.start_api(API);
     let agent = lab.start_agent(
-        &[("api", &[API])],
-        &format!("quiet_period = \"{QUIET_MS}ms\"\nagent_check_listen = \"0.0.0.0:9500\""),
+        &[("api", &[API]), ("churn", &[CHURN])],
+        // No load balancer polls in this lab: a short agent_check_interval keeps the wait for
+        // a first poller (docs/operations.md) out of the kernel's detection figure.
+        &format!(
+            "quiet_period = \"{QUIET_MS}ms\"\nagent_check_listen = \"0.0.0.0:9500\"\n\
+             agent_check_interval = \"10ms\""
+        ),
         "ebpf",
     );
 
@@ -34,6 +46,89 @@ pub fn run() -> Result<()> {
     drain_detection(&lab, &agent)?;
     hot_path(&lab, &agent)?;
     status_cost(&lab, &agent)?;
+    churn(&lab, &agent)?;
+    Ok(())
+}
+
+/// A million connect → one byte each way → close, from several threads, through the kernel
+/// programs; then every gauge must be back at zero.
+fn churn(lab: &Lab, agent: &drain_agent_tests::Agent) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    let total: usize = std::env::var("DRAIN_AGENT_CHURN")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(CHURN_CONNECTIONS);
+    // The node answers one byte and closes first: its side holds TIME_WAIT, the client's
+    // ports are free at once, and Linux lets a new SYN reuse a TIME_WAIT tuple.
+    let listener = lab.node.run(|| TcpListener::bind(("::", CHURN)))?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut stream = stream;
+            let mut byte = [0u8; 1];
+            if stream.read_exact(&mut byte).is_ok() {
+                let _ = stream.write_all(&byte);
+            }
+        }
+    });
+    let addr = Lab::node_addr(false, CHURN);
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CHURN_CLIENTS)
+        .map(|_| {
+            let client = lab.client.name().to_string();
+            std::thread::spawn(move || {
+                drain_agent_tests::enter_netns(&client);
+                let mut failures = 0usize;
+                for _ in 0..total / CHURN_CLIENTS {
+                    let ok = std::net::TcpStream::connect(addr).and_then(|mut stream| {
+                        stream.write_all(b"x")?;
+                        let mut byte = [0u8; 1];
+                        stream.read_exact(&mut byte)
+                    });
+                    failures += usize::from(ok.is_err());
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: usize = clients
+        .into_iter()
+        .map(|client| client.join().unwrap_or(usize::MAX))
+        .sum();
+    let took = started.elapsed();
+    let settled = Instant::now();
+    wait_until(
+        Duration::from_secs(60),
+        "the churn's gauges to settle",
+        || {
+            let backend = agent.backend("churn");
+            backend["established"] == 0 && backend["in_flight"] == 0 && backend["unknown"] == 0
+        },
+    );
+    let backend = agent.backend("churn");
+    let table = agent.status()["flow_table"].clone();
+    println!("4. churn: {total} short connections from {CHURN_CLIENTS} client threads");
+    println!(
+        "   {:.1} s ({:.0} connections/s), {failures} failed; gauges at 0 {:.0} ms after the last",
+        took.as_secs_f64(),
+        total as f64 / took.as_secs_f64(),
+        settled.elapsed().as_secs_f64() * 1000.0
+    );
+    println!(
+        "   accepted {}  closed {}  reset {}  vanished {}  established {}  in flight {}  unknown {}  \
+         table entries {}",
+        backend["accepted"],
+        backend["closed"],
+        backend["reset"],
+        backend["vanished"],
+        backend["established"],
+        backend["in_flight"],
+        backend["unknown"],
+        table["entries"]
+    );
+    anyhow::ensure!(
+        table["entries"] == 0 && failures == 0,
+        "the churn left entries in the flow table or failed connections: {backend}"
+    );
     Ok(())
 }
 
