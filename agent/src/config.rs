@@ -16,6 +16,9 @@ use drain_agent_common::{DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS};
 use serde::Deserialize;
 use toml::Spanned;
 
+/// Where `run` and `check-config` read the config unless told otherwise (the shipped unit's
+/// path too).
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/drain-agent/config.toml";
 /// Where the control socket lives unless the config says otherwise.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/drain-agent/control.sock";
 /// How long in-flight must stay at 0 before a backend counts as quiet.

@@ -38,6 +38,52 @@ fn the_systemd_unit_verifies() {
     );
 }
 
+/// The highest `systemd-analyze security` exposure the shipped unit may have ("OK" is below
+/// 5; 3.0 leaves only what the agent's job needs).
+const MOST_EXPOSURE: f64 = 3.0;
+
+#[test]
+fn the_systemd_unit_scores_3_or_better_in_systemd_analyze_security() {
+    let dir = TempDir::new("unit-security");
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/drain-agent.service"
+    ))
+    .expect("deploy/drain-agent.service");
+    let path = dir.path().join("drain-agent.service");
+    std::fs::write(
+        &path,
+        unit.replace(
+            "/usr/local/bin/drain-agent",
+            agent_binary().to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let score: f64 = format!("{stdout}{stderr}")
+        .lines()
+        .find_map(|line| line.split_once("Overall exposure level for ")?.1.split_once(": "))
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure level in:\n{stdout}{stderr}"));
+    // What still costs, so a failure says what to tighten.
+    let costs: Vec<&str> = stdout
+        .lines()
+        .filter(|line| line.starts_with('✗'))
+        .collect();
+    assert!(
+        score <= MOST_EXPOSURE,
+        "deploy/drain-agent.service exposure {score} is above {MOST_EXPOSURE}; what still \
+         costs:\n{}",
+        costs.join("\n")
+    );
+}
+
 const GOOD: &str = r#"interfaces = ["lo"]
 control_socket = "/run/drain-agent-check/control.sock"
 agent_check_listen = "0.0.0.0:9500"
