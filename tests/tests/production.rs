@@ -68,7 +68,11 @@ fn the_systemd_unit_scores_3_or_better_in_systemd_analyze_security() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let score: f64 = format!("{stdout}{stderr}")
         .lines()
-        .find_map(|line| line.split_once("Overall exposure level for ")?.1.split_once(": "))
+        .find_map(|line| {
+            line.split_once("Overall exposure level for ")?
+                .1
+                .split_once(": ")
+        })
         .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no overall exposure level in:\n{stdout}{stderr}"));
     // What still costs, so a failure says what to tighten.
@@ -133,17 +137,17 @@ fn check_config_names_file_line_and_key_for_each_broken_config() {
         (
             "interfaces = [\"lo\"]",
             "interfaces = [\"eth9\"]",
-            "agent.toml: interfaces: interface `eth9` does not exist on this node",
+            "agent.toml:1: interfaces[0]: interface `eth9` does not exist on this node",
         ),
         (
             "interfaces = [\"lo\"]",
             "interfaces = []",
-            "agent.toml:1: interfaces: list at least one interface",
+            "agent.toml:1: interfaces: [] names no interface: list at least one interface",
         ),
         (
             "interfaces = [\"lo\"]",
             "interfaces = \"lo\"",
-            "agent.toml:1: invalid type: string \"lo\", expected a sequence",
+            "agent.toml:1: interfaces: invalid type: string \"lo\", expected a sequence",
         ),
         (
             "interfaces = [\"lo\"]",
@@ -158,12 +162,12 @@ fn check_config_names_file_line_and_key_for_each_broken_config() {
         (
             "ports = [8774]",
             "ports = [87740]",
-            "agent.toml:12: backend[0].ports: port 87740 is out of range: use 1 to 65535",
+            "agent.toml:12: backend[0].ports[0]: port 87740 is out of range: use 1 to 65535",
         ),
         (
             "ports = [8778]",
             "ports = [8774]",
-            "agent.toml:21: backend[1].ports: port 8774 is already used by backend `nova-api`",
+            "agent.toml:21: backend[1].ports[0]: port 8774 is already used by backend `nova-api`",
         ),
         (
             "ports = [8778]",
@@ -178,7 +182,7 @@ fn check_config_names_file_line_and_key_for_each_broken_config() {
         (
             "drain_timeout = \"2m\"",
             "drain_timeout = \"2 fortnights\"",
-            "agent.toml:14:",
+            "agent.toml:14: backend[0].drain_timeout: \"2 fortnights\" is not a duration (e.g. \"30s\", \"2m\")",
         ),
         (
             "on_timeout = \"abort\"",
@@ -193,7 +197,32 @@ fn check_config_names_file_line_and_key_for_each_broken_config() {
         (
             "http = \"http://127.0.0.1:8774/\"",
             "http = \"ftp://127.0.0.1/\"",
-            "backend[0].health.http: `ftp://127.0.0.1/` must start with http://",
+            "agent.toml:17: backend[0].health.http: `ftp://127.0.0.1/` must start with http:// or https://",
+        ),
+        (
+            "http = \"http://127.0.0.1:8774/\"",
+            "http = \"https://127.0.0.1:8774/\", ca = \"/nonexistent/ca.pem\"",
+            "agent.toml:17: backend[0].health.ca: cannot read /nonexistent/ca.pem: No such file or directory",
+        ),
+        (
+            "http = \"http://127.0.0.1:8774/\"",
+            "http = \"https://127.0.0.1:8774/\", host = \"api internal\"",
+            "agent.toml:17: backend[0].health.host: \"api internal\" is not a host name",
+        ),
+        (
+            "metrics_listen = \"127.0.0.1:9477\"",
+            "metrics_listen = \"127.0.0.1:9477\"\nflow_table_size = 12",
+            "agent.toml:5: flow_table_size: 12 is out of range: use 1024 to 16777216 connections",
+        ),
+        (
+            "metrics_listen = \"127.0.0.1:9477\"",
+            "metrics_listen = \"127.0.0.1:9477\"\nagent_check_interval = \"0s\"",
+            "agent.toml:5: agent_check_interval: \"0s\" is not an interval or a timeout",
+        ),
+        (
+            "server = \"controller\"",
+            "server = \"controller;disable\"",
+            "agent.toml:13: backend[0].haproxy.server: \"controller;disable\" is not an HAProxy name",
         ),
         (
             "\"unix:/nonexistent/haproxy/admin.sock\"",
