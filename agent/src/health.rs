@@ -130,6 +130,7 @@ impl Prober {
             // the agent and a service on its own node.
             .redirect(redirect::Policy::none())
             .no_proxy()
+            // A fresh connection per probe: what proves the restarted service accepts.
             .pool_max_idle_per_host(0);
         if let Some(path) = ca {
             // A few kilobytes, read once per check.

@@ -111,14 +111,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_endpoint_serves_openmetrics_live_and_ready_on_one_kept_alive_connection() {
+    async fn two_requests_on_one_connection_get_two_answers() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let base = endpoint(Arc::new(Metrics::new(1))).await;
+        let mut stream = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        stream
+            .write_all(b"GET /live HTTP/1.1\r\nHost: agent\r\n\r\nGET /ready HTTP/1.1\r\nHost: agent\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answers = String::new();
+        let mut buffer = [0u8; 4096];
+        while !answers.contains("not ready\n") {
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+                .await
+                .expect("both answers within 5 s")
+                .unwrap();
+            assert!(read > 0, "closed after {answers:?}");
+            answers.push_str(&String::from_utf8_lossy(&buffer[..read]));
+        }
+        assert!(answers.starts_with("HTTP/1.1 200 OK\r\n"), "{answers}");
+        assert!(
+            answers.contains("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{answers}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_endpoint_serves_openmetrics_live_and_ready() {
         let metrics = Arc::new(Metrics::new(1));
         let base = endpoint(metrics.clone()).await;
-        // One connection for every request: keep-alive works.
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(1)
-            .build()
-            .unwrap();
+        let client = reqwest::Client::new();
         let get = |path: &str| client.get(format!("{base}{path}")).send();
 
         let scrape = get("/metrics").await.unwrap();
