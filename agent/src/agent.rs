@@ -21,7 +21,9 @@ use crate::{
         Board, Kind, Operations,
         operation::{Event, KernelView},
     },
+    drift,
     haproxy::RuntimeApiClient,
+    journal::{Found, Journal, Record},
     kernel::{BackendSample, KernelMode, Tracker, TrackerError},
     metrics::Metrics,
     status::{BackendStatus, FlowTableStatus, OperationSummary, Status},
@@ -54,6 +56,8 @@ struct LastOperation {
 
 /// Everything the running agent shares between its tasks.
 struct Agent {
+    /// Per backend, what load balancers show that differs from the agent's phase at rest.
+    drift: Mutex<Vec<Vec<String>>>,
     /// Per backend (config order), the last finished operation.
     last_reports: Mutex<Vec<Option<LastOperation>>>,
     config: Arc<Config>,
@@ -65,8 +69,8 @@ struct Agent {
     started: Instant,
 }
 
-/// How often the load balancers' runtime APIs are checked for the reachability metric.
-const LOAD_BALANCER_CHECK_EVERY: Duration = Duration::from_secs(10);
+/// How often the load balancers' runtime APIs are checked: reachability and drift.
+const LOAD_BALANCER_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the agent until a signal stops it. Errors here happen before anything serves.
 pub fn run(config: Config, mode: KernelMode) -> anyhow::Result<()> {
@@ -100,8 +104,22 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
     let kernel = Arc::new(Kernel {
         tracker: Mutex::new(tracker),
     });
-    let board = Arc::new(Board::new(
+    let journal = Journal::open(&config.state_dir)?;
+    let (record, torn) = match journal.read()? {
+        Found::Nothing => (Record::default(), None),
+        Found::Record(record) => {
+            info!(journal = %journal.path().display(), "read the operation journal");
+            (record, None)
+        }
+        Found::Torn(err) => {
+            error!(%err, "the operation journal is torn");
+            (Record::default(), Some(err))
+        }
+    };
+    let board = Arc::new(Board::restored(
         config.backends.iter().map(|b| b.name.clone()).collect(),
+        Some(journal),
+        &record,
     ));
     let pollers = Arc::new(agent_check::Pollers::default());
     let agent = Arc::new(Agent {
@@ -113,6 +131,7 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
         )),
         metrics: Arc::new(Metrics::new(config.backends.len())),
         last_reports: Mutex::new(config.backends.iter().map(|_| None).collect()),
+        drift: Mutex::new(vec![Vec::new(); config.backends.len()]),
         config: config.clone(),
         control_gid,
         kernel,
@@ -148,6 +167,20 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
     }
     tasks.push(tokio::spawn(collect_garbage(agent.clone())));
     tasks.push(tokio::spawn(check_load_balancers(agent.clone())));
+
+    // Agent-check already answers from the journal's phases; now settle what the previous
+    // agent left unfinished, with the load balancers' real state.
+    let reconciling = agent.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Some(err) = torn {
+            reconciling
+                .adopt_load_balancer_state(&err.to_string())
+                .await;
+        }
+        for report in reconciling.operations.reconcile_interrupted().await {
+            reconciling.finished(&report);
+        }
+    }));
 
     agent.metrics.set_ready(true);
     info!(
@@ -208,14 +241,55 @@ async fn listen(
     Ok(Some(listener))
 }
 
-/// Keeps the load-balancer reachability metric current.
+/// Keeps the load-balancer reachability metric current, and compares what each load
+/// balancer shows for this node's servers with the agent's phases (drift.rs).
 async fn check_load_balancers(agent: Arc<Agent>) {
     let clients = RuntimeApiClient::for_each(&agent.config.load_balancers);
     loop {
+        let mut drift: Vec<Vec<String>> = vec![Vec::new(); agent.config.backends.len()];
         for client in &clients {
             let up = client.command("show info").await.is_ok();
             agent.metrics.observe_load_balancer(client.name(), up);
+            if !up {
+                continue;
+            }
+            for (index, backend) in agent.config.backends.iter().enumerate() {
+                let Some(server) = &backend.haproxy else {
+                    continue;
+                };
+                let Ok(stat) = client.server(server).await else {
+                    continue;
+                };
+                let phase = agent.operations.board().get(index).phase;
+                let operating = agent
+                    .operations
+                    .board()
+                    .running()
+                    .is_some_and(|running| running.ends_with(&format!(" {}", backend.name)));
+                match drift::judge(phase, drift::Shown::of(&stat), operating, &stat.status) {
+                    drift::Verdict::Agrees => {}
+                    drift::Verdict::Reapply(state) => {
+                        let result = client.set_state(server, state).await;
+                        warn!(
+                            backend = backend.name,
+                            load_balancer = client.name(),
+                            shown = stat.status,
+                            reapplied = state.as_str(),
+                            ok = result.is_ok(),
+                            "a load balancer lost the server's state during an operation \
+                             (reloaded or restarted?): re-applied it"
+                        );
+                        agent
+                            .metrics
+                            .observe_reapplied(&backend.name, client.name());
+                    }
+                    drift::Verdict::Report(sentence) => {
+                        drift[index].push(format!("{} {sentence}", client.name()));
+                    }
+                }
+            }
         }
+        agent.set_drift(drift);
         tokio::time::sleep(LOAD_BALANCER_CHECK_EVERY).await;
     }
 }
@@ -438,6 +512,66 @@ impl Agent {
         }
     }
 
+    /// The journal was unreadable: take each backend's state from the load balancers. A
+    /// server they hold out stays out, as "drained" with a reason that says why and how to put
+    /// it back — the agent cannot know who took it out, and never returns it silently.
+    async fn adopt_load_balancer_state(&self, why: &str) {
+        let clients = RuntimeApiClient::for_each(&self.config.load_balancers);
+        for (index, backend) in self.config.backends.iter().enumerate() {
+            let Some(server) = &backend.haproxy else {
+                continue;
+            };
+            let mut out_on = Vec::new();
+            for client in &clients {
+                match client.server(server).await {
+                    Ok(stat) if drift::Shown::of(&stat) == drift::Shown::Out => {
+                        out_on.push(format!("{} ({})", client.name(), stat.status));
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        warn!(backend = backend.name, %err, "cannot read the load balancer")
+                    }
+                }
+            }
+            if out_on.is_empty() {
+                info!(
+                    backend = backend.name,
+                    "journal unreadable; every reachable load balancer has the server in rotation"
+                );
+                continue;
+            }
+            let reason = format!(
+                "{why}. The load balancers hold the server out: {}. `drain-agent resume {}` \
+                 puts it back",
+                out_on.join(", "),
+                backend.name
+            );
+            warn!(
+                backend = backend.name,
+                reason, "keeping the server out of rotation"
+            );
+            self.operations
+                .board()
+                .set(index, crate::drain::Phase::Drained, Some(reason));
+        }
+    }
+
+    /// Records the drift found by the last look at the load balancers: logged when it
+    /// appears, in `status` and in the metrics while it lasts.
+    fn set_drift(&self, now: Vec<Vec<String>>) {
+        let mut drift = self.drift.lock().expect("drift lock");
+        for (index, sentences) in now.iter().enumerate() {
+            let name = &self.config.backends[index].name;
+            for sentence in sentences {
+                if !drift[index].contains(sentence) {
+                    warn!(backend = name, "load balancer drift: {sentence}");
+                }
+            }
+            self.metrics.observe_drift(name, sentences.len());
+        }
+        *drift = now;
+    }
+
     /// Counts a finished operation and keeps its report for `status`.
     fn finished(&self, report: &crate::drain::Report) {
         self.metrics.observe_report(report);
@@ -478,6 +612,7 @@ impl Agent {
                     let mut status = backend_status(backend, sample, self.config.quiet_period);
                     status.state = phase.phase.as_str().to_string();
                     status.reason = phase.reason;
+                    status.drift = self.drift.lock().expect("drift lock")[index].clone();
                     status.last_operation = self.last_reports.lock().expect("reports lock")[index]
                         .as_ref()
                         .map(|last| OperationSummary::of(&last.report, last.ended.elapsed()));
@@ -514,9 +649,8 @@ fn backend_status(
         ports: backend.ports.clone(),
         state: "serving".into(),
         established: sample.established,
-        idle: sample
-            .in_flight
-            .map(|in_flight| sample.established.saturating_sub(in_flight)),
+        idle: sample.idle(),
+        unknown: sample.unknown,
         quiet: sample.in_flight.map(|in_flight| {
             in_flight == 0
                 && sample
@@ -535,6 +669,7 @@ fn backend_status(
         cut_in_flight: sample.cut_in_flight,
         reason: None,
         last_operation: None,
+        drift: Vec::new(),
     }
 }
 

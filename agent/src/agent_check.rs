@@ -71,6 +71,9 @@ impl Default for Limits {
 pub struct Answered {
     pub word: String,
     pub at: Instant,
+    /// How many answers in a row carried this word, and when the first of them was sent.
+    pub streak: u32,
+    pub streak_since: Instant,
 }
 
 /// Every peer that polled, per backend: the evidence that an agent-check-only load balancer
@@ -83,11 +86,19 @@ pub struct Pollers {
 impl Pollers {
     /// Records that `peer` was answered `word` for backend `backend` just now.
     pub fn record(&self, peer: IpAddr, backend: usize, word: &str) {
-        self.answers.lock().expect("pollers lock").insert(
+        let now = Instant::now();
+        let mut answers = self.answers.lock().expect("pollers lock");
+        let (streak, streak_since) = match answers.get(&(peer, backend)) {
+            Some(last) if last.word == word => (last.streak + 1, last.streak_since),
+            _ => (1, now),
+        };
+        answers.insert(
             (peer, backend),
             Answered {
                 word: word.to_string(),
-                at: Instant::now(),
+                at: now,
+                streak,
+                streak_since,
             },
         );
     }

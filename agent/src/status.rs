@@ -51,6 +51,11 @@ pub struct BackendStatus {
     pub established: u64,
     /// Established connections carrying a request or an unacknowledged response.
     pub in_flight: Option<u64>,
+    /// Established connections the agent did not see begin and whose traffic has not told
+    /// yet whether they carry a request; a drain treats them as not idle
+    /// (docs/accounting.md). In procfs mode, every established connection.
+    #[serde(default)]
+    pub unknown: Option<u64>,
     /// Established connections with nothing in flight.
     pub idle: Option<u64>,
     /// Whether in-flight has stayed at 0 for the quiet period.
@@ -74,6 +79,10 @@ pub struct BackendStatus {
     /// The last drain, cycle or resume of this backend since the agent started.
     #[serde(default)]
     pub last_operation: Option<OperationSummary>,
+    /// Load balancers whose view of the server differs from the agent's phase at rest, one
+    /// sentence each (drift.rs).
+    #[serde(default)]
+    pub drift: Vec<String>,
 }
 
 /// How the last operation of a backend ended, and what each load balancer confirmed.
@@ -116,17 +125,25 @@ impl Status {
             );
         }
         let _ = writeln!(out, "   uptime: {:.0}s", self.uptime_seconds);
+        if self.kernel == "procfs" {
+            let _ = writeln!(
+                out,
+                "procfs: in-flight unknown — every established connection counts as unknown, and \
+                 a drain ends only when the load balancers show 0 sessions or no connection is left"
+            );
+        }
         if let Some(running) = &self.running {
             let _ = writeln!(out, "running: {running}");
         }
         let _ = writeln!(
             out,
-            "{:<16} {:<12} {:<10} {:>11} {:>9} {:>6} {:>9} {:>8} {:>7} {:>10}",
+            "{:<16} {:<12} {:<10} {:>11} {:>9} {:>7} {:>6} {:>9} {:>8} {:>7} {:>10}",
             "BACKEND",
             "PORTS",
             "STATE",
             "ESTABLISHED",
             "IN-FLIGHT",
+            "UNKNOWN",
             "IDLE",
             "ACCEPTED",
             "CLOSED",
@@ -143,12 +160,13 @@ impl Status {
                 .join(",");
             let _ = writeln!(
                 out,
-                "{:<16} {:<12} {:<10} {:>11} {:>9} {:>6} {:>9} {:>8} {:>7} {:>10}",
+                "{:<16} {:<12} {:<10} {:>11} {:>9} {:>7} {:>6} {:>9} {:>8} {:>7} {:>10}",
                 backend.name,
                 ports,
                 backend.state,
                 backend.established,
                 show(backend.in_flight),
+                show(backend.unknown),
                 show(backend.idle),
                 show(backend.accepted),
                 show(backend.closed),
@@ -157,6 +175,9 @@ impl Status {
             );
         }
         for backend in &self.backends {
+            for sentence in &backend.drift {
+                let _ = writeln!(out, "warning: {}: {sentence}", backend.name);
+            }
             if let Some(reason) = &backend.reason {
                 let _ = writeln!(out, "{} is {}: {reason}", backend.name, backend.state);
             }

@@ -11,6 +11,7 @@ pub mod load;
 pub mod tier;
 pub mod timeline;
 pub mod topology;
+pub mod two_lbs;
 
 use std::{
     fs::File,
@@ -387,35 +388,40 @@ pub fn start_agent_with_config(netns: &Netns, dir: &Path, config: &str) -> Agent
 fn start_agent_in(netns: &Netns, dir: &Path, config: &str, kernel: &str) -> Agent {
     let socket = dir.join("control.sock");
     let config_path = dir.join("agent.toml");
+    // The journal stays in the test's directory (top-level keys come before any table).
+    let config = if config.contains("state_dir") {
+        config.to_string()
+    } else {
+        format!("state_dir = \"{}\"\n{config}", dir.join("state").display())
+    };
     std::fs::write(&config_path, config).unwrap();
-    let log_path = dir.join("agent.log");
-    let log = File::create(&log_path).unwrap();
+    let mut agent = Agent {
+        process: spawn_agent(netns, &config_path, &dir.join("agent.log"), kernel),
+        socket,
+        config: config_path,
+        log: dir.join("agent.log"),
+        netns: netns.name().to_string(),
+        kernel: kernel.to_string(),
+    };
+    agent.wait_for_control_socket();
+    agent
+}
+
+/// `drain-agent run` in `netns`, its output appended to `log`.
+fn spawn_agent(netns: &Netns, config: &Path, log: &Path, kernel: &str) -> Process {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
     let mut command = netns.command(agent_binary());
     command
         .args(["run", "--kernel", kernel, "--config"])
-        .arg(&config_path)
+        .arg(config)
         .env("RUST_LOG", "debug")
         .stdout(log.try_clone().unwrap())
         .stderr(log);
-    let mut agent = Agent {
-        process: Process::spawn("drain-agent", &mut command),
-        socket,
-        config: config_path,
-        log: log_path,
-    };
-    wait_until(
-        Duration::from_secs(10),
-        "the agent's control socket",
-        || {
-            assert!(
-                agent.process.running(),
-                "the agent exited:\n{}",
-                agent.log()
-            );
-            agent.try_status().is_some()
-        },
-    );
-    agent
+    Process::spawn("drain-agent", &mut command)
 }
 
 /// A running agent.
@@ -424,9 +430,38 @@ pub struct Agent {
     pub socket: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
+    netns: String,
+    kernel: String,
 }
 
 impl Agent {
+    fn wait_for_control_socket(&mut self) {
+        wait_until(
+            Duration::from_secs(10),
+            "the agent's control socket",
+            || {
+                assert!(self.process.running(), "the agent exited:\n{}", self.log());
+                self.try_status().is_some()
+            },
+        );
+    }
+
+    /// What systemd's `Restart=on-failure` does after a crash: SIGKILL, then the same agent
+    /// with the same config (and journal) again. Returns when its control socket answers.
+    pub fn kill_and_restart(&mut self) -> Instant {
+        self.process.signal(nix::sys::signal::Signal::SIGKILL);
+        self.process.wait(Duration::from_secs(5));
+        let netns = Netns {
+            name: self.netns.clone(),
+        };
+        let started = Instant::now();
+        self.process = spawn_agent(&netns, &self.config, &self.log, &self.kernel);
+        // The namespace belongs to its creator: do not delete it when this handle goes.
+        std::mem::forget(netns);
+        self.wait_for_control_socket();
+        started
+    }
+
     /// `drain-agent status --json`, parsed; `None` if the agent does not answer.
     pub fn try_status(&self) -> Option<Value> {
         let out = Command::new(agent_binary())

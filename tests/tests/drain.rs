@@ -2,112 +2,19 @@
 //! nodes restarted by a service script, drain-agents with their kernel programs, and oha
 //! hammering the load balancer at a constant rate.
 
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use drain_agent_tests::{
-    Agent,
     http::Connection,
     load::{Connections, Load},
-    topology::{
-        API_PORT, FRONTEND_PORT, Haproxy, Host, Topology, haproxy_config, start_api,
-        start_node_agent,
-    },
+    topology::{API_PORT, FRONTEND_PORT, Haproxy, Topology, haproxy_config, start_api},
+    two_lbs::{tier, tier_with},
     wait_until,
 };
 use serde_json::Value;
 
-struct Tier {
-    topology: Topology,
-    lbs: Vec<Haproxy>,
-    agents: Vec<Agent>,
-}
-
-/// client, lb1, lb2, node1, node2: APIs on 1.0, an agent per node, HAProxy on both LBs, and
-/// every server UP everywhere.
-fn tier(extra_backend: &str) -> Tier {
-    tier_with(extra_backend, "")
-}
-
-fn tier_with(extra_backend: &str, extra_top: &str) -> Tier {
-    let topology = Topology::new(&["client", "lb1", "lb2", "node1", "node2"]);
-    let nodes: Vec<&Host> = vec![topology.host("node1"), topology.host("node2")];
-    let lb_hosts: Vec<&Host> = vec![topology.host("lb1"), topology.host("lb2")];
-    for node in &nodes {
-        start_api(node, "1.0");
-    }
-    let agents = nodes
-        .iter()
-        .map(|node| start_node_agent(node, &lb_hosts, extra_backend, extra_top))
-        .collect();
-    let lbs: Vec<Haproxy> = lb_hosts
-        .iter()
-        .map(|lb| Haproxy::start(lb, &haproxy_config(lb, &nodes)))
-        .collect();
-    for lb in &lbs {
-        for node in ["node1", "node2"] {
-            wait_until(
-                Duration::from_secs(10),
-                &format!("{node} UP on HAProxy"),
-                || lb.status(node) == "UP",
-            );
-        }
-    }
-    Tier {
-        topology,
-        lbs,
-        agents,
-    }
-}
-
-impl Tier {
-    fn node(&self, name: &str) -> &Host {
-        self.topology.host(name)
-    }
-
-    /// The version a node serves, asked directly.
-    fn version_of(&self, node: &str) -> String {
-        let addr = SocketAddr::new(self.node(node).v4.into(), API_PORT);
-        self.topology.host("client").netns.run(move || {
-            let mut connection = Connection::connect(addr).unwrap();
-            connection.get("/").unwrap().version.unwrap_or_default()
-        })
-    }
-}
-
 fn report(outcome: &drain_agent_tests::CliOutcome) -> Value {
     outcome.json()
-}
-
-impl Tier {
-    /// Sends `/slow?ms=MS` through lb1, pinned to node1; the thread returns the status.
-    fn slow_request_to_node1(&self, ms: u64) -> std::thread::JoinHandle<u16> {
-        let lb1 = self.topology.host("lb1").addr(FRONTEND_PORT);
-        let client = self.topology.host("client").netns.name().to_string();
-        std::thread::spawn(move || {
-            drain_agent_tests::enter_netns(&client);
-            let mut connection = Connection::connect(lb1).unwrap();
-            connection
-                .send_raw(&format!(
-                    "GET /slow?ms={ms} HTTP/1.1\r\nHost: api\r\nx-node: node1\r\n\r\n"
-                ))
-                .unwrap();
-            connection.read_response().unwrap().status
-        })
-    }
-
-    /// Every load balancer shows `server` in a status starting with `prefix`.
-    fn assert_everywhere(&self, server: &str, prefix: &str) {
-        for lb in &self.lbs {
-            let status = lb.status(server);
-            assert!(
-                status.starts_with(prefix),
-                "{server} is {status}, expected {prefix}"
-            );
-        }
-    }
 }
 
 #[test]

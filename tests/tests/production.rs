@@ -134,21 +134,24 @@ fn the_agent_makes_only_system_calls_the_units_filter_allows() {
     assert!(allowed.contains("bpf") && !allowed.is_empty(), "{unit}");
 
     let dir = lab.dir.path();
+    let socket = dir.join("control.sock");
     let config = dir.join("agent.toml");
     std::fs::write(
         &config,
         format!(
-            "interfaces = [\"eth0\"]\ncontrol_socket = \"{}\"\n\
+            "interfaces = [\"eth0\"]\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\n\
              agent_check_listen = \"0.0.0.0:9500\"\nmetrics_listen = \"127.0.0.1:9477\"\n\
              [[backend]]\nname = \"api\"\nports = [8080]\ndrain_timeout = \"5s\"\n\
              restart = {{ command = [\"/bin/true\"] }}\n\
              health = {{ http = \"http://127.0.0.1:8080/\", timeout = \"10s\" }}\n",
-            dir.join("control.sock").display()
+            socket.display(),
+            dir.join("state").display()
         ),
     )
     .unwrap();
     let trace = dir.join("agent.strace");
-    let log = dir.join("agent.log");
+    let log_path = dir.join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
     let mut command = lab.node.command("strace");
     command
         .args(["-f", "-qq", "-o"])
@@ -156,33 +159,33 @@ fn the_agent_makes_only_system_calls_the_units_filter_allows() {
         .arg(agent_binary())
         .args(["run", "--config"])
         .arg(&config)
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::File::options().append(true).open(&log).unwrap());
-    let mut agent = drain_agent_tests::Agent {
-        process: drain_agent_tests::Process::spawn("strace drain-agent", &mut command),
-        socket: dir.join("control.sock"),
-        config,
-        log,
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let mut strace = drain_agent_tests::Process::spawn("strace drain-agent", &mut command);
+    let agent_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let cli = |args: &[&str]| {
+        Command::new(agent_binary())
+            .args(args)
+            .arg("--control-socket")
+            .arg(&socket)
+            .output()
+            .unwrap()
     };
     wait_until(Duration::from_secs(20), "the agent under strace", || {
-        assert!(
-            agent.process.running(),
-            "the agent exited:\n{}",
-            agent.log()
-        );
-        agent.try_status().is_some()
+        assert!(strace.running(), "the agent exited:\n{}", agent_log());
+        cli(&["status"]).status.success()
     });
     // What the agent does in service: a cycle (drain, restart, HTTP health check, return),
     // a scrape, an agent check, then SIGTERM.
-    let cycle = agent.cli(&["cycle", "api"]);
-    assert_eq!(cycle.code, Some(0), "{cycle:?}\n{}", agent.log());
+    let cycle = cli(&["cycle", "api"]);
+    assert!(cycle.status.success(), "{cycle:?}\n{}", agent_log());
     let scrape = lab
         .node
         .command("curl")
         .args(["-sf", "http://127.0.0.1:9477/metrics"])
         .output()
         .unwrap();
-    assert!(scrape.status.success(), "{}", agent.log());
+    assert!(scrape.status.success(), "{}", agent_log());
     let answer = lab.node.run(|| {
         let mut stream = std::net::TcpStream::connect("127.0.0.1:9500").unwrap();
         let mut answer = String::new();
@@ -191,16 +194,16 @@ fn the_agent_makes_only_system_calls_the_units_filter_allows() {
     });
     assert!(answer.contains("ready"), "{answer:?}");
     // SIGTERM to the agent itself (strace's child); strace exits with it.
-    let strace = agent.process.pid();
+    let tracer = strace.pid();
     let children =
-        std::fs::read_to_string(format!("/proc/{strace}/task/{strace}/children")).unwrap();
+        std::fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children")).unwrap();
     let pid: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    agent.process.wait(Duration::from_secs(20));
+    strace.wait(Duration::from_secs(20));
 
     let made: BTreeSet<String> = std::fs::read_to_string(&trace)
         .unwrap()

@@ -25,6 +25,9 @@ use error::Locator;
 /// Where `run` and `check-config` read the config unless told otherwise (the shipped unit's
 /// path too).
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/drain-agent/config.toml";
+/// Where the operation journal lives unless the config says otherwise (the unit's
+/// `StateDirectory=drain-agent`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/drain-agent";
 /// Where the control socket lives unless the config says otherwise.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/drain-agent/control.sock";
 /// How long in-flight must stay at 0 before a backend counts as quiet.
@@ -74,6 +77,10 @@ pub struct Config {
     pub control_group: Option<String>,
     /// What SIGTERM does to a drain in progress.
     pub on_shutdown: OnShutdown,
+    /// Where the operation journal is kept (survives the agent's crash).
+    pub state_dir: PathBuf,
+    /// What a restarted agent does with an operation the previous one left unfinished.
+    pub on_restart: OnRestart,
     /// HAProxy instances in front of this node.
     pub load_balancers: Vec<LoadBalancer>,
     /// The API services on this node.
@@ -118,6 +125,19 @@ pub enum OnShutdown {
     /// under way is waited for, then the cycle ends as it ends).
     Abort,
     /// Let the running drain or cycle finish, then exit.
+    Finish,
+}
+
+/// What a restarted agent does with a drain or cycle the previous agent left unfinished (it
+/// crashed, or was killed). A restart that was under way is always verified first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRestart {
+    /// Undo it: put the server back in service (after a health check if the service was being
+    /// restarted; the rollback path if that fails). The safe default: capacity comes back.
+    Restore,
+    /// Finish it: drain again (with what the restarted agent can see) and carry a cycle on to
+    /// its restart, verification and return.
     Finish,
 }
 
@@ -477,6 +497,8 @@ shutdown_timeout = "4m"
 metrics_listen = "127.0.0.1:9477"
 control_group = "drain-operators"
 on_shutdown = "abort"
+state_dir = "/var/lib/drain-agent"
+on_restart = "restore"
 
 [[load_balancer]]
 name = "lb1"
@@ -513,9 +535,9 @@ rollback = { command = ["/usr/local/bin/rollback", "nova-api"], timeout = "2m" }
         // The lines later checks name are kept, so nothing reads the file again.
         assert_eq!(config.lines["interfaces[0]"], 1);
         assert_eq!(config.lines["control_group"], 12);
-        assert_eq!(config.lines["load_balancer[0].runtime_api"], 17);
-        assert_eq!(config.lines["backend[0].haproxy"], 23);
-        assert_eq!(config.lines["backend[0].health.ca"], 28);
+        assert_eq!(config.lines["load_balancer[0].runtime_api"], 19);
+        assert_eq!(config.lines["backend[0].haproxy"], 25);
+        assert_eq!(config.lines["backend[0].health.ca"], 30);
     }
 
     #[test]
@@ -642,6 +664,16 @@ rollback = { command = ["/usr/local/bin/rollback", "nova-api"], timeout = "2m" }
                 "did you mean `finish`?",
             ),
             (
+                "\"/var/lib/drain-agent\"",
+                "\"state\"",
+                "agent.toml:14: state_dir: \"state\" is not an absolute path: name the journal's directory, e.g. \"/var/lib/drain-agent\"",
+            ),
+            (
+                "on_restart = \"restore\"",
+                "on_restart = \"resume\"",
+                "agent.toml:15: on_restart: unknown variant `resume`, expected `restore` or `finish`",
+            ),
+            (
                 "quiet_period",
                 "quiet_periode",
                 "agent.toml:3: unknown field `quiet_periode`",
@@ -649,172 +681,172 @@ rollback = { command = ["/usr/local/bin/rollback", "nova-api"], timeout = "2m" }
             (
                 "name = \"lb1\"",
                 "name = \"\"",
-                "agent.toml:16: load_balancer[0].name: \"\" is not a usable name: use a non-empty word",
+                "agent.toml:18: load_balancer[0].name: \"\" is not a usable name: use a non-empty word",
             ),
             (
                 "\"unix:/run/haproxy/admin.sock\"",
                 "\"unix:admin.sock\"",
-                "agent.toml:17: load_balancer[0].runtime_api: `unix:admin.sock` is not a runtime API address: use \"unix:/run/haproxy/admin.sock\" or \"tcp:192.0.2.10:9999\"",
+                "agent.toml:19: load_balancer[0].runtime_api: `unix:admin.sock` is not a runtime API address: use \"unix:/run/haproxy/admin.sock\" or \"tcp:192.0.2.10:9999\"",
             ),
             (
                 "\"unix:/run/haproxy/admin.sock\"",
                 "\"tcp:192.0.2.10\"",
-                "agent.toml:17: load_balancer[0].runtime_api: `tcp:192.0.2.10` is not a runtime API address",
+                "agent.toml:19: load_balancer[0].runtime_api: `tcp:192.0.2.10` is not a runtime API address",
             ),
             (
                 "timeout = \"5s\"",
                 "timeout = \"0s\"",
-                "agent.toml:18: load_balancer[0].timeout: \"0s\" is not an interval or a timeout",
+                "agent.toml:20: load_balancer[0].timeout: \"0s\" is not an interval or a timeout",
             ),
             (
                 "runtime_api =",
                 "runtime_apo =",
-                "agent.toml:17: load_balancer[0]: unknown field `runtime_apo`",
+                "agent.toml:19: load_balancer[0]: unknown field `runtime_apo`",
             ),
             (
                 "name = \"nova-api\"",
                 "name = \"nova api\"",
-                "agent.toml:21: backend[0].name: \"nova api\" is not a usable name",
+                "agent.toml:23: backend[0].name: \"nova api\" is not a usable name",
             ),
             (
                 "[8774]",
                 "[0]",
-                "agent.toml:22: backend[0].ports[0]: port 0 is out of range: use 1 to 65535",
+                "agent.toml:24: backend[0].ports[0]: port 0 is out of range: use 1 to 65535",
             ),
             (
                 "[8774]",
                 "[87740]",
-                "agent.toml:22: backend[0].ports[0]: port 87740 is out of range: use 1 to 65535",
+                "agent.toml:24: backend[0].ports[0]: port 87740 is out of range: use 1 to 65535",
             ),
             (
                 "[8774]",
                 "[\"8774\"]",
-                "agent.toml:22: backend[0].ports[0]: \"8774\" is not a port: use 1 to 65535",
+                "agent.toml:24: backend[0].ports[0]: \"8774\" is not a port: use 1 to 65535",
             ),
             (
                 "[8774]",
                 "\"8774\"",
-                "agent.toml:22: backend[0].ports: invalid type: string \"8774\", expected a sequence",
+                "agent.toml:24: backend[0].ports: invalid type: string \"8774\", expected a sequence",
             ),
             (
                 "[8774]",
                 "[]",
-                "agent.toml:22: backend[0].ports: backend `nova-api` has no ports: list the TCP ports it serves",
+                "agent.toml:24: backend[0].ports: backend `nova-api` has no ports: list the TCP ports it serves",
             ),
             (
                 "[8774]",
                 "[8774, 8774]",
-                "agent.toml:22: backend[0].ports[1]: port 8774 is listed twice for backend `nova-api`",
+                "agent.toml:24: backend[0].ports[1]: port 8774 is listed twice for backend `nova-api`",
             ),
             (
                 "server = \"controller\"",
                 "server = \"ctl;shutdown\"",
-                "agent.toml:23: backend[0].haproxy.server: \"ctl;shutdown\" is not an HAProxy name: use letters, digits and - _ . :",
+                "agent.toml:25: backend[0].haproxy.server: \"ctl;shutdown\" is not an HAProxy name: use letters, digits and - _ . :",
             ),
             (
                 "backend = \"nova-api\"",
                 "backend = \"\"",
-                "agent.toml:23: backend[0].haproxy.backend: \"\" is not an HAProxy name",
+                "agent.toml:25: backend[0].haproxy.backend: \"\" is not an HAProxy name",
             ),
             (
                 "server = \"controller\"",
                 "servr = \"controller\"",
-                "agent.toml:23: backend[0].haproxy: unknown field `servr`, expected `backend` or `server`; did you mean `server`?",
+                "agent.toml:25: backend[0].haproxy: unknown field `servr`, expected `backend` or `server`; did you mean `server`?",
             ),
             (
                 "min_serving = 1",
                 "min_serving = -1",
-                "agent.toml:24: backend[0].min_serving: -1 is not a server count: use 0 or more",
+                "agent.toml:26: backend[0].min_serving: -1 is not a server count: use 0 or more",
             ),
             (
                 "\"2m\"\non_timeout",
                 "\"5 parsecs\"\non_timeout",
-                "agent.toml:25: backend[0].drain_timeout: \"5 parsecs\" is not a duration (e.g. \"30s\", \"2m\")",
+                "agent.toml:27: backend[0].drain_timeout: \"5 parsecs\" is not a duration (e.g. \"30s\", \"2m\")",
             ),
             (
                 "on_timeout = \"abort\"",
                 "on_timeout = \"abrot\"",
-                "agent.toml:26: backend[0].on_timeout: unknown variant `abrot`, expected `abort` or `force`; did you mean `abort`?",
+                "agent.toml:28: backend[0].on_timeout: unknown variant `abrot`, expected `abort` or `force`; did you mean `abort`?",
             ),
             (
                 "systemd_unit = \"nova-api.service\"",
                 "systemd_unit = \"nova api\"",
-                "agent.toml:27: backend[0].restart.systemd_unit: \"nova api\" is not a unit name",
+                "agent.toml:29: backend[0].restart.systemd_unit: \"nova api\" is not a unit name",
             ),
             (
                 "systemd_unit = \"nova-api.service\", ",
                 "",
-                "agent.toml:27: backend[0].restart: give exactly one of `systemd_unit = \"name.service\"` or `command = [\"program\", \"arg\", ...]` (neither is given)",
+                "agent.toml:29: backend[0].restart: give exactly one of `systemd_unit = \"name.service\"` or `command = [\"program\", \"arg\", ...]` (neither is given)",
             ),
             (
                 "systemd_unit = \"nova-api.service\"",
                 "systemd_unit = \"x\", command = [\"y\"]",
-                "agent.toml:27: backend[0].restart: give exactly one of `systemd_unit = \"name.service\"` or `command = [\"program\", \"arg\", ...]` (both are given)",
+                "agent.toml:29: backend[0].restart: give exactly one of `systemd_unit = \"name.service\"` or `command = [\"program\", \"arg\", ...]` (both are given)",
             ),
             (
                 "timeout = \"2m\" }\nhealth",
                 "timeout = \"0s\" }\nhealth",
-                "agent.toml:27: backend[0].restart.timeout: \"0s\" is not an interval or a timeout",
+                "agent.toml:29: backend[0].restart.timeout: \"0s\" is not an interval or a timeout",
             ),
             (
                 "[\"/usr/local/bin/rollback\", \"nova-api\"]",
                 "[]",
-                "agent.toml:29: backend[0].rollback.command: [] is not a command: use a list of strings, the program first",
+                "agent.toml:31: backend[0].rollback.command: [] is not a command: use a list of strings, the program first",
             ),
             (
                 "[\"/usr/local/bin/rollback\", \"nova-api\"]",
                 "\"/usr/local/bin/rollback nova-api\"",
-                "agent.toml:29: backend[0].rollback.command: \"/usr/local/bin/rollback nova-api\" is not a command",
+                "agent.toml:31: backend[0].rollback.command: \"/usr/local/bin/rollback nova-api\" is not a command",
             ),
             (
                 "\"https://127.0.0.1:8774/healthz\"",
                 "\"ftp://127.0.0.1/\"",
-                "agent.toml:28: backend[0].health.http: `ftp://127.0.0.1/` must start with http:// or https://",
+                "agent.toml:30: backend[0].health.http: `ftp://127.0.0.1/` must start with http:// or https://",
             ),
             (
                 "\"https://127.0.0.1:8774/healthz\"",
                 "\"127.0.0.1:8774\"",
-                "agent.toml:28: backend[0].health.http: `127.0.0.1:8774` is not a URL",
+                "agent.toml:30: backend[0].health.http: `127.0.0.1:8774` is not a URL",
             ),
             (
                 "expect = 200",
                 "expect = 999",
-                "agent.toml:28: backend[0].health.expect: expect = 999 is not an HTTP status: use 100 to 599, e.g. 200",
+                "agent.toml:30: backend[0].health.expect: expect = 999 is not an HTTP status: use 100 to 599, e.g. 200",
             ),
             (
                 "\"api.internal\"",
                 "\"api.internal:8443\"",
-                "agent.toml:28: backend[0].health.host: \"api.internal:8443\" is not a host name: use the name the service answers to, without a port",
+                "agent.toml:30: backend[0].health.host: \"api.internal:8443\" is not a host name: use the name the service answers to, without a port",
             ),
             (
                 "\"/etc/drain-agent/ca.pem\"",
                 "\"ca.pem\"",
-                "agent.toml:28: backend[0].health.ca: \"ca.pem\" is not an absolute path: name the CA's PEM file",
+                "agent.toml:30: backend[0].health.ca: \"ca.pem\" is not an absolute path: name the CA's PEM file",
             ),
             (
                 "\"https://127.0.0.1:8774/healthz\"",
                 "\"http://127.0.0.1:8774/healthz\"",
-                "agent.toml:28: backend[0].health.ca: `ca` needs an https:// URL, and `http://127.0.0.1:8774/healthz` is plain HTTP",
+                "agent.toml:30: backend[0].health.ca: `ca` needs an https:// URL, and `http://127.0.0.1:8774/healthz` is plain HTTP",
             ),
             (
                 "http = \"https://127.0.0.1:8774/healthz\"",
                 "tcp = \"127.0.0.1:8774\"",
-                "agent.toml:28: backend[0].health.expect: `expect` belongs to an `http` check",
+                "agent.toml:30: backend[0].health.expect: `expect` belongs to an `http` check",
             ),
             (
                 "http = \"https://127.0.0.1:8774/healthz\", expect = 200",
                 "tcp = \"8774\"",
-                "agent.toml:28: backend[0].health.tcp: `8774` needs a host and a port, e.g. \"127.0.0.1:8774\"",
+                "agent.toml:30: backend[0].health.tcp: `8774` needs a host and a port, e.g. \"127.0.0.1:8774\"",
             ),
             (
                 "expect = 200",
                 "tcp = \"127.0.0.1:8774\"",
-                "agent.toml:28: backend[0].health: give exactly one of `http = \"http://host:port/path\"`",
+                "agent.toml:30: backend[0].health: give exactly one of `http = \"http://host:port/path\"`",
             ),
             (
                 "timeout = \"60s\"",
                 "timeout = \"0s\"",
-                "agent.toml:28: backend[0].health.timeout: \"0s\" is not an interval or a timeout",
+                "agent.toml:30: backend[0].health.timeout: \"0s\" is not an interval or a timeout",
             ),
         ];
         for (from, to, expected) in cases {
@@ -836,7 +868,7 @@ rollback = { command = ["/usr/local/bin/rollback", "nova-api"], timeout = "2m" }
         );
         assert!(
             error(&text).starts_with(
-                "agent.toml:23: backend[0].min_serving: min_serving = 1 needs `haproxy = { \
+                "agent.toml:25: backend[0].min_serving: min_serving = 1 needs `haproxy = { \
                  backend, server }` and a [[load_balancer]] runtime_api"
             ),
             "{}",
@@ -857,7 +889,7 @@ rollback = { command = ["/usr/local/bin/rollback", "nova-api"], timeout = "2m" }
         );
         assert_eq!(
             error(&text),
-            "agent.toml:19: backend[0].haproxy: backend `nova-api` names an HAProxy server but \
+            "agent.toml:21: backend[0].haproxy: backend `nova-api` names an HAProxy server but \
              no [[load_balancer]] is configured: add one with `name` and `runtime_api`"
         );
     }
@@ -871,7 +903,7 @@ rollback = { command = ["/usr/local/bin/rollback", "nova-api"], timeout = "2m" }
         );
         assert_eq!(
             error(&text),
-            "agent.toml:21: load_balancer[1].name: load balancer name \"lb1\" is used twice: \
+            "agent.toml:23: load_balancer[1].name: load balancer name \"lb1\" is used twice: \
              give each [[load_balancer]] its own name"
         );
     }
@@ -909,7 +941,7 @@ rollback = { command = ["/usr/local/bin/rollback", "nova-api"], timeout = "2m" }
         };
         assert_eq!(
             config.check_host().unwrap_err().to_string(),
-            "agent.toml:28: backend[0].health.ca: cannot read /nonexistent/ca.pem: No such file or \
+            "agent.toml:30: backend[0].health.ca: cannot read /nonexistent/ca.pem: No such file or \
              directory (os error 2): name a readable PEM file with the CA certificate(s) of the \
              service's certificate"
         );

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use serde::Deserialize;
 use toml::{Spanned, Value};
 
-use super::{OnShutdown, OnTimeout, RuntimeApi};
+use super::{OnRestart, OnShutdown, OnTimeout, RuntimeApi};
 
 /// Smallest flow table worth running with.
 pub const MIN_FLOW_TABLE_SIZE: u32 = 1024;
@@ -34,6 +34,8 @@ pub struct RawConfig {
     pub metrics_listen: Option<Spanned<ListenAddr>>,
     pub control_group: Option<Spanned<GroupName>>,
     pub on_shutdown: Option<OnShutdown>,
+    pub state_dir: Option<StateDir>,
+    pub on_restart: Option<OnRestart>,
     #[serde(default, rename = "load_balancer")]
     pub load_balancers: Vec<Spanned<RawLoadBalancer>>,
     #[serde(default, rename = "backend")]
@@ -192,6 +194,22 @@ value_type!(
             return Err(format!(
                 "{} is not a socket path: use an absolute path of at most 107 bytes, e.g. \
                  {EXAMPLE}",
+                shown(value)
+            ));
+        }
+        Ok(PathBuf::from(path))
+    }
+);
+
+value_type!(
+    /// The directory of the operation journal: absolute.
+    StateDir(PathBuf),
+    |value| {
+        const EXAMPLE: &str = "\"/var/lib/drain-agent\"";
+        let path = text(value, "a directory", EXAMPLE)?;
+        if !path.starts_with('/') {
+            return Err(format!(
+                "{} is not an absolute path: name the journal's directory, e.g. {EXAMPLE}",
                 shown(value)
             ));
         }

@@ -9,8 +9,8 @@ use super::{
     Action, Backend, Config, ConfigError, DEFAULT_AGENT_CHECK_INTERVAL,
     DEFAULT_AGENT_CHECK_MAX_CONNECTIONS, DEFAULT_CONTROL_SOCKET, DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_FLOW_IDLE_CHECK, DEFAULT_HEALTH_TIMEOUT, DEFAULT_MIN_SERVING, DEFAULT_QUIET_PERIOD,
-    DEFAULT_RUNTIME_API_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STEP_TIMEOUT, HaproxyServer,
-    HealthCheck, LoadBalancer, OnShutdown, OnTimeout, Probe, Step,
+    DEFAULT_RUNTIME_API_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STATE_DIR, DEFAULT_STEP_TIMEOUT,
+    HaproxyServer, HealthCheck, LoadBalancer, OnRestart, OnShutdown, OnTimeout, Probe, Step,
     error::Locator,
     raw::{RawBackend, RawConfig, RawHealth, RawStep},
 };
@@ -200,6 +200,10 @@ pub(super) fn validate(at: &Locator<'_>, raw: RawConfig) -> Result<Config, Confi
         metrics_listen,
         control_group,
         on_shutdown: raw.on_shutdown.unwrap_or(OnShutdown::Abort),
+        state_dir: raw
+            .state_dir
+            .map_or_else(|| DEFAULT_STATE_DIR.into(), |dir| dir.0),
+        on_restart: raw.on_restart.unwrap_or(OnRestart::Restore),
         load_balancers,
         backends,
         lines,

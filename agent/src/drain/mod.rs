@@ -2,6 +2,7 @@
 
 pub mod operation;
 pub mod phase;
+pub mod reconcile;
 pub mod report;
 
 pub use operation::{Kind, Operations, Refusal};

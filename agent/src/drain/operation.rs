@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::{
-    phase::{Board, CancelToken, Phase, millis},
+    phase::{Board, CancelToken, ClaimError, Phase, millis},
     report::{
         Counts, KernelSeen, LoadBalancerReport, Outcome, PhaseTiming, Progress, Report, Via, exit,
     },
@@ -56,7 +56,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Kind::Drain => "drain",
             Kind::Cycle => "cycle",
@@ -101,11 +101,13 @@ pub enum Event {
 
 /// Starts and tracks drains and cycles on this node.
 pub struct Operations {
-    config: Arc<Config>,
-    board: Arc<Board>,
+    pub(super) config: Arc<Config>,
+    pub(super) board: Arc<Board>,
     kernel: Arc<dyn KernelView>,
     /// Who polled the agent-check port and what they were told.
     pollers: Arc<Pollers>,
+    /// What the last reconciliation after an agent restart did, for the next report.
+    pub(super) reconciled: std::sync::Mutex<Option<String>>,
 }
 
 impl Operations {
@@ -120,6 +122,7 @@ impl Operations {
             board,
             kernel,
             pollers,
+            reconciled: std::sync::Mutex::new(None),
         }
     }
 
@@ -165,15 +168,8 @@ impl Operations {
         }
         let claim = self
             .board
-            .claim(format!("{} {}", kind.as_str(), backend.name))
-            .map_err(|other| {
-                Refusal::new(
-                    exit::REFUSED,
-                    format!(
-                        "refused: `{other}` is already running on this node; one drain at a time"
-                    ),
-                )
-            })?;
+            .claim(index, kind.as_str())
+            .map_err(refusal_of_claim)?;
         let phase = self.board.get(index).phase;
         let allowed = match kind {
             Kind::Drain => phase == Phase::Serving,
@@ -239,10 +235,8 @@ impl Operations {
         }
         let claim = self
             .board
-            .claim(format!("resume {}", backend.name))
-            .map_err(|other| {
-                Refusal::new(exit::REFUSED, format!("refused: `{other}` is running"))
-            })?;
+            .claim(index, "resume")
+            .map_err(refusal_of_claim)?;
         let lbs = RuntimeApiClient::for_each(&self.config.load_balancers);
         let (events, _) = mpsc::channel(1);
         let mut run = Run::new(
@@ -258,7 +252,7 @@ impl Operations {
         Ok(run.resume().await)
     }
 
-    fn backend(&self, name: &str) -> Result<(usize, Backend), Refusal> {
+    pub(super) fn backend(&self, name: &str) -> Result<(usize, Backend), Refusal> {
         self.config
             .backends
             .iter()
@@ -357,16 +351,16 @@ impl Operations {
 }
 
 /// One running operation.
-struct Run {
+pub(super) struct Run {
     config: Arc<Config>,
     board: Arc<Board>,
     kernel: Arc<dyn KernelView>,
     pollers: Arc<Pollers>,
     cancel: Arc<CancelToken>,
     index: usize,
-    backend: Backend,
-    kind: Kind,
-    operation: &'static str,
+    pub(super) backend: Backend,
+    pub(super) kind: Kind,
+    pub(super) operation: &'static str,
     lbs: Vec<RuntimeApiClient>,
     events: mpsc::Sender<Event>,
     started: Instant,
@@ -376,7 +370,7 @@ struct Run {
 }
 
 impl Run {
-    fn new(
+    pub(super) fn new(
         ops: &Operations,
         cancel: Arc<CancelToken>,
         index: usize,
@@ -419,6 +413,7 @@ impl Run {
                     })
                     .collect(),
                 drain_evidence: None,
+                reconciled_before: ops.reconciled.lock().expect("reconciled lock").take(),
                 kernel: None,
                 total_ms: 0,
             },
@@ -433,7 +428,7 @@ impl Run {
         }
     }
 
-    async fn execute(&mut self, from: Phase) -> Report {
+    pub(super) async fn execute(&mut self, from: Phase) -> Report {
         if from == Phase::Serving {
             if let Err(outcome) = self.drain().await {
                 return self.finish(outcome.0, outcome.1);
@@ -457,14 +452,13 @@ impl Run {
     }
 
     /// serving → draining → drained. `Err` carries the outcome when the drain did not finish.
-    async fn drain(&mut self) -> Result<(), (Outcome, String)> {
+    pub(super) async fn drain(&mut self) -> Result<(), (Outcome, String)> {
         let sample = self.kernel.sample(self.index).ok();
         self.report.at_drain_start = sample.as_ref().map(|sample| Counts {
             established: sample.established,
             in_flight: sample.in_flight,
-            idle: sample
-                .in_flight
-                .map(|f| sample.established.saturating_sub(f)),
+            unknown: sample.unknown,
+            idle: sample.idle(),
         });
         // The phase changes first: from now on every agent check answers "drain".
         self.enter(Phase::Draining, None);
@@ -479,7 +473,6 @@ impl Run {
         let mut pollers = PollerWait::new(self, drain_started);
 
         let deadline = drain_started + self.backend.drain_timeout;
-        let quiet_period = self.config.quiet_period;
         let mut lb_sessions: Result<u64, String> = Err("not read yet".into());
         let mut last_lb_poll: Option<Instant> = None;
         let mut last_progress: Option<Instant> = None;
@@ -500,21 +493,9 @@ impl Run {
                     .await;
                 started_sent = true;
             }
-            // Evidence, never its absence: a failed read is not "nothing in flight".
-            let kernel_quiet = match &sample {
-                Ok(sample) => match sample.in_flight {
-                    Some(in_flight) => {
-                        in_flight == 0
-                            && sample
-                                .since_last_idle
-                                .is_none_or(|since| since >= quiet_period)
-                    }
-                    // procfs mode: no in-flight view; rely on HAProxy's sessions and one
-                    // quiet period.
-                    None => drain_started.elapsed() >= quiet_period,
-                },
-                Err(_) => false,
-            };
+            // Evidence, never its absence: a failed read is not "nothing in flight", and a
+            // connection the agent did not see begin is not idle until something says so.
+            let evidence = self.evidence(&sample, &lb_sessions);
             if last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
                 let shown = sample.clone().unwrap_or_default();
                 let _ = self.events.try_send(Event::Progress(
@@ -522,7 +503,7 @@ impl Run {
                 ));
                 last_progress = Some(Instant::now());
             }
-            if confirmed && kernel_quiet && lb_sessions == Ok(0) {
+            if confirmed && evidence.is_some() && lb_sessions == Ok(0) {
                 // Confirm HAProxy's side right now rather than from a poll up to 200 ms old.
                 lb_sessions = self.lb_sessions().await;
                 if lb_sessions == Ok(0) {
@@ -532,7 +513,7 @@ impl Run {
                         let zero_at = Instant::now().checked_sub(since)?;
                         zero_at.checked_duration_since(drain_started).map(millis)
                     });
-                    self.report.drain_evidence = Some(self.evidence(&sample));
+                    self.report.drain_evidence = evidence;
                     break;
                 }
             }
@@ -596,21 +577,59 @@ impl Run {
         Ok(())
     }
 
-    /// What ended the drain, in words, for the report.
-    fn evidence(&self, sample: &Result<BackendSample, String>) -> String {
-        let kernel = match sample {
-            Ok(sample) if sample.in_flight.is_some() => format!(
-                "the kernel counted 0 requests in flight for {}",
-                humantime::format_duration(self.config.quiet_period)
-            ),
-            _ => "procfs mode: no in-flight count; one quiet period passed".to_string(),
-        };
-        let lbs = if self.lbs.is_empty() || self.backend.haproxy.is_none() {
-            String::new()
-        } else {
-            ", and every reachable load balancer showed 0 sessions".to_string()
-        };
-        format!("{kernel}{lbs}")
+    /// The evidence that the backend is drained, in words for the report, or `None` while
+    /// there is none. Three sources, strongest first: the kernel's count (every connection
+    /// seen and quiet), the load balancers' sessions (0 on every one of them means no request
+    /// rides on connections the kernel cannot judge), and no connection at all.
+    fn evidence(
+        &self,
+        sample: &Result<BackendSample, String>,
+        lb_sessions: &Result<u64, String>,
+    ) -> Option<String> {
+        let sample = sample.as_ref().ok()?;
+        let unknown = sample.unknown.unwrap_or(0);
+        // Every configured load balancer answered with 0 sessions: none was left out
+        // because it was unreachable.
+        let lbs_vouch = self.backend.haproxy.is_some()
+            && !self.lbs.is_empty()
+            && lb_sessions == &Ok(0)
+            && self
+                .report
+                .load_balancers
+                .iter()
+                .filter(|lb| lb.via == Via::RuntimeApi)
+                .all(|lb| lb.reachable);
+        let lbs_words = "every load balancer showed 0 sessions for the server";
+        if sample.established == 0 {
+            return Some("no connection to the backend's ports was left".into());
+        }
+        match sample.in_flight {
+            Some(in_flight) => {
+                let quiet = in_flight == 0
+                    && sample
+                        .since_last_idle
+                        .is_none_or(|since| since >= self.config.quiet_period);
+                let kernel_words = format!(
+                    "the kernel counted 0 requests in flight for {}",
+                    humantime::format_duration(self.config.quiet_period)
+                );
+                match (quiet, unknown) {
+                    (false, _) => None,
+                    (true, 0) if self.backend.haproxy.is_some() => {
+                        Some(format!("{kernel_words}, and {lbs_words}"))
+                    }
+                    (true, 0) => Some(kernel_words),
+                    (true, unknown) if lbs_vouch => Some(format!(
+                        "{kernel_words}, and {lbs_words}: the {unknown} connection(s) the agent \
+                         did not see begin carry nothing"
+                    )),
+                    (true, _) => None,
+                }
+            }
+            // procfs: the agent knows nothing per connection.
+            None if lbs_vouch => Some(format!("procfs mode (in-flight unknown): {lbs_words}")),
+            None => None,
+        }
     }
 
     /// Names of the load balancers and pollers that did not confirm the current step.
@@ -625,7 +644,7 @@ impl Run {
 
     /// drained → restarting → verifying → serving, with rollback when the service stays
     /// unhealthy.
-    async fn restart_and_verify(&mut self) -> Report {
+    pub(super) async fn restart_and_verify(&mut self) -> Report {
         let restart = self.backend.restart.clone().expect("checked at start");
         let check = self.health_check();
         self.enter(Phase::Restarting, None);
@@ -655,7 +674,7 @@ impl Run {
 
     /// The service is not healthy: run the rollback (if any) and put the server back on the
     /// old version, or leave it out of rotation and say so plainly.
-    async fn roll_back(&mut self, mut problem: String) -> Report {
+    pub(super) async fn roll_back(&mut self, mut problem: String) -> Report {
         let check = self.health_check();
         if let Some(rollback) = self.backend.rollback.clone() {
             warn!(backend = self.backend.name, problem, "running the rollback");
@@ -769,7 +788,7 @@ impl Run {
 
     /// Back to serving: the phase first (agent-check answers "ready"), then every runtime
     /// API, then the wait until every known agent-check poller was told.
-    async fn back_in_service(&mut self, outcome: Outcome, message: String) -> Report {
+    pub(super) async fn back_in_service(&mut self, outcome: Outcome, message: String) -> Report {
         self.enter(Phase::Serving, None);
         let since = Instant::now();
         let set = self.set_all(AdminState::Ready).await;
@@ -836,7 +855,7 @@ impl Run {
     }
 
     /// Undoes a drain: serving, and ready on every load balancer (confirmed as for a return).
-    async fn restore_service(&mut self) {
+    pub(super) async fn restore_service(&mut self) {
         self.enter(Phase::Serving, None);
         let since = Instant::now();
         if let Err(err) = self.set_all(AdminState::Ready).await {
@@ -874,7 +893,7 @@ impl Run {
         }
     }
 
-    fn health_check(&self) -> HealthCheck {
+    pub(super) fn health_check(&self) -> HealthCheck {
         self.backend.health.clone().unwrap_or_else(|| HealthCheck {
             probe: Probe::Tcp(format!("127.0.0.1:{}", self.backend.ports[0])),
             timeout: crate::config::DEFAULT_HEALTH_TIMEOUT,
@@ -953,7 +972,17 @@ impl Run {
             return Ok(0);
         };
         let mut total = 0;
-        for lb in &self.lbs {
+        let reports = self
+            .report
+            .load_balancers
+            .iter()
+            .filter(|lb| lb.via == Via::RuntimeApi);
+        for (lb, report) in self.lbs.iter().zip(reports) {
+            // Unreachable when the drain began (tolerated because agent-check tells it): its
+            // sessions were never readable; the report names it as not confirmed.
+            if !report.reachable {
+                continue;
+            }
             let stat = lb.server(server).await.map_err(|err| err.to_string())?;
             total += stat.scur + stat.qcur;
         }
@@ -965,15 +994,14 @@ impl Run {
             backend: self.backend.name.clone(),
             phase: self.board.get(self.index).phase,
             in_flight: sample.in_flight,
-            idle: sample
-                .in_flight
-                .map(|f| sample.established.saturating_sub(f)),
+            unknown: sample.unknown,
+            idle: sample.idle(),
             lb_sessions,
             elapsed_ms: millis(self.started.elapsed()),
         }
     }
 
-    fn enter(&mut self, phase: Phase, reason: Option<String>) {
+    pub(super) fn enter(&mut self, phase: Phase, reason: Option<String>) {
         self.close_phase();
         self.board.set(self.index, phase, reason);
         self.phase_started = Instant::now();
@@ -994,7 +1022,7 @@ impl Run {
         }
     }
 
-    fn finish(&mut self, outcome: Outcome, message: String) -> Report {
+    pub(super) fn finish(&mut self, outcome: Outcome, message: String) -> Report {
         self.close_phase();
         // The phase the operation ends in is where the backend rests, not a timed step.
         if let Some(last) = self.report.phases.last_mut() {
@@ -1042,9 +1070,15 @@ impl PollerWait {
                 .checked_sub(interval * KNOWN_POLLER_INTERVALS)
                 .unwrap_or(since),
         );
+        // A return needs a second poll (see `settle`), so it may take two intervals.
+        let polls = if run.board.get(run.index).phase == Phase::Serving {
+            2
+        } else {
+            1
+        };
         PollerWait {
             since,
-            bound: since + interval + POLL_GRACE,
+            bound: since + interval * polls + POLL_GRACE,
             done: run.config.agent_check_listen.is_none(),
             none_known: known.is_empty(),
         }
@@ -1070,10 +1104,19 @@ impl PollerWait {
         let now = Instant::now();
         let mut all = true;
         for peer in &peers {
+            // A drain takes effect on the poll that carries it. A return from MAINT does not:
+            // HAProxy reset the server's health and marks it UP only after `rise` checks, so
+            // the second "ready" in a row (one agent-inter later) is the confirmation —
+            // docs/operations.md asks for rise × inter below agent-inter.
+            let polls_needed = if phase == Phase::Serving { 2 } else { 1 };
             let confirmed_at = run
                 .pollers
                 .last(*peer, run.index)
-                .filter(|answered| answered.at >= self.since && wanted(&answered.word))
+                .filter(|answered| {
+                    answered.at >= self.since
+                        && answered.streak >= polls_needed
+                        && wanted(&answered.word)
+                })
                 .map(|answered| answered.at);
             let entry = poller_entry(&mut run.report, *peer);
             match confirmed_at {
@@ -1146,6 +1189,14 @@ fn poller_entry(report: &mut Report, peer: IpAddr) -> &mut LoadBalancerReport {
         }
     };
     &mut report.load_balancers[index]
+}
+
+/// A claim that failed, as the refusal the CLI shows.
+pub(super) fn refusal_of_claim(err: ClaimError) -> Refusal {
+    match err {
+        ClaimError::Busy(_) => Refusal::new(exit::REFUSED, format!("refused: {err}")),
+        ClaimError::Journal(_) => Refusal::new(exit::ERROR, format!("refused: {err}")),
+    }
 }
 
 /// A panic's message, whatever its payload type.

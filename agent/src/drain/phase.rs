@@ -7,6 +7,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::journal::{BackendRecord, Journal, JournalError, Record, unix_ms};
+
 /// Where a backend is in the drain cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -83,33 +85,131 @@ impl CancelToken {
 /// The operation holding the node: what it is and how to stop it.
 struct Running {
     what: String,
+    backend: usize,
     cancel: Arc<CancelToken>,
 }
 
+/// Why an operation could not claim the node.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// Another operation holds the node (named).
+    #[error("`{0}` is already running on this node; one drain at a time")]
+    Busy(String),
+    /// The journal could not record the start: nothing was changed.
+    #[error("{0}; nothing was changed")]
+    Journal(#[from] JournalError),
+}
+
 /// The phases of all backends (config order) and the operation running on this node, if any.
+/// Every change is written to the journal (when there is one) before it takes effect
+/// elsewhere, so a restarted agent knows where each backend was left.
 pub struct Board {
     phases: Mutex<Vec<PhaseState>>,
     running: Mutex<Option<Running>>,
     names: Vec<String>,
+    journal: Option<Journal>,
+    /// Per backend, the operation the journal says was running when the last agent stopped.
+    interrupted: Vec<Option<String>>,
+    /// Journal writes that failed (each logged at error level).
+    journal_errors: std::sync::atomic::AtomicU64,
 }
 
 impl Board {
-    /// One serving phase per backend, named in logs by `names` (config order).
+    /// One serving phase per backend, named in logs by `names` (config order); no journal.
     pub fn new(names: Vec<String>) -> Board {
-        let backends = names.len();
+        Board::restored(names, None, &Record::default())
+    }
+
+    /// The phases a journal `record` left (serving for backends it does not name), kept in
+    /// `journal` from now on.
+    pub fn restored(names: Vec<String>, journal: Option<Journal>, record: &Record) -> Board {
         let now = Instant::now();
-        Board {
-            phases: Mutex::new(vec![
-                PhaseState {
+        let phases = names
+            .iter()
+            .map(|name| match record.backends.get(name) {
+                Some(saved) => PhaseState {
+                    phase: saved.phase,
+                    since: now,
+                    reason: saved.reason.clone(),
+                },
+                None => PhaseState {
                     phase: Phase::Serving,
                     since: now,
                     reason: None,
-                };
-                backends
-            ]),
+                },
+            })
+            .collect();
+        let interrupted = names
+            .iter()
+            .map(|name| {
+                record
+                    .backends
+                    .get(name)
+                    .and_then(|saved| saved.operation.clone())
+            })
+            .collect();
+        Board {
+            phases: Mutex::new(phases),
             running: Mutex::new(None),
             names,
+            journal,
+            interrupted,
+            journal_errors: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The operation the previous agent left running on `backend`, if any.
+    pub fn interrupted(&self, backend: usize) -> Option<String> {
+        self.interrupted.get(backend).cloned().flatten()
+    }
+
+    /// Journal writes that failed since the start.
+    pub fn journal_errors(&self) -> u64 {
+        self.journal_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Writes the current phases and running operation to the journal.
+    fn persist(
+        &self,
+        phases: &[PhaseState],
+        running: Option<(usize, &str)>,
+    ) -> Result<(), JournalError> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        let mut record = Record::default();
+        for (index, (name, state)) in self.names.iter().zip(phases).enumerate() {
+            record.backends.insert(
+                name.clone(),
+                BackendRecord {
+                    phase: state.phase,
+                    operation: running
+                        .filter(|(backend, _)| *backend == index)
+                        .map(|(_, operation)| operation.to_string()),
+                    reason: state.reason.clone(),
+                    updated_unix_ms: unix_ms(),
+                },
+            );
+        }
+        journal.write(&record).inspect_err(|err| {
+            self.journal_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(%err, "the operation journal could not be written");
+        })
+    }
+
+    /// The running operation as the journal names it: (backend, operation word).
+    fn running_record(running: &Option<Running>) -> Option<(usize, String)> {
+        running.as_ref().map(|running| {
+            let operation = running
+                .what
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            (running.backend, operation)
+        })
     }
 
     pub fn get(&self, backend: usize) -> PhaseState {
@@ -141,18 +241,33 @@ impl Board {
             since: Instant::now(),
             reason,
         };
+        let running = Board::running_record(&self.running.lock().expect("running lock"));
+        // Logged and counted on failure: stopping half-way would strand the server.
+        let _ = self.persist(
+            &phases,
+            running
+                .as_ref()
+                .map(|(backend, operation)| (*backend, operation.as_str())),
+        );
     }
 
-    /// Claims the node for one operation with a fresh cancel token; `Err` names the one
-    /// already running.
-    pub fn claim(self: &Arc<Self>, what: String) -> Result<Claim, String> {
+    /// Claims the node for `operation` ("drain", "cycle", "resume", "reconcile") on
+    /// `backend`, with a fresh cancel token, and journals it; `Err` names the operation
+    /// already running, or says the journal could not record it (nothing changed).
+    pub fn claim(self: &Arc<Self>, backend: usize, operation: &str) -> Result<Claim, ClaimError> {
+        let phases = self.phases.lock().expect("phase lock");
         let mut running = self.running.lock().expect("running lock");
         if let Some(other) = running.as_ref() {
-            return Err(other.what.clone());
+            return Err(ClaimError::Busy(other.what.clone()));
         }
+        self.persist(&phases, Some((backend, operation)))?;
         let cancel = Arc::new(CancelToken::default());
         *running = Some(Running {
-            what,
+            what: format!(
+                "{operation} {}",
+                self.names.get(backend).map_or("", String::as_str)
+            ),
+            backend,
             cancel: cancel.clone(),
         });
         Ok(Claim {
@@ -194,7 +309,9 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
+        let phases = self.board.phases.lock().expect("phase lock");
         *self.board.running.lock().expect("running lock") = None;
+        let _ = self.board.persist(&phases, None);
     }
 }
 
@@ -210,13 +327,14 @@ mod tests {
     #[test]
     fn one_operation_at_a_time() {
         let board = Arc::new(Board::new(vec!["nova-api".into(), "placement".into()]));
-        let claim = board.claim("cycle nova-api".into()).unwrap();
-        assert_eq!(
-            board.claim("drain placement".into()).err().unwrap(),
-            "cycle nova-api"
+        let claim = board.claim(0, "cycle").unwrap();
+        let busy = board.claim(1, "drain").err().unwrap();
+        assert!(
+            matches!(&busy, ClaimError::Busy(what) if what == "cycle nova-api"),
+            "{busy}"
         );
         drop(claim);
-        assert!(board.claim("drain placement".into()).is_ok());
+        assert!(board.claim(1, "drain").is_ok());
     }
 
     #[test]
@@ -224,7 +342,7 @@ mod tests {
         let board = Arc::new(Board::new(vec!["nova-api".into()]));
         // Nothing runs: a cancel has nothing to stop and is not kept for later.
         assert_eq!(board.cancel_running("`resume`"), None);
-        let first = board.claim("drain nova-api".into()).unwrap();
+        let first = board.claim(0, "drain").unwrap();
         assert_eq!(
             board.cancel_running("`resume`").as_deref(),
             Some("drain nova-api")
@@ -232,8 +350,35 @@ mod tests {
         assert_eq!(first.cancel().reason().as_deref(), Some("`resume`"));
         drop(first);
         // The next operation starts clean.
-        let second = board.claim("drain nova-api".into()).unwrap();
+        let second = board.claim(0, "drain").unwrap();
         assert_eq!(second.cancel().reason(), None);
+    }
+
+    #[test]
+    fn the_journal_carries_phases_and_the_running_operation_across_a_restart() {
+        let dir = std::env::temp_dir().join(format!("board-journal-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let names = vec!["nova-api".to_string(), "placement".to_string()];
+        let journal = Journal::open(&dir).unwrap();
+        let board = Arc::new(Board::restored(
+            names.clone(),
+            Some(journal.clone()),
+            &Record::default(),
+        ));
+        let claim = board.claim(0, "cycle").unwrap();
+        board.set(0, Phase::Restarting, None);
+        board.set(1, Phase::Drained, None);
+        // The agent dies here: the claim is never released.
+        std::mem::forget(claim);
+        let crate::journal::Found::Record(record) = journal.read().unwrap() else {
+            panic!("no journal");
+        };
+        let restarted = Board::restored(names, Some(journal), &record);
+        assert_eq!(restarted.get(0).phase, Phase::Restarting);
+        assert_eq!(restarted.interrupted(0).as_deref(), Some("cycle"));
+        assert_eq!(restarted.get(1).phase, Phase::Drained);
+        assert_eq!(restarted.interrupted(1), None);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub struct Progress {
     pub backend: String,
     pub phase: Phase,
     pub in_flight: Option<u64>,
+    /// Connections the agent did not see begin and cannot yet tell idle.
+    #[serde(default)]
+    pub unknown: Option<u64>,
     pub idle: Option<u64>,
     /// Requests HAProxy still has on (or queued for) this server, summed over load balancers;
     /// `None` while a load balancer cannot be read.
@@ -90,9 +93,10 @@ impl Progress {
     pub fn render(&self) -> String {
         let show = |value: Option<u64>| value.map_or_else(|| "-".into(), |v| v.to_string());
         format!(
-            "{:<10} in-flight {:>4}  idle {:>4}  lb-sessions {:>4}  {:>6.1}s",
+            "{:<10} in-flight {:>4}  unknown {:>4}  idle {:>4}  lb-sessions {:>4}  {:>6.1}s",
             self.phase.as_str(),
             show(self.in_flight),
+            show(self.unknown),
             show(self.idle),
             self.lb_sessions
                 .map_or_else(|| "?".into(), |v| v.to_string()),
@@ -106,6 +110,8 @@ impl Progress {
 pub struct Counts {
     pub established: u64,
     pub in_flight: Option<u64>,
+    #[serde(default)]
+    pub unknown: Option<u64>,
     pub idle: Option<u64>,
 }
 
@@ -186,6 +192,9 @@ pub struct Report {
     pub rollback: Option<String>,
     pub load_balancers: Vec<LoadBalancerReport>,
     pub kernel: Option<KernelSeen>,
+    /// What the agent found and did when it last started after a crash, if that has not been
+    /// reported yet (a reconciliation).
+    pub reconciled_before: Option<String>,
     pub total_ms: u64,
 }
 
@@ -212,9 +221,10 @@ impl Report {
         if let Some(counts) = &self.at_drain_start {
             let show = |v: Option<u64>| v.map_or_else(|| "-".into(), |v| v.to_string());
             out.push_str(&format!(
-                "  at drain start: {} established, {} in flight, {} idle\n",
+                "  at drain start: {} established, {} in flight, {} unknown, {} idle\n",
                 counts.established,
                 show(counts.in_flight),
+                show(counts.unknown),
                 show(counts.idle)
             ));
         }
@@ -251,6 +261,9 @@ impl Report {
                     .map(|e| format!(" ({e})"))
                     .unwrap_or_default()
             ));
+        }
+        if let Some(reconciled) = &self.reconciled_before {
+            out.push_str(&format!("  before this: {reconciled}\n"));
         }
         if let Some(kernel) = &self.kernel {
             out.push_str(&format!(

@@ -223,6 +223,7 @@ impl EbpfTracker {
                 let total = BackendCounters::sum(per_cpu.iter());
                 let adjustment = self.adjustments[index];
                 Ok(BackendSample {
+                    unknown: None,
                     tracked: Some(total.tracked.wrapping_add_signed(adjustment.tracked)),
                     established: total
                         .established

@@ -33,6 +33,10 @@ pub struct BackendSample {
     /// Flow-table entries (eBPF mode).
     pub tracked: Option<u64>,
     pub established: u64,
+    /// Established connections whose state the agent does not know: it did not see them
+    /// begin (older than the agent) and their traffic has not settled them yet. In procfs
+    /// mode every established connection is unknown.
+    pub unknown: Option<u64>,
     pub in_flight: Option<u64>,
     pub accepted: Option<u64>,
     pub closed: Option<u64>,
@@ -43,6 +47,17 @@ pub struct BackendSample {
     pub cut_in_flight: Option<u64>,
     /// Time since the last in-flight → idle transition.
     pub since_last_idle: Option<Duration>,
+}
+
+impl BackendSample {
+    /// Connections known to carry nothing: established minus in flight minus unknown.
+    pub fn idle(&self) -> Option<u64> {
+        self.in_flight.map(|in_flight| {
+            self.established
+                .saturating_sub(in_flight)
+                .saturating_sub(self.unknown.unwrap_or(0))
+        })
+    }
 }
 
 /// A loaded connection source.

@@ -38,6 +38,10 @@ impl ProcfsTracker {
                 samples[backend].established += 1;
             }
         }
+        // Without the kernel programs nothing is known about any connection.
+        for sample in &mut samples {
+            sample.unknown = Some(sample.established);
+        }
         Ok(samples)
     }
 }

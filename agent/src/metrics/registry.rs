@@ -57,6 +57,8 @@ pub struct Metrics {
     cut_at_deadline: Family<Labels, Counter>,
     load_balancer_up: Family<Labels, Gauge>,
     confirmation_lag: Family<Labels, Histogram>,
+    drift: Family<Labels, Gauge>,
+    reapplied: Family<Labels, Counter>,
     /// Kernel totals at the previous scrape, to turn them into counter increments.
     previous: Mutex<Vec<BackendSample>>,
     ready: AtomicBool,
@@ -92,6 +94,8 @@ impl Metrics {
             cut_at_deadline: Family::default(),
             load_balancer_up: Family::default(),
             confirmation_lag: Family::new_with_constructor(|| Histogram::new(CONFIRMATION_BUCKETS)),
+            drift: Family::default(),
+            reapplied: Family::default(),
             previous: Mutex::new(vec![BackendSample::default(); backends]),
             ready: AtomicBool::new(false),
             registry: Registry::default(),
@@ -103,7 +107,7 @@ impl Metrics {
         );
         registry.register(
             "connections",
-            "Connections to the backend's ports by state: established, in_flight, idle",
+            "Connections to the backend's ports by state: established, in_flight, unknown (not seen begin, not settled yet), idle",
             metrics.connections.clone(),
         );
         registry.register(
@@ -177,6 +181,18 @@ impl Metrics {
              or \"ready\"; via=\"runtime-api\" read back, or \"agent-check\" answered)",
             metrics.confirmation_lag.clone(),
         );
+        registry.register(
+            "load_balancer_drift",
+            "Load balancers whose view of the backend's server differs from the agent's phase \
+             at rest (status says how)",
+            metrics.drift.clone(),
+        );
+        registry.register(
+            "state_reapplied",
+            "Times a load balancer lost the server's state during an operation (reload, \
+             restart) and the agent set it again",
+            metrics.reapplied.clone(),
+        );
         Metrics {
             registry,
             ..metrics
@@ -218,9 +234,12 @@ impl Metrics {
                     .set(value as i64);
             };
             gauge("established", sample.established);
+            if let Some(unknown) = sample.unknown {
+                gauge("unknown", unknown);
+            }
             if let Some(in_flight) = sample.in_flight {
                 gauge("in_flight", in_flight);
-                gauge("idle", sample.established.saturating_sub(in_flight));
+                gauge("idle", sample.idle().unwrap_or(0));
             }
             let grow = |counter: &Counter, now: Option<u64>, then: Option<u64>| {
                 counter.inc_by(now.unwrap_or(0).saturating_sub(then.unwrap_or(0)));
@@ -332,6 +351,20 @@ impl Metrics {
                 self.confirmation_lag.get_or_create(&labels).observe(lag);
             }
         }
+    }
+
+    /// How many load balancers disagree with the backend's phase at rest.
+    pub fn observe_drift(&self, backend_name: &str, count: usize) {
+        self.drift
+            .get_or_create(&backend(backend_name))
+            .set(count as i64);
+    }
+
+    /// Counts a state the agent set again on a load balancer that lost it.
+    pub fn observe_reapplied(&self, backend_name: &str, load_balancer: &str) {
+        self.reapplied
+            .get_or_create(&with(backend(backend_name), "load_balancer", load_balancer))
+            .inc();
     }
 
     /// Counts an operation that was refused before it changed anything.

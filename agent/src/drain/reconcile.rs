@@ -1,0 +1,150 @@
+//! What a restarted agent does with the state the previous one left: the journal says which
+//! backend was mid-operation and in which phase; the load balancers say where the server
+//! really is. An interrupted drain or cycle is undone or finished (`on_restart`), a restart
+//! that was under way is verified before the server goes back, and everything found and done
+//! is logged, counted and shown in `status` and the next report.
+
+use std::sync::Arc;
+
+use tracing::{info, warn};
+
+use super::{
+    Kind, Operations, Outcome, Phase, Report,
+    operation::{Run, refusal_of_claim},
+};
+use crate::{config::OnRestart, haproxy::RuntimeApiClient, health};
+
+impl Operations {
+    /// Reconciles every backend the journal says was left mid-operation; returns a report
+    /// per backend it acted on.
+    pub async fn reconcile_interrupted(self: &Arc<Self>) -> Vec<Report> {
+        let mut reports = Vec::new();
+        for index in 0..self.config.backends.len() {
+            let Some(operation) = self.board.interrupted(index) else {
+                continue;
+            };
+            let phase = self.board.get(index).phase;
+            let name = self.config.backends[index].name.clone();
+            warn!(
+                backend = name,
+                operation,
+                phase = phase.as_str(),
+                on_restart = ?self.config.on_restart,
+                "the previous agent stopped in the middle of an operation: reconciling"
+            );
+            self.log_load_balancers(index).await;
+            match self.reconcile(index, &operation, phase).await {
+                Ok(report) => {
+                    info!(
+                        backend = name,
+                        outcome = report.outcome.as_str(),
+                        message = report.message,
+                        "reconciled"
+                    );
+                    *self.reconciled.lock().expect("reconciled lock") = Some(format!(
+                        "after an agent restart, the interrupted `{operation} {name}` (phase \
+                         {}): {}",
+                        phase.as_str(),
+                        report.message
+                    ));
+                    reports.push(report);
+                }
+                Err(refusal) => warn!(backend = name, %refusal, "could not reconcile"),
+            }
+        }
+        reports
+    }
+
+    /// Logs what every load balancer shows for the backend's server: the real state the
+    /// reconciliation starts from.
+    async fn log_load_balancers(&self, index: usize) {
+        let backend = &self.config.backends[index];
+        let Some(server) = &backend.haproxy else {
+            return;
+        };
+        for lb in RuntimeApiClient::for_each(&self.config.load_balancers) {
+            match lb.server(server).await {
+                Ok(stat) => info!(
+                    backend = backend.name,
+                    load_balancer = lb.name(),
+                    server = format!("{}/{}", server.backend, server.server),
+                    status = stat.status,
+                    "found on the load balancer"
+                ),
+                Err(err) => warn!(backend = backend.name, %err, "cannot read the load balancer"),
+            }
+        }
+    }
+
+    async fn reconcile(
+        self: &Arc<Self>,
+        index: usize,
+        operation: &str,
+        phase: Phase,
+    ) -> Result<Report, super::Refusal> {
+        let backend = self.config.backends[index].clone();
+        let kind = if operation == "cycle" {
+            Kind::Cycle
+        } else {
+            Kind::Drain
+        };
+        // Claimed with the interrupted operation's name: a second crash reconciles it again.
+        let claim = self
+            .board
+            .claim(index, operation)
+            .map_err(refusal_of_claim)?;
+        let lbs = RuntimeApiClient::for_each(&self.config.load_balancers);
+        let (events, _) = tokio::sync::mpsc::channel(16);
+        let mut run = Run::new(self, claim.cancel(), index, backend, kind, lbs, events);
+        run.operation = "reconcile";
+        let on_restart = self.config.on_restart;
+        let report = match phase {
+            // The service may be half restarted: verify it before anything goes back.
+            Phase::Restarting | Phase::Verifying => {
+                let check = run.health_check();
+                match health::wait_healthy(&check).await {
+                    Ok(_) => {
+                        run.back_in_service(
+                            Outcome::Ok,
+                            "the restart under way when the agent stopped completed; the service \
+                             is healthy and back in service"
+                                .into(),
+                        )
+                        .await
+                    }
+                    Err(problem) => {
+                        run.roll_back(format!(
+                            "after the agent restarted, the service was not healthy: {problem}"
+                        ))
+                        .await
+                    }
+                }
+            }
+            Phase::Failed => run.finish(
+                Outcome::Failed,
+                format!(
+                    "the cycle had failed before the agent stopped; the server stays out of \
+                     rotation. `drain-agent resume {}` puts it back",
+                    run.backend.name
+                ),
+            ),
+            Phase::Serving | Phase::Draining | Phase::Drained
+                if on_restart == OnRestart::Restore || operation == "resume" =>
+            {
+                run.back_in_service(
+                    Outcome::Ok,
+                    format!(
+                        "on_restart = \"restore\": the interrupted {operation} was undone and the \
+                         server is back in service"
+                    ),
+                )
+                .await
+            }
+            // on_restart = "finish": carry the operation on from where it stopped.
+            Phase::Serving | Phase::Draining => run.execute(Phase::Serving).await,
+            Phase::Drained => run.execute(Phase::Drained).await,
+        };
+        drop(claim);
+        Ok(report)
+    }
+}
