@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::{
-    config::{Config, ConfigError, line_containing},
+    config::{Config, ConfigError},
     haproxy::{HaproxyError, RuntimeApiClient},
 };
 
@@ -52,11 +52,10 @@ pub async fn check(path: &Path) -> (Option<Config>, Vec<Problem>) {
 /// warning (HAProxy may be down right now; agent-check covers it), a server it does not know
 /// is an error.
 pub async fn check_load_balancers(config: &Config) -> Vec<Problem> {
-    let text = std::fs::read_to_string(&config.path).unwrap_or_default();
     let mut problems = Vec::new();
     for (index, lb) in config.load_balancers.iter().enumerate() {
         let client = RuntimeApiClient::new(lb);
-        for backend in &config.backends {
+        for (backend_index, backend) in config.backends.iter().enumerate() {
             let Some(server) = &backend.haproxy else {
                 continue;
             };
@@ -64,17 +63,15 @@ pub async fn check_load_balancers(config: &Config) -> Vec<Problem> {
                 Ok(servers) if servers.iter().any(|stat| stat.name == server.server) => {}
                 Ok(_) => problems.push(Problem {
                     severity: Severity::Error,
-                    error: ConfigError {
-                        path: config.path.clone(),
-                        line: line_containing(&text, &format!("\"{}\"", server.server)),
-                        key: Some(format!("backend `{}`.haproxy", backend.name)),
-                        message: HaproxyError::NoSuchServer {
+                    error: config.error_at(
+                        &format!("backend[{backend_index}].haproxy"),
+                        HaproxyError::NoSuchServer {
                             lb: lb.name.clone(),
                             backend: server.backend.clone(),
                             server: server.server.clone(),
                         }
                         .to_string(),
-                    },
+                    ),
                 }),
                 Err(err) => {
                     problems.push(Problem {
@@ -83,12 +80,10 @@ pub async fn check_load_balancers(config: &Config) -> Vec<Problem> {
                         } else {
                             Severity::Error
                         },
-                        error: ConfigError {
-                            path: config.path.clone(),
-                            line: line_containing(&text, &lb.runtime_api.to_string()),
-                            key: Some(format!("load_balancer[{index}].runtime_api")),
-                            message: err.to_string(),
-                        },
+                        error: config.error_at(
+                            &format!("load_balancer[{index}].runtime_api"),
+                            err.to_string(),
+                        ),
                     });
                     break; // one message per unreachable load balancer
                 }

@@ -5,9 +5,10 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    config::{Config, ConfigError, DEFAULT_CONTROL_SOCKET},
+    config::{Config, ConfigError, DEFAULT_CONFIG_FILE, DEFAULT_CONTROL_SOCKET},
     control::{self, Request, Response},
     kernel::KernelMode,
+    logging::LogFormat,
 };
 
 /// eBPF-assisted connection drain agent for API nodes behind HAProxy.
@@ -21,18 +22,12 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum LogFormat {
-    Plain,
-    Json,
-}
-
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load the kernel programs and serve the control socket until SIGTERM.
     Run {
         /// The agent's TOML config.
-        #[arg(long, short)]
+        #[arg(long, short, default_value = DEFAULT_CONFIG_FILE)]
         config: PathBuf,
         /// Where connection numbers come from. `procfs` is a degraded mode for nodes without
         /// eBPF: established counts only, no in-flight tracking.
@@ -43,6 +38,7 @@ pub enum Command {
     /// balancer's runtime API and HAProxy server names. Exit 0 only when clean.
     CheckConfig {
         /// The config file.
+        #[arg(default_value = DEFAULT_CONFIG_FILE)]
         file: PathBuf,
     },
     /// Drain a backend: HAProxy stops sending it new requests, and the agent waits until

@@ -77,7 +77,7 @@ fn rejected(config: &str, expected: &str) {
 fn port_out_of_range_exits_2_naming_file_line_and_key() {
     rejected(
         &GOOD.replace("[8774]", "[87740]"),
-        "agent.toml:6: backend[0].ports: port 87740 is out of range: use 1 to 65535",
+        "agent.toml:6: backend[0].ports[0]: port 87740 is out of range: use 1 to 65535",
     );
 }
 
@@ -85,7 +85,7 @@ fn port_out_of_range_exits_2_naming_file_line_and_key() {
 fn duplicate_port_across_backends_exits_2() {
     rejected(
         &GOOD.replace("[8778]", "[8774]"),
-        "agent.toml:10: backend[1].ports: port 8774 is already used by backend `nova-api`",
+        "agent.toml:10: backend[1].ports[0]: port 8774 is already used by backend `nova-api`",
     );
 }
 
@@ -132,7 +132,7 @@ fn unknown_interface_exits_2_and_attaches_nothing() {
     assert!(
         outcome
             .stderr
-            .contains("interfaces: interface `eth9` does not exist on this node"),
+            .contains("agent.toml:1: interfaces[0]: interface `eth9` does not exist on this node"),
         "{}",
         outcome.stderr
     );
@@ -183,4 +183,63 @@ fn status_without_a_running_agent_says_how_to_fix_it() {
         "{stderr}"
     );
     assert!(stderr.contains("Is `drain-agent run` running"), "{stderr}");
+}
+
+#[test]
+fn bad_values_exit_2_naming_file_line_key_value_and_what_is_valid() {
+    for (from, to, expected) in [
+        (
+            "ports = [8774]",
+            "ports = [8774]\ndrain_timeout = \"5 parsecs\"",
+            "agent.toml:7: backend[0].drain_timeout: \"5 parsecs\" is not a duration (e.g. \"30s\", \"2m\")",
+        ),
+        (
+            "ports = [8774]",
+            "ports = [8774]\nhealth = { http = \"https://127.0.0.1:8774/\", host = \"api:443\" }",
+            "agent.toml:7: backend[0].health.host: \"api:443\" is not a host name: use the name the service answers to, without a port",
+        ),
+        (
+            "ports = [8774]",
+            "ports = [8774]\nhealth = { http = \"http://127.0.0.1:8774/\", ca = \"/etc/ssl/ca.pem\" }",
+            "agent.toml:7: backend[0].health.ca: `ca` needs an https:// URL",
+        ),
+        (
+            "ports = [8774]",
+            "ports = [8774]\nmin_serving = 2",
+            "agent.toml:7: backend[0].min_serving: min_serving = 2 needs `haproxy = { backend, server }`",
+        ),
+        (
+            "interfaces = [\"eth0\"]",
+            "interfaces = [\"eth0\"]\nagent_check_max_connections = -1",
+            "agent.toml:2: agent_check_max_connections: -1 is out of range: use 1 to 65536",
+        ),
+    ] {
+        assert!(GOOD.contains(from), "{from}");
+        rejected(&GOOD.replacen(from, to, 1), expected);
+    }
+}
+
+#[test]
+fn run_without_config_reads_etc_drain_agent_config_toml() {
+    require_root();
+    // A private mount namespace with its own /etc, so the host's is neither read nor touched.
+    let script = format!(
+        "mount -t tmpfs tmpfs /etc && mkdir /etc/drain-agent && printf '%s' '{}' > \
+         /etc/drain-agent/config.toml && exec {} run",
+        GOOD.replace("[8774]", "[87740]")
+            .replace("CONTROL", "/run/drain-agent-test/control.sock"),
+        agent_binary().display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "/etc/drain-agent/config.toml:6: backend[0].ports[0]: port 87740 is out of range"
+        ),
+        "{stderr}"
+    );
 }

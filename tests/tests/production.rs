@@ -2,6 +2,7 @@
 //! credentials, and bad input on the control socket and the agent-check port.
 
 use std::{
+    collections::BTreeSet,
     io::{Read as _, Write as _},
     net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
@@ -9,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use drain_agent_tests::{Lab, TempDir, agent_binary, require_root, wait_until};
+use drain_agent_tests::{Lab, TempDir, agent_binary, must, require_root, wait_until};
 
 #[test]
 fn the_systemd_unit_verifies() {
@@ -35,6 +36,252 @@ fn the_systemd_unit_verifies() {
     assert!(
         out.status.success() && stderr.trim().is_empty(),
         "systemd-analyze verify: {stderr}"
+    );
+}
+
+/// The highest `systemd-analyze security` exposure the shipped unit may have ("OK" is below
+/// 5; 3.0 leaves only what the agent's job needs).
+const MOST_EXPOSURE: f64 = 3.0;
+
+#[test]
+fn the_systemd_unit_scores_3_or_better_in_systemd_analyze_security() {
+    let dir = TempDir::new("unit-security");
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/drain-agent.service"
+    ))
+    .expect("deploy/drain-agent.service");
+    let path = dir.path().join("drain-agent.service");
+    std::fs::write(
+        &path,
+        unit.replace(
+            "/usr/local/bin/drain-agent",
+            agent_binary().to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let score: f64 = format!("{stdout}{stderr}")
+        .lines()
+        .find_map(|line| {
+            line.split_once("Overall exposure level for ")?
+                .1
+                .split_once(": ")
+        })
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure level in:\n{stdout}{stderr}"));
+    // What still costs, so a failure says what to tighten.
+    let costs: Vec<&str> = stdout
+        .lines()
+        .filter(|line| line.starts_with('✗'))
+        .collect();
+    assert!(
+        score <= MOST_EXPOSURE,
+        "deploy/drain-agent.service exposure {score} is above {MOST_EXPOSURE}; what still \
+         costs:\n{}",
+        costs.join("\n")
+    );
+}
+
+/// Every system call a `SystemCallFilter=` token stands for (groups expanded, nested too).
+fn system_calls(token: &str) -> BTreeSet<String> {
+    if !token.starts_with('@') {
+        return BTreeSet::from([token.to_string()]);
+    }
+    let listing = must("systemd-analyze", &["syscall-filter", "--no-pager", token]);
+    let mut calls = BTreeSet::new();
+    for word in listing
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .skip(1)
+    // the group's own name
+    {
+        calls.extend(system_calls(word));
+    }
+    calls
+}
+
+#[test]
+fn the_agent_makes_only_system_calls_the_units_filter_allows() {
+    let lab = Lab::new();
+    let _api = lab.start_api(8080);
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/drain-agent.service"
+    ))
+    .expect("deploy/drain-agent.service");
+    let (mut allowed, mut denied) = (BTreeSet::new(), BTreeSet::new());
+    for filter in unit
+        .lines()
+        .filter_map(|line| line.strip_prefix("SystemCallFilter="))
+    {
+        match filter.strip_prefix('~') {
+            Some(deny) => deny
+                .split_whitespace()
+                .for_each(|t| denied.extend(system_calls(t))),
+            None => filter
+                .split_whitespace()
+                .for_each(|t| allowed.extend(system_calls(t))),
+        }
+    }
+    assert!(allowed.contains("bpf") && !allowed.is_empty(), "{unit}");
+
+    let dir = lab.dir.path();
+    let socket = dir.join("control.sock");
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "interfaces = [\"eth0\"]\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\n\
+             agent_check_listen = \"0.0.0.0:9500\"\nmetrics_listen = \"127.0.0.1:9477\"\n\
+             [[backend]]\nname = \"api\"\nports = [8080]\ndrain_timeout = \"5s\"\n\
+             restart = {{ command = [\"/bin/true\"] }}\n\
+             health = {{ http = \"http://127.0.0.1:8080/\", timeout = \"10s\" }}\n",
+            socket.display(),
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let trace = dir.join("agent.strace");
+    let log_path = dir.join("agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut command = lab.node.command("strace");
+    command
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg(agent_binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let mut strace = drain_agent_tests::Process::spawn("strace drain-agent", &mut command);
+    let agent_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let cli = |args: &[&str]| {
+        Command::new(agent_binary())
+            .args(args)
+            .arg("--control-socket")
+            .arg(&socket)
+            .output()
+            .unwrap()
+    };
+    wait_until(Duration::from_secs(20), "the agent under strace", || {
+        assert!(strace.running(), "the agent exited:\n{}", agent_log());
+        cli(&["status"]).status.success()
+    });
+    // What the agent does in service: a cycle (drain, restart, HTTP health check, return),
+    // a scrape, an agent check, then SIGTERM.
+    let cycle = cli(&["cycle", "api"]);
+    assert!(cycle.status.success(), "{cycle:?}\n{}", agent_log());
+    let scrape = lab
+        .node
+        .command("curl")
+        .args(["-sf", "http://127.0.0.1:9477/metrics"])
+        .output()
+        .unwrap();
+    assert!(scrape.status.success(), "{}", agent_log());
+    let answer = lab.node.run(|| {
+        let mut stream = std::net::TcpStream::connect("127.0.0.1:9500").unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    });
+    assert!(answer.contains("ready"), "{answer:?}");
+    // SIGTERM to the agent itself (strace's child); strace exits with it.
+    let tracer = strace.pid();
+    let children =
+        std::fs::read_to_string(format!("/proc/{tracer}/task/{tracer}/children")).unwrap();
+    let pid: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    strace.wait(Duration::from_secs(20));
+
+    let made: BTreeSet<String> = std::fs::read_to_string(&trace)
+        .unwrap()
+        .lines()
+        .filter_map(|line| {
+            let call = line.split_whitespace().nth(1)?;
+            let (name, _) = call.split_once('(')?;
+            (!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+                .then(|| name.to_string())
+        })
+        .collect();
+    assert!(made.contains("bpf"), "no bpf(2) in the trace: {made:?}");
+    let refused: Vec<&String> = made
+        .iter()
+        .filter(|call| !allowed.contains(*call) || denied.contains(*call))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "deploy/drain-agent.service's SystemCallFilter would refuse {refused:?} (EPERM)"
+    );
+}
+
+/// Loads a do-nothing sock_ops program and links it to the cgroup given as argv[1] through a
+/// read-only descriptor (bpf(2) by hand: the tests crate has no BPF loader of its own).
+const ATTACH_SOCK_OPS: &str = r#"
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def bpf(cmd, attr):
+    buf = ctypes.create_string_buffer(attr, 128)
+    fd = libc.syscall(321, cmd, buf, 128)  # __NR_bpf on x86_64
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return fd
+code = ctypes.create_string_buffer(bytes.fromhex("b700000001000000" "9500000000000000"))  # r0 = 1; exit
+license = ctypes.create_string_buffer(b"GPL")
+program = bpf(5, struct.pack("=IIQQIIQII16s", 13, 2, ctypes.addressof(code),  # PROG_LOAD, SOCK_OPS
+                             ctypes.addressof(license), 0, 0, 0, 0, 0, b"ro_cgroup_test"))
+cgroup = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+bpf(28, struct.pack("=IIII", program, cgroup, 3, 0))  # LINK_CREATE, BPF_CGROUP_SOCK_OPS
+print("attached")
+"#;
+
+#[test]
+fn a_read_only_cgroup_root_takes_a_sock_ops_program_with_the_units_capabilities() {
+    // ProtectControlGroups=yes mounts the cgroup tree read-only: attaching must need only a
+    // read-only descriptor of the cgroup-v2 root, and the unit's three capabilities.
+    require_root();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = mountinfo
+        .lines()
+        .find_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let fields: Vec<&str> = mount.split(' ').collect();
+            (fs.starts_with("cgroup2 ") && fields.get(3) == Some(&"/"))
+                .then(|| fields.get(4).map(|point| point.to_string()))?
+        })
+        .expect("a cgroup2 mount of the hierarchy's root");
+    let dir = TempDir::new("ro-cgroup");
+    let script = dir.path().join("attach.py");
+    std::fs::write(&script, ATTACH_SOCK_OPS).unwrap();
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount -o remount,bind,ro {root} && ! touch {root}/drain-agent-test 2>/dev/null && \
+             exec setpriv --bounding-set -all,+bpf,+net_admin,+perfmon --inh-caps -all \
+             python3 {} {root}",
+            script.display()
+        ))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("attached"),
+        "attaching to the read-only {root}: {text}"
     );
 }
 
@@ -87,17 +334,17 @@ fn check_config_names_file_line_and_key_for_each_broken_config() {
         (
             "interfaces = [\"lo\"]",
             "interfaces = [\"eth9\"]",
-            "agent.toml: interfaces: interface `eth9` does not exist on this node",
+            "agent.toml:1: interfaces[0]: interface `eth9` does not exist on this node",
         ),
         (
             "interfaces = [\"lo\"]",
             "interfaces = []",
-            "agent.toml:1: interfaces: list at least one interface",
+            "agent.toml:1: interfaces: [] names no interface: list at least one interface",
         ),
         (
             "interfaces = [\"lo\"]",
             "interfaces = \"lo\"",
-            "agent.toml:1: invalid type: string \"lo\", expected a sequence",
+            "agent.toml:1: interfaces: invalid type: string \"lo\", expected a sequence",
         ),
         (
             "interfaces = [\"lo\"]",
@@ -112,12 +359,12 @@ fn check_config_names_file_line_and_key_for_each_broken_config() {
         (
             "ports = [8774]",
             "ports = [87740]",
-            "agent.toml:12: backend[0].ports: port 87740 is out of range: use 1 to 65535",
+            "agent.toml:12: backend[0].ports[0]: port 87740 is out of range: use 1 to 65535",
         ),
         (
             "ports = [8778]",
             "ports = [8774]",
-            "agent.toml:21: backend[1].ports: port 8774 is already used by backend `nova-api`",
+            "agent.toml:21: backend[1].ports[0]: port 8774 is already used by backend `nova-api`",
         ),
         (
             "ports = [8778]",
@@ -132,7 +379,7 @@ fn check_config_names_file_line_and_key_for_each_broken_config() {
         (
             "drain_timeout = \"2m\"",
             "drain_timeout = \"2 fortnights\"",
-            "agent.toml:14:",
+            "agent.toml:14: backend[0].drain_timeout: \"2 fortnights\" is not a duration (e.g. \"30s\", \"2m\")",
         ),
         (
             "on_timeout = \"abort\"",
@@ -147,7 +394,32 @@ fn check_config_names_file_line_and_key_for_each_broken_config() {
         (
             "http = \"http://127.0.0.1:8774/\"",
             "http = \"ftp://127.0.0.1/\"",
-            "backend[0].health.http: `ftp://127.0.0.1/` must start with http://",
+            "agent.toml:17: backend[0].health.http: `ftp://127.0.0.1/` must start with http:// or https://",
+        ),
+        (
+            "http = \"http://127.0.0.1:8774/\"",
+            "http = \"https://127.0.0.1:8774/\", ca = \"/nonexistent/ca.pem\"",
+            "agent.toml:17: backend[0].health.ca: cannot read /nonexistent/ca.pem: No such file or directory",
+        ),
+        (
+            "http = \"http://127.0.0.1:8774/\"",
+            "http = \"https://127.0.0.1:8774/\", host = \"api internal\"",
+            "agent.toml:17: backend[0].health.host: \"api internal\" is not a host name",
+        ),
+        (
+            "metrics_listen = \"127.0.0.1:9477\"",
+            "metrics_listen = \"127.0.0.1:9477\"\nflow_table_size = 12",
+            "agent.toml:5: flow_table_size: 12 is out of range: use 1024 to 16777216 connections",
+        ),
+        (
+            "metrics_listen = \"127.0.0.1:9477\"",
+            "metrics_listen = \"127.0.0.1:9477\"\nagent_check_interval = \"0s\"",
+            "agent.toml:5: agent_check_interval: \"0s\" is not an interval or a timeout",
+        ),
+        (
+            "server = \"controller\"",
+            "server = \"controller;disable\"",
+            "agent.toml:13: backend[0].haproxy.server: \"controller;disable\" is not an HAProxy name",
         ),
         (
             "\"unix:/nonexistent/haproxy/admin.sock\"",

@@ -28,6 +28,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // Scrapes the agent's metrics in a test; verifies the systemd unit.
     "prometheus",
     "systemd",
+    // Records the agent's system calls, checked against the unit's SystemCallFilter.
+    "strace",
 ];
 
 /// The third-party load generator (per-request status and error accounting, JSON output).

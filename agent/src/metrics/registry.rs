@@ -1,13 +1,9 @@
-//! Prometheus metrics (`metrics_listen`): per-backend phase and connections from the kernel,
-//! drain and cycle outcomes and durations, load balancer reachability. Plus `/live` and
-//! `/ready` for the service manager or a probe.
+//! The agent's metrics registry: per-backend phase and connections from the kernel, drain and
+//! cycle outcomes and durations, load balancer reachability; and whether the agent is ready.
 
-use std::{
-    sync::{
-        Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
+use std::sync::{
+    Mutex,
+    atomic::{AtomicBool, Ordering},
 };
 
 use prometheus_client::{
@@ -15,11 +11,6 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
-};
-use tracing::debug;
 
 use crate::{
     drain::{Phase, Report},
@@ -84,6 +75,7 @@ fn with(mut labels: Labels, key: &str, value: &str) -> Labels {
 }
 
 impl Metrics {
+    /// Registers every family; `backends` sizes the kernel baseline.
     pub fn new(backends: usize) -> Metrics {
         let mut registry = Registry::with_prefix("drain_agent");
         let metrics = Metrics {
@@ -217,6 +209,11 @@ impl Metrics {
     /// Marks the agent ready (kernel programs attached, sockets bound) or not.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether the agent said it is ready (`/ready`).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
     }
 
     /// Updates the kernel-derived families from a fresh sample of every backend.
@@ -393,94 +390,19 @@ impl Metrics {
             .inc();
     }
 
+    /// Records whether a load balancer's runtime API answered.
     pub fn observe_load_balancer(&self, name: &str, up: bool) {
         self.load_balancer_up
             .get_or_create(&vec![("load_balancer".into(), name.into())])
             .set(i64::from(up));
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
-}
-
-/// Serves `/metrics`, `/live` and `/ready` until the task is dropped. `refresh` runs before
-/// each scrape so the kernel numbers are current.
-pub async fn serve(
-    listener: TcpListener,
-    metrics: std::sync::Arc<Metrics>,
-    refresh: std::sync::Arc<dyn Fn() + Send + Sync>,
-) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let metrics = metrics.clone();
-        let refresh = refresh.clone();
-        tokio::spawn(async move {
-            if let Err(err) = respond(stream, &metrics, refresh.as_ref()).await {
-                debug!(%err, "metrics connection failed");
-            }
-        });
-    }
-}
-
-async fn respond(
-    mut stream: TcpStream,
-    metrics: &Metrics,
-    refresh: &(dyn Fn() + Send + Sync),
-) -> std::io::Result<()> {
-    let mut request = vec![0u8; 2048];
-    let mut read = 0;
-    while read < request.len() && !request[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-        let n =
-            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut request[read..]))
-                .await
-            {
-                Ok(result) => result?,
-                Err(_) => return Ok(()),
-            };
-        if n == 0 {
-            break;
-        }
-        read += n;
-    }
-    let head = String::from_utf8_lossy(&request[..read]);
-    let path = head.split_whitespace().nth(1).unwrap_or("");
-    let (status, content_type, body) = match path.split('?').next().unwrap_or("") {
-        "/metrics" => {
-            refresh();
-            (
-                "200 OK",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics.render(),
-            )
-        }
-        "/live" => ("200 OK", "text/plain", "live\n".to_string()),
-        "/ready" if metrics.ready.load(Ordering::Relaxed) => {
-            ("200 OK", "text/plain", "ready\n".to_string())
-        }
-        "/ready" => (
-            "503 Service Unavailable",
-            "text/plain",
-            "not ready\n".to_string(),
-        ),
-        _ => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics, /live or /ready\n".to_string(),
-        ),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 #[cfg(test)]
