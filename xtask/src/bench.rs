@@ -58,16 +58,29 @@ fn churn(lab: &Lab, agent: &drain_agent_tests::Agent) -> Result<()> {
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(CHURN_CONNECTIONS);
-    // The node answers one byte and closes first: its side holds TIME_WAIT, the client's
-    // ports are free at once, and Linux lets a new SYN reuse a TIME_WAIT tuple.
+    // The client closes first, so TIME_WAIT stays on its side, where `tcp_tw_reuse` lets a
+    // new connection take the port again (a node-side TIME_WAIT would make reused tuples
+    // wait for SYN retransmissions).
+    for sysctl in [
+        "net.ipv4.tcp_tw_reuse=1",
+        "net.ipv4.ip_local_port_range=1024 65535",
+    ] {
+        must(
+            "ip",
+            &["netns", "exec", lab.client.name(), "sysctl", "-qw", sysctl],
+        );
+    }
     let listener = lab.node.run(|| TcpListener::bind(("::", CHURN)))?;
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let mut stream = stream;
-            let mut byte = [0u8; 1];
-            if stream.read_exact(&mut byte).is_ok() {
-                let _ = stream.write_all(&byte);
-            }
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let mut byte = [0u8; 1];
+                if stream.read_exact(&mut byte).is_ok() && stream.write_all(&byte).is_ok() {
+                    // Wait for the client's FIN, then close: no TIME_WAIT on this side.
+                    let _ = stream.read(&mut byte);
+                }
+            });
         }
     });
     let addr = Lab::node_addr(false, CHURN);
