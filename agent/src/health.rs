@@ -15,8 +15,11 @@ use crate::config::{HealthCheck, Probe};
 
 /// Longest one probe may take (connecting, TLS and the answer's head together).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Pause between failed probes.
+/// Pause between probes.
 const RETRY_EVERY: Duration = Duration::from_millis(200);
+/// Passes in a row that make a service healthy: one lucky answer from a flapping service
+/// must not put it back in rotation.
+pub const HEALTHY_IN_A_ROW: u32 = 3;
 
 /// Why one probe failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,11 +52,14 @@ pub enum ProbeError {
     Status(u16),
 }
 
-/// Probes until one passes or the check's timeout runs out; the error says what the last
-/// probe saw.
+/// Probes until [`HEALTHY_IN_A_ROW`] pass in a row or the check's timeout runs out; the error
+/// says what the last probe saw, and whether the service flapped.
 pub async fn wait_healthy(check: &HealthCheck) -> Result<Duration, String> {
     let started = Instant::now();
     let mut last = String::from("no probe ran");
+    let mut in_a_row = 0;
+    let mut passes = 0;
+    let mut probes = 0;
     // Built once (it loads the system's roots), again only if building failed.
     let mut prober: Option<Prober> = None;
     while started.elapsed() < check.timeout {
@@ -63,10 +69,21 @@ pub async fn wait_healthy(check: &HealthCheck) -> Result<Duration, String> {
             }
             prober.as_ref().expect("just built").probe().await
         };
+        probes += 1;
         match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
-            Ok(Ok(())) => return Ok(started.elapsed()),
-            Ok(Err(err)) => last = with_causes(&err),
+            Ok(Ok(())) => {
+                passes += 1;
+                in_a_row += 1;
+                if in_a_row >= HEALTHY_IN_A_ROW {
+                    return Ok(started.elapsed());
+                }
+            }
+            Ok(Err(err)) => {
+                in_a_row = 0;
+                last = with_causes(&err);
+            }
             Err(_) => {
+                in_a_row = 0;
                 last = format!(
                     "no answer within {}",
                     humantime::format_duration(PROBE_TIMEOUT)
@@ -75,8 +92,15 @@ pub async fn wait_healthy(check: &HealthCheck) -> Result<Duration, String> {
         }
         tokio::time::sleep(RETRY_EVERY).await;
     }
+    let flapped = if passes > 0 {
+        format!(
+            "it flapped ({passes} of {probes} probes passed, never {HEALTHY_IN_A_ROW} in a row); "
+        )
+    } else {
+        String::new()
+    };
     Err(format!(
-        "{} not healthy within {}: {last}",
+        "{} not healthy within {}: {flapped}{last}",
         describe(&check.probe),
         humantime::format_duration(check.timeout)
     ))

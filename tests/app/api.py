@@ -4,7 +4,8 @@ GET /            -> 200 "ok"
 GET /slow?ms=N   -> sleeps N ms, then 200
 GET /bytes?n=N   -> N bytes of body, streamed in 64 KiB chunks
 GET /mix         -> 200 after 1-10 ms, or 0.2-2 s for one request in ten
-GET /healthz     -> 200, or 503 when the version starts with "broken"
+GET /healthz     -> 200, or 503 when the version starts with "broken", or every other
+                    300 ms when it starts with "flapping"
 Every response carries X-API-Version from $API_VERSION (default "1.0").
 """
 import os
@@ -42,6 +43,10 @@ def app(environ, start_response):
         start_response("200 OK", headers + [("Content-Type", "application/octet-stream"),
                                             ("Content-Length", str(n))])
         return _stream(n)
+    elif path == "/healthz" and VERSION.startswith("flapping") and int(time.time() / 0.3) % 2:
+        # Healthy 300 ms, unhealthy 300 ms: never three probes 200 ms apart in a row.
+        start_response("503 Service Unavailable", headers + [("Content-Length", "9")])
+        return [b"flapping\n"]
     elif path == "/healthz" and VERSION.startswith("broken"):
         start_response("503 Service Unavailable", headers + [("Content-Length", "7")])
         return [b"broken\n"]

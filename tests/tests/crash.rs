@@ -319,3 +319,24 @@ fn a_load_balancer_down_for_the_whole_cycle_is_named_and_no_request_fails() {
     assert_eq!(tier.version_of("node1"), "2.0");
     assert_no_failed_requests(&load.finish(Duration::from_secs(60)));
 }
+
+#[test]
+fn a_health_check_that_flaps_is_not_healthy_and_the_server_stays_out_in_words() {
+    let tier = tier("");
+    std::fs::write(tier.node("node1").dir.join("version"), "flapping").unwrap();
+    let outcome = tier.agents[0].cli(&["cycle", "api", "--json"]);
+    assert_eq!(outcome.code, Some(5), "{outcome:?}");
+    let report = outcome.json();
+    let message = report["message"].as_str().unwrap();
+    assert!(
+        message.contains("it flapped") && message.contains("left in MAINT on lb1, lb2"),
+        "{message}"
+    );
+    let backend = tier.agents[0].backend("api");
+    assert_eq!(backend["state"], "failed", "{backend}");
+    assert!(
+        backend["reason"].as_str().unwrap_or_default().contains("flapped"),
+        "{backend}"
+    );
+    tier.assert_everywhere("node1", "MAINT");
+}

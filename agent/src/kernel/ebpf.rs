@@ -79,7 +79,7 @@ impl EbpfTracker {
         })?;
         if kernel < TCX_KERNEL {
             return Err(TrackerError::KernelTooOld {
-                found: format!("{kernel:?}"),
+                found: kernel.to_string(),
             });
         }
 
