@@ -220,6 +220,19 @@ impl Netns {
         self.ip(&["link", "set", "eth0", "up"]);
     }
 
+    /// A command that runs in the namespace's network stack only, with the host's mounts:
+    /// `nsenter`, not `ip netns exec`, which remounts /sys and so hides the cgroup-v2 mount
+    /// the agent attaches its sock_ops program to.
+    pub fn command_keeping_mounts(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program)
+            .stdin(Stdio::null());
+        command
+    }
+
     /// A command that runs inside the namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut command = Command::new("ip");
@@ -414,14 +427,8 @@ fn spawn_agent(netns: &Netns, config: &Path, log: &Path, kernel: &str) -> Proces
         .append(true)
         .open(log)
         .unwrap();
-    // nsenter, not `ip netns exec`: that one remounts /sys, which hides the cgroup-v2 mount
-    // the agent attaches its sock_ops program to. Only the network namespace changes.
-    let mut command = Command::new("nsenter");
+    let mut command = netns.command_keeping_mounts(agent_binary());
     command
-        .arg(format!("--net=/run/netns/{}", netns.name()))
-        .arg("--")
-        .arg(agent_binary())
-        .stdin(Stdio::null())
         .args(["run", "--kernel", kernel, "--config"])
         .arg(config)
         .env("RUST_LOG", "debug")

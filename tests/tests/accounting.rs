@@ -524,12 +524,22 @@ for line in sys.stdin:
 const SYN_FLOOD: &str = r#"
 import random
 node, port, src, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL
-for i in range(count):
-    segment = tcp(src, 10000 + i, node, port, random.getrandbits(32), 0, SYN)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(segment), 0, 0, 64, 6, 0,
-                     socket.inet_aton(src), socket.inet_aton(node))
-    raw.sendto(ip + segment, (node, 0))
+if ":" in node:
+    # IPv6: the kernel builds the header from a socket bound to the spoofed source (assigned
+    # on the client, whose SYN-ACKs the node sends to a MAC nobody has) and fills in the TCP
+    # checksum (IPV6_CHECKSUM).
+    raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    raw.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_CHECKSUM, 16)
+    raw.bind((src, 0))
+    for i in range(count):
+        raw.sendto(tcp(src, 10000 + i, node, port, random.getrandbits(32), 0, SYN), (node, 0))
+else:
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # IP_HDRINCL
+    for i in range(count):
+        segment = tcp(src, 10000 + i, node, port, random.getrandbits(32), 0, SYN)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(segment), 0, 0, 64, 6, 0,
+                         socket.inet_aton(src), socket.inet_aton(node))
+        raw.sendto(ip + segment, (node, 0))
 print("sent", count, flush=True)
 "#;
 
@@ -658,16 +668,22 @@ fn node_tcp_ext(lab: &Lab, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("TcpExt {name} missing"))
 }
 
-#[test]
-fn a_half_open_syn_flood_creates_no_state_and_a_real_request_is_still_counted() {
+fn syn_flood(v6: bool) {
     const TABLE: u64 = 1024;
     const SYNS: u64 = 2_500;
-    const NOBODY: &str = "198.18.0.77";
+    let (nobody, node) = if v6 {
+        ("2001:db8:da::77", NODE_V6)
+    } else {
+        ("198.18.0.77", NODE_V4)
+    };
     let lab = Lab::new();
     let _api = lab.start_api(API);
     let agent = lab.start_agent(
         &[(BACKEND, &[API])],
-        &format!("flow_table_size = {TABLE}"),
+        &format!(
+            "flow_table_size = {TABLE}\nagent_check_listen = \"127.0.0.1:9500\"\n\
+             agent_check_interval = \"200ms\""
+        ),
         "ebpf",
     );
     // The node answers the spoofed address's SYNs toward a MAC nobody has: the SYN-ACKs go
@@ -675,7 +691,7 @@ fn a_half_open_syn_flood_creates_no_state_and_a_real_request_is_still_counted() 
     lab.node.ip(&[
         "neigh",
         "replace",
-        NOBODY,
+        nobody,
         "lladdr",
         "02:00:00:00:00:77",
         "dev",
@@ -683,12 +699,44 @@ fn a_half_open_syn_flood_creates_no_state_and_a_real_request_is_still_counted() 
         "nud",
         "permanent",
     ]);
+    if v6 {
+        // The raw socket needs the source assigned; the node's SYN-ACKs still go nowhere.
+        // Its answers to neighbour solicitations from that source would too, so the client
+        // learns the node's MAC up front.
+        lab.client.ip(&[
+            "addr",
+            "add",
+            &format!("{nobody}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        let link = lab.node.ip(&["-j", "link", "show", "eth0"]);
+        let link: serde_json::Value = serde_json::from_str(&link).unwrap();
+        let mac = link[0]["address"].as_str().unwrap().to_string();
+        lab.client.ip(&[
+            "neigh",
+            "replace",
+            node,
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+    }
     let mut flood = Helper::start(
         &lab,
         SYN_FLOOD,
-        &[NODE_V4, &API.to_string(), NOBODY, &SYNS.to_string()],
+        &[node, &API.to_string(), nobody, &SYNS.to_string()],
     );
     assert_eq!(flood.line(), format!("sent {SYNS}"));
+    if v6 {
+        // Real clients must not pick the spoofed address as their source.
+        lab.client
+            .ip(&["addr", "del", &format!("{nobody}/64"), "dev", "eth0"]);
+    }
     // Every SYN was answered: from the SYN queue (SYN-RECV sockets) or with a SYN cookie.
     let mut half_open = 0;
     wait_until(
@@ -711,15 +759,44 @@ fn a_half_open_syn_flood_creates_no_state_and_a_real_request_is_still_counted() 
     assert_eq!(backend["flow_table_full"], 0, "{backend}");
     assert_eq!(agent.status()["flow_table"]["entries"], 0);
 
-    let mut connection = lab.connect(Lab::node_addr(false, API));
+    let mut connection = lab.connect(Lab::node_addr(v6, API));
     connection.send("/slow?ms=1500").unwrap();
+    let sent = Instant::now();
     wait_for(&agent, "in_flight", 1, Duration::from_secs(1));
     let backend = agent.backend(BACKEND);
     assert_eq!(backend["established"], 1, "{backend}");
     assert_eq!(backend["accepted"], 1, "{backend}");
     assert_eq!(backend["flow_table_full"], 0, "{backend}");
     assert_eq!(agent.status()["flow_table"]["entries"], 1);
+    // The drain waits for the real request, flood or not.
+    let drain = std::thread::spawn({
+        let socket = agent.socket.clone();
+        move || {
+            let out = std::process::Command::new(drain_agent_tests::agent_binary())
+                .args(["drain", BACKEND, "--wait", "--control-socket"])
+                .arg(socket)
+                .output()
+                .unwrap();
+            out.status.code()
+        }
+    });
     assert_eq!(connection.read_response().unwrap().status, 200);
+    let answered = sent.elapsed();
+    assert_eq!(drain.join().unwrap(), Some(0));
+    assert!(
+        sent.elapsed() >= answered,
+        "the drain returned before the request was answered"
+    );
+}
+
+#[test]
+fn a_half_open_syn_flood_creates_no_state_and_a_real_request_is_still_counted() {
+    syn_flood(false);
+}
+
+#[test]
+fn a_half_open_ipv6_syn_flood_creates_no_state_and_a_real_request_is_still_counted() {
+    syn_flood(true);
 }
 
 #[test]

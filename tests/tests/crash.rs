@@ -335,7 +335,10 @@ fn a_health_check_that_flaps_is_not_healthy_and_the_server_stays_out_in_words() 
     let backend = tier.agents[0].backend("api");
     assert_eq!(backend["state"], "failed", "{backend}");
     assert!(
-        backend["reason"].as_str().unwrap_or_default().contains("flapped"),
+        backend["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("flapped"),
         "{backend}"
     );
     tier.assert_everywhere("node1", "MAINT");

@@ -152,7 +152,7 @@ fn the_agent_makes_only_system_calls_the_units_filter_allows() {
     let trace = dir.join("agent.strace");
     let log_path = dir.join("agent.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut command = lab.node.command("strace");
+    let mut command = lab.node.command_keeping_mounts("strace");
     command
         .args(["-f", "-qq", "-o"])
         .arg(&trace)
