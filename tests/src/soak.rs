@@ -142,11 +142,21 @@ pub fn run(tier: &mut ApiTier, options: &SoakOptions) -> Value {
         );
         let (rate, connections, window) = (options.rate, options.connections, options.window);
         std::thread::spawn(move || {
-            drive_load(&netns, &dir, &url, rate, connections, window, started, &stop)
+            drive_load(
+                &netns,
+                &dir,
+                &url,
+                rate,
+                connections,
+                window,
+                started,
+                &stop,
+            )
         })
     };
     let probes = Arc::new(Mutex::new(Vec::new()));
-    let probe_thread = demo::spawn_probe(client.netns.name(), started, stop.clone(), probes.clone());
+    let probe_thread =
+        demo::spawn_probe(client.netns.name(), started, stop.clone(), probes.clone());
     let samples = Arc::new(Mutex::new(Vec::new()));
     let sampler = demo::spawn_sampler(tier, started, stop.clone(), samples.clone());
     std::thread::sleep(Duration::from_secs(2));
@@ -207,7 +217,10 @@ fn widen_port_ranges(tier: &ApiTier) {
             "net.ipv4.ip_local_port_range=1024 65535",
             "net.ipv4.tcp_tw_reuse=1",
         ] {
-            crate::must("ip", &["netns", "exec", netns, "sysctl", "-q", "-w", setting]);
+            crate::must(
+                "ip",
+                &["netns", "exec", netns, "sysctl", "-q", "-w", setting],
+            );
         }
     }
 }
@@ -312,8 +325,9 @@ impl Soak<'_> {
             let mut nodes = Vec::new();
             let mut all_serving = true;
             for index in 0..self.tier.nodes.len() {
-                let fault = (self.options.faults && self.rng.chance(self.options.fault_probability))
-                    .then(|| self.deal());
+                let fault = (self.options.faults
+                    && self.rng.chance(self.options.fault_probability))
+                .then(|| self.deal());
                 let node = self.upgrade_node(rollout, index, target, fault);
                 all_serving &= node["ended_serving"] == true;
                 nodes.push(node);
@@ -471,7 +485,11 @@ impl Soak<'_> {
                 "rollout {}: {name} ended {} on version {} (expected serving on {target}); see \
                  hosts/{name}/agent.log",
                 rollout + 1,
-                if ended_serving { "serving" } else { "NOT serving" },
+                if ended_serving {
+                    "serving"
+                } else {
+                    "NOT serving"
+                },
                 version.as_deref().unwrap_or("unknown"),
             ));
         }
@@ -590,7 +608,9 @@ impl Soak<'_> {
             .open(host.dir.join("haproxy.log"))
             .unwrap();
         let mut command = host.netns.command("haproxy");
-        command.args(["-db", "-f"]).arg(host.dir.join("haproxy.cfg"));
+        command
+            .args(["-db", "-f"])
+            .arg(host.dir.join("haproxy.cfg"));
         if reload {
             command.args(["-sf", &self.tier.lbs[index].process.pid().to_string()]);
         }
@@ -883,7 +903,11 @@ fn write_results(
     .expect("write report.json");
     std::fs::write(
         results.join("timeline.svg"),
-        crate::timeline::render(report, &demo::samples_json(samples), &demo::probes_json(probes)),
+        crate::timeline::render(
+            report,
+            &demo::samples_json(samples),
+            &demo::probes_json(probes),
+        ),
     )
     .expect("write timeline.svg");
     for host in &tier.topology.hosts {
@@ -949,10 +973,10 @@ pub fn summary(report: &Value) -> String {
                 .collect();
             out.push_str(&format!(
                 "{kind:<28} {:>8} {:>9} {:<22} {:>22}\n",
-                entry["injected"],
-                entry["retried"],
+                entry["injected"].to_string(),
+                entry["retried"].to_string(),
                 codes.join(" "),
-                entry["ended_serving_on_expected_version"],
+                entry["ended_serving_on_expected_version"].to_string(),
             ));
         }
     }

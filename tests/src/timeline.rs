@@ -68,7 +68,9 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
 <rect width="100%" height="100%" fill="white"/>
 <text x="{LEFT}" y="28" font-size="18" font-weight="bold">{title}: {requests} requests, {failed} failed, {non2xx} non-2xx</text>
 "##,
-        title = report["title"].as_str().unwrap_or("Rolling upgrade under load"),
+        title = report["title"]
+            .as_str()
+            .unwrap_or("Rolling upgrade under load"),
         requests = report["load"]["requests"],
         failed = report["load"]["failed"],
         non2xx = report["load"]["non_2xx"],
@@ -290,7 +292,10 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
         );
     }
     item(&mut svg, "#d00000", "failed request / 5xx");
-    if nodes.iter().any(|node| node["faults"].as_array().is_some_and(|f| !f.is_empty())) {
+    if nodes
+        .iter()
+        .any(|node| node["faults"].as_array().is_some_and(|f| !f.is_empty()))
+    {
         item(&mut svg, "#000", "injected fault");
     }
     svg.push_str("</svg>\n");

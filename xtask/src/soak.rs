@@ -86,7 +86,10 @@ pub fn run(root: &Path, args: &Args) -> Result<()> {
         results.join("hosts").display(),
     );
     if report["ok"] != true {
-        bail!("the soak failed: see the problems above and {}", results.display());
+        bail!(
+            "the soak failed: see the problems above and {}",
+            results.display()
+        );
     }
     Ok(())
 }
