@@ -249,6 +249,8 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
         .as_array()
         .cloned()
         .unwrap_or_else(|| vec![report["failover"].clone()]);
+    // A long soak has many: then only the marks, no labels.
+    let label_failovers = failovers.len() <= 3;
     for failover in &failovers {
         let Some(moved) = failover["vip_moved_at_ms"].as_f64() else {
             continue;
@@ -257,15 +259,22 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
         let (xs, xm) = (x(stopped), x(moved));
         let _ = writeln!(
             svg,
-            r##"<rect x="{xs:.1}" y="{RATE_TOP}" width="{:.1}" height="{:.1}" fill="#000" opacity="0.08"/><line x1="{xm:.1}" x2="{xm:.1}" y1="{:.1}" y2="{:.1}" stroke="#000" stroke-dasharray="6,4" stroke-width="1.5"/><text x="{:.1}" y="{:.1}">VIP failover: {} → {}</text>"##,
+            r##"<rect x="{xs:.1}" y="{RATE_TOP}" width="{:.1}" height="{:.1}" fill="#000" opacity="0.08"/><line x1="{xm:.1}" x2="{xm:.1}" y1="{:.1}" y2="{:.1}" stroke="#000" stroke-dasharray="6,4" stroke-width="1.5"/><text x="{:.1}" y="{:.1}">{}</text>"##,
             (xm - xs).max(2.0),
             versions_top + BAND_HEIGHT - RATE_TOP,
             RATE_TOP - 8.0,
             versions_top + BAND_HEIGHT,
             xm + 4.0,
             RATE_TOP + 14.0,
-            failover["haproxy_stopped_on"].as_str().unwrap_or("?"),
-            failover["vip_moved_to"].as_str().unwrap_or("?")
+            if label_failovers {
+                format!(
+                    "VIP failover: {} → {}",
+                    failover["haproxy_stopped_on"].as_str().unwrap_or("?"),
+                    failover["vip_moved_to"].as_str().unwrap_or("?")
+                )
+            } else {
+                String::new()
+            }
         );
     }
 
@@ -292,6 +301,9 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
         );
     }
     item(&mut svg, "#d00000", "failed request / 5xx");
+    if !label_failovers {
+        item(&mut svg, "#888", "- - VIP failover");
+    }
     if nodes
         .iter()
         .any(|node| node["faults"].as_array().is_some_and(|f| !f.is_empty()))
