@@ -397,7 +397,6 @@ impl Soak<'_> {
                 _ => Value::Null,
             };
             let outcome = cycle.join().expect("the cycle thread");
-            let _ = std::fs::remove_file(dir.join("restart-delay"));
             if fault == Some(FaultKind::BrokenRelease) {
                 // The fixed release, for the retry.
                 std::fs::write(dir.join("version"), target).unwrap();
@@ -409,6 +408,8 @@ impl Soak<'_> {
                 Value::Null
             };
             let settled = self.settle(index);
+            // Only now: after a kill the CLI returns while the restart is still under way.
+            let _ = std::fs::remove_file(dir.join("restart-delay"));
             version = demo::version_of(self.tier, &name);
             ended_serving = settled["serving"] == true;
             let on_target = version.as_deref() == Some(target);
@@ -648,6 +649,17 @@ impl Soak<'_> {
                     return json!({
                         "outcome": last["outcome"],
                         "message": last["message"],
+                        "state": backend["state"],
+                    });
+                }
+                // Killed just as the cycle ended: the journal held nothing to reconcile.
+                if status["running"].is_null()
+                    && last.is_null()
+                    && status["uptime_seconds"].as_f64().is_some_and(|s| s > 5.0)
+                {
+                    return json!({
+                        "outcome": null,
+                        "message": "nothing to reconcile: no operation was under way at the kill",
                         "state": backend["state"],
                     });
                 }

@@ -47,6 +47,18 @@ pub fn run(root: &Path, args: &Args) -> Result<()> {
         args.rollout_seconds,
         if args.faults { ", faults on" } else { "" },
     );
+    // An earlier soak that was interrupted (Ctrl-C skips the clean-up) leaves its
+    // namespaces and processes behind under the same names: remove them first.
+    let leftovers = drain_agent_tests::lab::down(&drain_agent_tests::lab::LabName {
+        prefix: "dasoak".into(),
+        dir: "/tmp/drain-agent-soak".into(),
+    });
+    if !leftovers.is_empty() {
+        eprintln!(
+            "soak: removed what an interrupted soak left: {}",
+            leftovers.join(", ")
+        );
+    }
     let names = host_names(args.nodes);
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let topology = Topology::build(
