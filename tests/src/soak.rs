@@ -553,6 +553,12 @@ impl Soak<'_> {
             FaultKind::AgentKillMidDrain => ("draining", 800),
             FaultKind::HaproxyReloadMidDrain | FaultKind::VipFailoverMidDrain => ("draining", 500),
         };
+        if matches!(
+            kind,
+            FaultKind::VipFailoverMidDrain | FaultKind::HaproxyReloadMidDrain
+        ) {
+            self.wait_load_balancers_ready();
+        }
         if !self.wait_phase(index, phase, Duration::from_secs(15)) {
             return json!({"at_ms": self.ms(), "missed": format!("the cycle never showed `{phase}`")});
         }
@@ -584,8 +590,12 @@ impl Soak<'_> {
                     .as_str()
                     .unwrap_or("lb1")
                     .to_string();
-                // HAProxy back on that load balancer at once; the stopping one finishes what
-                // it owes. With nopreempt the VIP stays where keepalived moved it.
+                // HAProxy back on that load balancer once the stopping one has finished what
+                // it owes: side by side they would share the monitor port, one answering
+                // "stopping", and keepalived there would flap between FAULT and BACKUP. With
+                // nopreempt the VIP stays where keepalived moved it.
+                let index = if stopped == "lb1" { 0 } else { 1 };
+                self.tier.lbs[index].process.wait(Duration::from_secs(60));
                 self.start_haproxy_again(&stopped, false);
                 let mut failover = failover;
                 failover["haproxy_started_again_at_ms"] = json!(self.ms());
@@ -632,6 +642,37 @@ impl Soak<'_> {
         );
         let old = std::mem::replace(&mut self.tier.lbs[index], new);
         self.retired.push(old.process);
+    }
+
+    /// A failover needs a backup that can take the VIP: waits (at most 60 s) until every
+    /// replaced HAProxy has exited and keepalived on the load balancer without the VIP is in
+    /// BACKUP (not FAULT, as while a reloaded HAProxy's old process still answers "stopping").
+    fn wait_load_balancers_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            self.retired.retain_mut(|process| process.running());
+            let backup = match self.tier.vip_holder().as_deref() {
+                Some("lb1") => Some("lb2"),
+                Some("lb2") => Some("lb1"),
+                _ => None,
+            };
+            let ready = backup.is_some_and(|lb| {
+                let log =
+                    std::fs::read_to_string(self.tier.topology.host(lb).dir.join("keepalived.log"))
+                        .unwrap_or_default();
+                log.lines()
+                    .rev()
+                    .find(|line| line.contains("Entering") && line.contains("STATE"))
+                    .is_some_and(|line| line.contains("BACKUP STATE"))
+            });
+            if self.retired.is_empty() && ready {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.problems.push(
+            "a load balancer was not ready to take the VIP within 60 s before a fault".into(),
+        );
     }
 
     /// After an agent kill: waits until the new agent has reconciled the interrupted cycle and
