@@ -60,6 +60,10 @@ pub struct BackendRecord {
     pub operation: Option<String>,
     /// Why the backend is in its phase (failures).
     pub reason: Option<String>,
+    /// The process group of the restart or rollback command under way, so that an agent
+    /// started after a crash waits for it to finish before it verifies the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_process_group: Option<i32>,
     /// Milliseconds since the Unix epoch of the last change.
     pub updated_unix_ms: u64,
 }
@@ -198,6 +202,7 @@ mod tests {
                 phase: Phase::Restarting,
                 operation: Some("cycle".into()),
                 reason: None,
+                step_process_group: Some(4242),
                 updated_unix_ms: 1,
             },
         );

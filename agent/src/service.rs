@@ -50,6 +50,12 @@ fn systemd_is_running() -> bool {
 /// unit's control group, or a Ctrl-C to its process group) never kills the service it
 /// started.
 pub async fn run(step: &Step) -> Result<(), StepError> {
+    run_with(step, |_| {}).await
+}
+
+/// [`run`], telling `started` the process group of the command once it runs (its pid: it
+/// leads a group of its own), so that it can be journaled.
+pub async fn run_with(step: &Step, started: impl FnOnce(Option<i32>)) -> Result<(), StepError> {
     let command_line = describe(&step.action);
     let mut command = match &step.action {
         Action::SystemdUnit(unit) => {
@@ -80,6 +86,7 @@ pub async fn run(step: &Step) -> Result<(), StepError> {
         command: command_line.clone(),
         reason,
     })?;
+    started(child.id().and_then(|pid| i32::try_from(pid).ok()));
     let output = match tokio::time::timeout(step.timeout, child.wait_with_output()).await {
         Err(_) => {
             return Err(StepError::Timeout {

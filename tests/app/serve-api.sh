@@ -1,9 +1,11 @@
 #!/bin/sh
 # Runs the test API under gunicorn as a daemon, the way a service manager would.
-#   serve-api.sh start|stop|restart STATE_DIR PORT
+#   serve-api.sh start|stop|restart|rollback STATE_DIR PORT
 # The version it serves comes from STATE_DIR/version (default 1.0); a restart waits for the
 # old master to exit (graceful: in-flight requests finish) before starting the new one.
 # STATE_DIR/restart-delay, if present, holds extra seconds the restart takes.
+# STATE_DIR/running-version is the version started last; a restart keeps the one it replaces
+# in STATE_DIR/previous-version, and rollback makes that the version again and restarts.
 set -eu
 action=$1 dir=$2 port=$3
 pidfile="$dir/gunicorn.pid"
@@ -24,7 +26,9 @@ stop() {
 
 start() {
     if [ -f "$dir/restart-delay" ]; then sleep "$(cat "$dir/restart-delay")"; fi
-    API_VERSION=$(cat "$dir/version" 2>/dev/null || echo 1.0) \
+    version=$(cat "$dir/version" 2>/dev/null || echo 1.0)
+    echo "$version" > "$dir/running-version"
+    API_VERSION=$version \
     /usr/bin/python3 -m gunicorn --daemon --pid "$pidfile" \
         --worker-class gthread --workers 2 --threads 32 --keep-alive 300 \
         --graceful-timeout 30 --backlog 4096 --bind "[::]:$port" \
@@ -37,6 +41,11 @@ start() {
 case "$action" in
     start) start ;;
     stop) stop ;;
-    restart) stop; start ;;
-    *) echo "usage: $0 start|stop|restart STATE_DIR PORT" >&2; exit 2 ;;
+    restart)
+        if [ -f "$dir/running-version" ]; then cp "$dir/running-version" "$dir/previous-version"; fi
+        stop; start ;;
+    rollback)
+        if [ -f "$dir/previous-version" ]; then cp "$dir/previous-version" "$dir/version"; fi
+        stop; start ;;
+    *) echo "usage: $0 start|stop|restart|rollback STATE_DIR PORT" >&2; exit 2 ;;
 esac

@@ -40,15 +40,15 @@ pub struct DemoOptions {
 
 /// One client-side probe request (our own, to see versions over time).
 #[derive(Debug, Clone)]
-struct Probe {
-    at_ms: u64,
-    status: Option<u16>,
-    version: Option<String>,
+pub(crate) struct Probe {
+    pub(crate) at_ms: u64,
+    pub(crate) status: Option<u16>,
+    pub(crate) version: Option<String>,
 }
 
 /// One sample of the load balancers' counters.
 #[derive(Debug, Clone)]
-struct LbSample {
+pub(crate) struct LbSample {
     at_ms: u64,
     /// Requests the frontends have received so far, summed over running load balancers.
     requests: u64,
@@ -189,7 +189,7 @@ pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
 
 /// Gracefully stops HAProxy on the VIP holder (SIGUSR1: with `grace`, listeners stay open
 /// until keepalived has moved the VIP) and waits for the VIP to move.
-fn fail_over(tier: &ApiTier, started: Instant) -> Value {
+pub(crate) fn fail_over(tier: &ApiTier, started: Instant) -> Value {
     let holder = tier.vip_holder().unwrap_or_else(|| "lb1".into());
     let stopped_at_ms = started.elapsed().as_millis() as u64;
     tier.lb(&holder)
@@ -220,7 +220,7 @@ fn fail_over(tier: &ApiTier, started: Instant) -> Value {
 }
 
 /// Our own client asking the VIP which version answers, 10 times a second.
-fn spawn_probe(
+pub(crate) fn spawn_probe(
     client: &str,
     started: Instant,
     stop: Arc<AtomicBool>,
@@ -247,7 +247,7 @@ fn spawn_probe(
 }
 
 /// Reads the load balancers' frontend counters and the VIP holder every 250 ms.
-fn spawn_sampler(
+pub(crate) fn spawn_sampler(
     tier: &ApiTier,
     started: Instant,
     stop: Arc<AtomicBool>,
@@ -259,13 +259,18 @@ fn spawn_sampler(
         .map(|name| tier.topology.host(name).netns.name().to_string())
         .collect();
     std::thread::spawn(move || {
-        // Counters of a load balancer that stopped stay at their last value.
+        // Counters of a load balancer that stopped stay at their last value; a restarted
+        // HAProxy counts from 0 again, which adds to the total rather than lowering it.
         let mut last = vec![(0u64, 0u64); sockets.len()];
+        let mut total = vec![(0u64, 0u64); sockets.len()];
         while !stop.load(Ordering::Relaxed) {
             let at_ms = started.elapsed().as_millis() as u64;
             for (index, socket) in sockets.iter().enumerate() {
-                if let Some(counters) = frontend_counters(socket) {
-                    last[index] = counters;
+                if let Some(now) = frontend_counters(socket) {
+                    let grown = |now: u64, before: u64| now.checked_sub(before).unwrap_or(now);
+                    total[index].0 += grown(now.0, last[index].0);
+                    total[index].1 += grown(now.1, last[index].1);
+                    last[index] = now;
                 }
             }
             let vip_holder = lb_netns
@@ -275,8 +280,8 @@ fn spawn_sampler(
                 .map(|(_, name)| name.to_string());
             samples.lock().unwrap().push(LbSample {
                 at_ms,
-                requests: last.iter().map(|c| c.0).sum(),
-                errors_5xx: last.iter().map(|c| c.1).sum(),
+                requests: total.iter().map(|c| c.0).sum(),
+                errors_5xx: total.iter().map(|c| c.1).sum(),
                 vip_holder,
             });
             std::thread::sleep(Duration::from_millis(250));
@@ -303,7 +308,7 @@ fn frontend_counters(socket: &Path) -> Option<(u64, u64)> {
     Some((row.get(req)?.parse().ok()?, row.get(err)?.parse().ok()?))
 }
 
-fn version_of(tier: &ApiTier, node: &str) -> Option<String> {
+pub(crate) fn version_of(tier: &ApiTier, node: &str) -> Option<String> {
     let addr = tier.topology.host(node).addr(crate::topology::API_PORT);
     tier.topology
         .host("client")
@@ -312,7 +317,7 @@ fn version_of(tier: &ApiTier, node: &str) -> Option<String> {
 }
 
 /// For each version: when it was first and last seen, and how often.
-fn versions_seen(probes: &[Probe]) -> Value {
+pub(crate) fn versions_seen(probes: &[Probe]) -> Value {
     let mut versions: Vec<(String, u64, u64, u64)> = Vec::new();
     for probe in probes {
         let Some(version) = &probe.version else {
@@ -336,7 +341,7 @@ fn versions_seen(probes: &[Probe]) -> Value {
     )
 }
 
-fn samples_json(samples: &[LbSample]) -> Value {
+pub(crate) fn samples_json(samples: &[LbSample]) -> Value {
     Value::Array(
         samples
             .iter()
@@ -345,7 +350,7 @@ fn samples_json(samples: &[LbSample]) -> Value {
     )
 }
 
-fn probes_json(probes: &[Probe]) -> Value {
+pub(crate) fn probes_json(probes: &[Probe]) -> Value {
     Value::Array(
         probes
             .iter()

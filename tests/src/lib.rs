@@ -8,6 +8,7 @@ pub mod demo;
 pub mod http;
 pub mod lab;
 pub mod load;
+pub mod soak;
 pub mod tier;
 pub mod timeline;
 pub mod topology;
@@ -235,12 +236,7 @@ impl Netns {
 
     /// A command that runs inside the namespace.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &self.name])
-            .arg(program)
-            .stdin(Stdio::null());
-        command
+        netns_command(&self.name, program)
     }
 
     /// Runs `f` on a thread that lives in this namespace: sockets it creates belong here and
@@ -265,6 +261,16 @@ impl Drop for Netns {
         }
         let _ = command_output("ip", &["netns", "del", &self.name]);
     }
+}
+
+/// A command that runs inside network namespace `name` (`ip netns exec`).
+pub fn netns_command(name: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", name])
+        .arg(program)
+        .stdin(Stdio::null());
+    command
 }
 
 /// Moves the calling thread into network namespace `name` (sockets it opens belong there).

@@ -45,13 +45,26 @@ impl Load {
         duration: Duration,
         connections: Connections,
     ) -> Load {
+        Load::start_in(netns.name(), dir, url, rate, duration, connections)
+    }
+
+    /// [`Load::start`] in the network namespace named `netns` (from a thread that holds no
+    /// reference to its [`Netns`]).
+    pub fn start_in(
+        netns: &str,
+        dir: &Path,
+        url: &str,
+        rate: u32,
+        duration: Duration,
+        connections: Connections,
+    ) -> Load {
         let (count, extra): (u32, &[&str]) = match connections {
             Connections::KeepAlive(count) => (count, &[]),
             Connections::PerRequest(count) => (count, &["--disable-keepalive"]),
         };
         let output = dir.join("oha.json");
         let log = File::create(dir.join("oha.log")).unwrap();
-        let mut command = netns.command(oha_binary());
+        let mut command = crate::netns_command(netns, oha_binary());
         command
             .args(["--no-tui", "--wait-ongoing-requests-after-deadline"])
             .args(["--output-format", "json", "-o"])

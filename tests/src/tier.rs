@@ -7,7 +7,8 @@ use std::{fs::File, net::Ipv4Addr, time::Duration};
 use crate::{
     Agent, Process,
     topology::{
-        FRONTEND_PORT, Haproxy, Host, Topology, haproxy_config, start_api, start_node_agent,
+        API_PORT, FRONTEND_PORT, Haproxy, Host, Topology, haproxy_config, serve_api_script,
+        start_api, start_node_agent,
     },
     wait_until,
 };
@@ -26,6 +27,18 @@ pub fn host_names(nodes: usize) -> Vec<String> {
     names
 }
 
+/// How the tier differs between the demo and the soak.
+#[derive(Debug, Clone, Default)]
+pub struct TierOptions {
+    /// keepalived with `nopreempt` (both instances BACKUP, a failing track script puts the
+    /// holder in FAULT): once moved, the VIP stays where it is when the other HAProxy comes
+    /// back, instead of moving back abruptly with the connections it carries.
+    pub nopreempt: bool,
+    /// Give every agent a `rollback` (serve-api.sh rollback: the version that ran before the
+    /// last restart, started again).
+    pub rollback: bool,
+}
+
 /// A running tier.
 pub struct ApiTier {
     pub topology: Topology,
@@ -39,6 +52,16 @@ impl ApiTier {
     /// Starts everything on `topology` (built from [`host_names`]) with the APIs on `version`,
     /// and waits until lb1 holds the VIP and every server is UP on both load balancers.
     pub fn start(topology: Topology, nodes: usize, version: &str) -> ApiTier {
+        ApiTier::start_with(topology, nodes, version, &TierOptions::default())
+    }
+
+    /// [`ApiTier::start`] with options.
+    pub fn start_with(
+        topology: Topology,
+        nodes: usize,
+        version: &str,
+        options: &TierOptions,
+    ) -> ApiTier {
         let node_names: Vec<String> = (1..=nodes).map(|i| format!("node{i}")).collect();
         let node_hosts: Vec<&Host> = node_names.iter().map(|n| topology.host(n)).collect();
         let lb_hosts = [topology.host("lb1"), topology.host("lb2")];
@@ -47,17 +70,30 @@ impl ApiTier {
         }
         let agents = node_hosts
             .iter()
-            .map(|node| start_node_agent(node, &lb_hosts, "drain_timeout = \"30s\"", ""))
+            .map(|node| {
+                let mut extra = "drain_timeout = \"30s\"\n".to_string();
+                if options.rollback {
+                    extra.push_str(&format!(
+                        "rollback = {{ command = [\"{script}\", \"rollback\", \"{dir}\", \"{API_PORT}\"], timeout = \"60s\" }}\n",
+                        script = serve_api_script().display(),
+                        dir = node.dir.display(),
+                    ));
+                }
+                start_node_agent(node, &lb_hosts, &extra, "")
+            })
             .collect();
         let lbs: Vec<Haproxy> = lb_hosts
             .iter()
             .map(|lb| Haproxy::start(lb, &tier_haproxy_config(lb, &node_hosts)))
             .collect();
-        let keepalived = lb_hosts
-            .iter()
-            .enumerate()
-            .map(|(index, lb)| start_keepalived(lb, if index == 0 { 101 } else { 100 }))
-            .collect();
+        let mut keepalived = vec![start_keepalived(lb_hosts[0], 101, options.nopreempt)];
+        if options.nopreempt {
+            // Both start as BACKUP and the first to become master keeps the VIP: let it be lb1.
+            wait_until(Duration::from_secs(20), "lb1 to take the VIP", || {
+                holds_vip(lb_hosts[0].netns.name())
+            });
+        }
+        keepalived.push(start_keepalived(lb_hosts[1], 100, options.nopreempt));
         let tier = ApiTier {
             topology,
             lbs,
@@ -136,7 +172,17 @@ frontend monitor
 }
 
 /// keepalived as in the seed: VRRP on eth0, the VIP, and a track script on HAProxy's health.
-pub fn keepalived_config(lb: &Host, priority: u8) -> String {
+/// With `nopreempt`, both instances are BACKUP and never take the VIP from a working holder;
+/// the track script has no weight, so a failing check puts the holder in FAULT (it releases
+/// the VIP at once) instead of lowering its priority, which nopreempt would ignore.
+pub fn keepalived_config(lb: &Host, priority: u8, nopreempt: bool) -> String {
+    let (state, weight, preempt) = if nopreempt {
+        ("BACKUP", "", "\n    nopreempt")
+    } else if priority > 100 {
+        ("MASTER", "\n    weight 2", "")
+    } else {
+        ("BACKUP", "\n    weight 2", "")
+    };
     format!(
         "global_defs {{
     router_id {name}
@@ -148,12 +194,11 @@ vrrp_script chk_haproxy {{
     script \"/usr/bin/curl -sf -o /dev/null -m 1 http://127.0.0.1:{MONITOR_PORT}/ext-check\"
     interval 1
     fall 1
-    rise 2
-    weight 2
+    rise 2{weight}
 }}
 
 vrrp_instance api {{
-    state {state}
+    state {state}{preempt}
     interface eth0
     virtual_router_id {VIRTUAL_ROUTER_ID}
     priority {priority}
@@ -167,13 +212,12 @@ vrrp_instance api {{
 }}
 ",
         name = lb.name,
-        state = if priority > 100 { "MASTER" } else { "BACKUP" },
     )
 }
 
-fn start_keepalived(lb: &Host, priority: u8) -> Process {
+fn start_keepalived(lb: &Host, priority: u8, nopreempt: bool) -> Process {
     let config = lb.dir.join("keepalived.conf");
-    std::fs::write(&config, keepalived_config(lb, priority)).unwrap();
+    std::fs::write(&config, keepalived_config(lb, priority, nopreempt)).unwrap();
     let log = File::create(lb.dir.join("keepalived.log")).unwrap();
     let mut command = lb.netns.command("keepalived");
     command

@@ -66,8 +66,11 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
         svg,
         r##"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="DejaVu Sans, Arial, sans-serif" font-size="13">
 <rect width="100%" height="100%" fill="white"/>
-<text x="{LEFT}" y="28" font-size="18" font-weight="bold">Rolling upgrade under load: {requests} requests, {failed} failed, {non2xx} non-2xx</text>
+<text x="{LEFT}" y="28" font-size="18" font-weight="bold">{title}: {requests} requests, {failed} failed, {non2xx} non-2xx</text>
 "##,
+        title = report["title"]
+            .as_str()
+            .unwrap_or("Rolling upgrade under load"),
         requests = report["load"]["requests"],
         failed = report["load"]["failed"],
         non2xx = report["load"]["non_2xx"],
@@ -96,7 +99,11 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
         RATE_TOP + RATE_HEIGHT / 2.0
     );
     let seconds = duration_ms / 1000.0;
-    let step = if seconds > 60.0 { 10.0 } else { 5.0 };
+    // At most about 20 labelled ticks, whatever the length.
+    let step = [5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
+        .into_iter()
+        .find(|step| seconds / step <= 20.0)
+        .unwrap_or(1200.0);
     let mut t = 0.0;
     while t <= seconds {
         let xx = x(t * 1000.0);
@@ -154,8 +161,18 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
             node["name"].as_str().unwrap_or("?"),
             BAND_HEIGHT - 4.0
         );
-        let cycle_start = node["cycle_started_ms"].as_f64().unwrap_or(0.0);
-        for phase in node["report"]["phases"].as_array().into_iter().flatten() {
+        // The demo has one cycle per node; the soak lists them under "cycles".
+        let single = [node.clone()];
+        let cycles = node["cycles"].as_array().map_or(&single[..], Vec::as_slice);
+        let phases = cycles.iter().flat_map(|cycle| {
+            let start = cycle["cycle_started_ms"].as_f64().unwrap_or(0.0);
+            cycle["report"]["phases"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |phase| (start, phase))
+        });
+        for (cycle_start, phase) in phases {
             let name = phase["phase"].as_str().unwrap_or("serving");
             if name == "serving" {
                 continue;
@@ -173,6 +190,25 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
         }
     }
 
+    // Injected faults, a mark on the node's row each.
+    for (row, node) in nodes.iter().enumerate() {
+        let top = bands_top + BAND_HEIGHT * row as f64;
+        for fault in node["faults"].as_array().into_iter().flatten() {
+            let Some(at) = fault["at_ms"].as_f64() else {
+                continue;
+            };
+            let xx = x(at);
+            let _ = writeln!(
+                svg,
+                r##"<path d="M{:.1},{top:.1} L{:.1},{top:.1} L{xx:.1},{:.1} Z" fill="#000"><title>{}</title></path>"##,
+                xx - 5.0,
+                xx + 5.0,
+                top + 9.0,
+                fault["kind"].as_str().unwrap_or("fault")
+            );
+        }
+    }
+
     // Versions clients saw (probe answers).
     let mut seen: Vec<String> = Vec::new();
     let _ = writeln!(
@@ -181,6 +217,8 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
         LEFT - 6.0,
         versions_top + 17.0
     );
+    // Consecutive answers of one version make one run (a long soak has thousands).
+    let mut runs: Vec<(usize, f64, f64)> = Vec::new();
     for probe in probes.as_array().into_iter().flatten() {
         let Some(version) = probe["version"].as_str() else {
             continue;
@@ -189,34 +227,54 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
             seen.push(version.to_string());
             seen.len() - 1
         });
-        let xx = x(probe["at_ms"].as_f64().unwrap_or(0.0));
+        let at = probe["at_ms"].as_f64().unwrap_or(0.0);
+        match runs.last_mut() {
+            Some(run) if run.0 == index => run.2 = at,
+            _ => runs.push((index, at, at)),
+        }
+    }
+    for (index, from, to) in runs {
+        let xx = x(from);
         let _ = writeln!(
             svg,
-            r##"<rect x="{xx:.1}" y="{versions_top:.1}" width="3" height="{:.1}" fill="{}"/>"##,
+            r##"<rect x="{xx:.1}" y="{versions_top:.1}" width="{:.1}" height="{:.1}" fill="{}"/>"##,
+            (x(to) - xx).max(0.0) + 3.0,
             BAND_HEIGHT - 4.0,
             VERSION_COLOURS[index.min(VERSION_COLOURS.len() - 1)]
         );
     }
 
-    // The failover marker.
-    if let Some(moved) = report["failover"]["vip_moved_at_ms"].as_f64() {
-        let stopped = report["failover"]["stopped_at_ms"]
-            .as_f64()
-            .unwrap_or(moved);
+    // The failover markers (the demo has one, the soak a list).
+    let failovers = report["failovers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| vec![report["failover"].clone()]);
+    // A long soak has many: then only the marks, no labels.
+    let label_failovers = failovers.len() <= 3;
+    for failover in &failovers {
+        let Some(moved) = failover["vip_moved_at_ms"].as_f64() else {
+            continue;
+        };
+        let stopped = failover["stopped_at_ms"].as_f64().unwrap_or(moved);
         let (xs, xm) = (x(stopped), x(moved));
         let _ = writeln!(
             svg,
-            r##"<rect x="{xs:.1}" y="{RATE_TOP}" width="{:.1}" height="{:.1}" fill="#000" opacity="0.08"/><line x1="{xm:.1}" x2="{xm:.1}" y1="{:.1}" y2="{:.1}" stroke="#000" stroke-dasharray="6,4" stroke-width="1.5"/><text x="{:.1}" y="{:.1}">VIP failover: {} → {}</text>"##,
+            r##"<rect x="{xs:.1}" y="{RATE_TOP}" width="{:.1}" height="{:.1}" fill="#000" opacity="0.08"/><line x1="{xm:.1}" x2="{xm:.1}" y1="{:.1}" y2="{:.1}" stroke="#000" stroke-dasharray="6,4" stroke-width="1.5"/><text x="{:.1}" y="{:.1}">{}</text>"##,
             (xm - xs).max(2.0),
             versions_top + BAND_HEIGHT - RATE_TOP,
             RATE_TOP - 8.0,
             versions_top + BAND_HEIGHT,
             xm + 4.0,
             RATE_TOP + 14.0,
-            report["failover"]["haproxy_stopped_on"]
-                .as_str()
-                .unwrap_or("?"),
-            report["failover"]["vip_moved_to"].as_str().unwrap_or("?")
+            if label_failovers {
+                format!(
+                    "VIP failover: {} → {}",
+                    failover["haproxy_stopped_on"].as_str().unwrap_or("?"),
+                    failover["vip_moved_to"].as_str().unwrap_or("?")
+                )
+            } else {
+                String::new()
+            }
         );
     }
 
@@ -243,6 +301,15 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
         );
     }
     item(&mut svg, "#d00000", "failed request / 5xx");
+    if !label_failovers {
+        item(&mut svg, "#888", "- - VIP failover");
+    }
+    if nodes
+        .iter()
+        .any(|node| node["faults"].as_array().is_some_and(|f| !f.is_empty()))
+    {
+        item(&mut svg, "#000", "injected fault");
+    }
     svg.push_str("</svg>\n");
     svg
 }

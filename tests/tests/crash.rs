@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use drain_agent_tests::{
     CliOutcome,
     load::{Connections, Load, LoadResult},
-    topology::{FRONTEND_PORT, Haproxy, haproxy_config},
+    topology::{API_PORT, FRONTEND_PORT, Haproxy, haproxy_config, serve_api_script},
     two_lbs::{Tier, tier},
     wait_until,
 };
@@ -129,7 +129,13 @@ fn sigkill_mid_restart_then_a_restart_completes_the_cycle() {
     let took = node1_back_everywhere(&tier, started, Duration::from_secs(10));
     eprintln!("node1 back in rotation {took:?} after the agent started again");
     assert_eq!(tier.version_of("node1"), "2.0", "the restart completed");
-    let backend = tier.agents[0].backend("api");
+    // The load balancers show UP before the agent has its confirmations and the report.
+    let backend = tier.agents[0].wait_backend(
+        "api",
+        Duration::from_secs(10),
+        "the reconciliation's report",
+        |backend| backend["last_operation"]["operation"] == "reconcile",
+    );
     assert_eq!(backend["state"], "serving", "{backend}");
     let summary = &backend["last_operation"];
     assert_eq!(summary["operation"], "reconcile", "{backend}");
@@ -143,6 +149,60 @@ fn sigkill_mid_restart_then_a_restart_completes_the_cycle() {
     );
     assert_eq!(cycle.join().unwrap().code, Some(8));
     assert_no_failed_requests(&load.finish(Duration::from_secs(60)));
+}
+
+/// Found by the soak: the old service still answered its health check while the interrupted
+/// restart command was stopping it, and the restarted agent put the server back before the
+/// restart had finished. The restart's process group is journaled and waited for.
+#[test]
+fn sigkill_while_the_restart_command_still_runs_waits_for_it_before_verifying() {
+    let mut tier = tier("drain_timeout = \"30s\"");
+    let node1 = tier.node("node1").dir.clone();
+    // A restart that leaves the old service answering for 2 s before it replaces it.
+    let slow = format!(
+        "restart = {{ command = [\"sh\", \"-c\", \"sleep 2; exec {} restart {} {API_PORT}\"], timeout = \"60s\" }}",
+        serve_api_script().display(),
+        node1.display()
+    );
+    let config = std::fs::read_to_string(&tier.agents[0].config).unwrap();
+    let config: Vec<String> = config
+        .lines()
+        .map(|line| {
+            if line.starts_with("restart = ") {
+                slow.clone()
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    std::fs::write(&tier.agents[0].config, config.join("\n")).unwrap();
+    tier.agents[0].kill_and_restart();
+    std::fs::write(node1.join("version"), "2.0").unwrap();
+    let cycle = node1_cli(&tier, &["cycle", "api"]);
+    wait_until(Duration::from_secs(10), "node1 restarting", || {
+        tier.agents[0].backend("api")["state"] == "restarting"
+    });
+    let started = tier.agents[0].kill_and_restart();
+    node1_back_everywhere(&tier, started, Duration::from_secs(20));
+    // Back in rotation only once the restart completed: the new version answers.
+    assert_eq!(tier.version_of("node1"), "2.0", "{}", tier.agents[0].log());
+    let backend = tier.agents[0].wait_backend(
+        "api",
+        Duration::from_secs(10),
+        "the reconciliation's report",
+        |backend| backend["last_operation"]["operation"] == "reconcile",
+    );
+    let log = tier.agents[0].log();
+    assert_eq!(
+        backend["last_operation"]["outcome"], "ok",
+        "{backend}\n{log}"
+    );
+    assert!(
+        log.contains("the restart the previous agent started is still running")
+            && log.contains("the interrupted restart finished"),
+        "{log}"
+    );
+    assert_eq!(cycle.join().unwrap().code, Some(8));
 }
 
 #[test]

@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod setup;
+mod soak;
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -44,6 +45,34 @@ enum Task {
         /// How long the load runs, in seconds (the upgrade must fit inside).
         #[arg(long, default_value_t = 70)]
         seconds: u64,
+    },
+    /// The nightly soak: N rolling upgrades (versions alternating 1.1, 1.0, ...) of the demo
+    /// tier under constant load through the VIP, faults at random points with --faults
+    /// (root). Writes results/soak-STAMP/ and fails if any request failed or any node did not
+    /// end serving on the expected version.
+    Soak {
+        /// Complete rolling upgrades to run.
+        #[arg(long, default_value_t = 50)]
+        rollouts: usize,
+        /// Inject faults at random points: agent SIGKILL mid-drain and mid-restart, HAProxy
+        /// reload mid-drain, VIP failover mid-drain, a release that fails its health check.
+        #[arg(long)]
+        faults: bool,
+        /// Seed of the fault generator (printed by every run), to replay a run.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// API nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Requests per second against the VIP (a new connection each).
+        #[arg(long, default_value_t = 700)]
+        rate: u32,
+        /// Each rollout lasts at least this long, in seconds (the load runs throughout).
+        #[arg(long, default_value_t = 30)]
+        rollout_seconds: u64,
+        /// Length of one oha run, in seconds; runs follow each other back to back.
+        #[arg(long, default_value_t = 10)]
+        window_seconds: u64,
     },
     /// Measure drain detection, the TC programs' cost per packet and the status cost (root).
     Bench,
@@ -100,6 +129,30 @@ fn main() -> Result<()> {
             setup::ensure()?;
             build(&root)?;
             demo::run(&root, nodes, rate, seconds)
+        }
+        Task::Soak {
+            rollouts,
+            faults,
+            seed,
+            nodes,
+            rate,
+            rollout_seconds,
+            window_seconds,
+        } => {
+            setup::ensure()?;
+            build(&root)?;
+            soak::run(
+                &root,
+                &soak::Args {
+                    rollouts,
+                    faults,
+                    seed,
+                    nodes,
+                    rate,
+                    rollout_seconds,
+                    window_seconds,
+                },
+            )
         }
         Task::Bench => {
             setup::ensure()?;

@@ -654,7 +654,7 @@ impl Run {
         let check = self.health_check();
         self.enter(Phase::Restarting, None);
         let restart_started = Instant::now();
-        let restarted = service::run(&restart).await;
+        let restarted = self.run_step(&restart).await;
         self.report.restart_ms = Some(millis(restart_started.elapsed()));
         let problem = match restarted {
             Ok(()) => {
@@ -677,6 +677,16 @@ impl Run {
         self.roll_back(problem).await
     }
 
+    /// Runs a restart or rollback step with its process group in the journal while it runs:
+    /// an agent that crashes meanwhile leaves the command running (its own group), and the
+    /// next agent waits for that group before it verifies the service.
+    async fn run_step(&self, step: &crate::config::Step) -> Result<(), service::StepError> {
+        let (board, index) = (self.board.clone(), self.index);
+        let result = service::run_with(step, |group| board.set_step_group(index, group)).await;
+        self.board.set_step_group(self.index, None);
+        result
+    }
+
     /// The service is not healthy: run the rollback (if any) and put the server back on the
     /// old version, or leave it out of rotation and say so plainly.
     pub(super) async fn roll_back(&mut self, mut problem: String) -> Report {
@@ -684,7 +694,7 @@ impl Run {
         if let Some(rollback) = self.backend.rollback.clone() {
             warn!(backend = self.backend.name, problem, "running the rollback");
             self.enter(Phase::Restarting, Some(problem.clone()));
-            match service::run(&rollback).await {
+            match self.run_step(&rollback).await {
                 Err(err) => {
                     self.report.rollback = Some(format!("failed: {err}"));
                     problem = format!("{problem}; rollback failed: {err}");

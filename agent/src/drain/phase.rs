@@ -110,6 +110,10 @@ pub struct Board {
     journal: Option<Journal>,
     /// Per backend, the operation the journal says was running when the last agent stopped.
     interrupted: Vec<Option<String>>,
+    /// Per backend, the process group of the restart or rollback command running now.
+    step_groups: Mutex<Vec<Option<i32>>>,
+    /// Per backend, the one the journal says was running when the last agent stopped.
+    interrupted_step_groups: Vec<Option<i32>>,
     /// Journal writes that failed (each logged at error level).
     journal_errors: std::sync::atomic::AtomicU64,
 }
@@ -148,9 +152,20 @@ impl Board {
                     .and_then(|saved| saved.operation.clone())
             })
             .collect();
+        let interrupted_step_groups = names
+            .iter()
+            .map(|name| {
+                record
+                    .backends
+                    .get(name)
+                    .and_then(|saved| saved.step_process_group)
+            })
+            .collect();
         Board {
             phases: Mutex::new(phases),
             running: Mutex::new(None),
+            step_groups: Mutex::new(vec![None; names.len()]),
+            interrupted_step_groups,
             names,
             journal,
             interrupted,
@@ -161,6 +176,26 @@ impl Board {
     /// The operation the previous agent left running on `backend`, if any.
     pub fn interrupted(&self, backend: usize) -> Option<String> {
         self.interrupted.get(backend).cloned().flatten()
+    }
+
+    /// The process group of the restart or rollback command the previous agent left running
+    /// on `backend`, if it journaled one.
+    pub fn interrupted_step_group(&self, backend: usize) -> Option<i32> {
+        self.interrupted_step_groups.get(backend).copied().flatten()
+    }
+
+    /// Journals the process group of the restart or rollback command now running on
+    /// `backend` (`None` once it finished).
+    pub fn set_step_group(&self, backend: usize, group: Option<i32>) {
+        let phases = self.phases.lock().expect("phase lock");
+        self.step_groups.lock().expect("step group lock")[backend] = group;
+        let running = Board::running_record(&self.running.lock().expect("running lock"));
+        let _ = self.persist(
+            &phases,
+            running
+                .as_ref()
+                .map(|(backend, operation)| (*backend, operation.as_str())),
+        );
     }
 
     /// Journal writes that failed since the start.
@@ -179,6 +214,7 @@ impl Board {
             return Ok(());
         };
         let mut record = Record::default();
+        let step_groups = self.step_groups.lock().expect("step group lock").clone();
         for (index, (name, state)) in self.names.iter().zip(phases).enumerate() {
             record.backends.insert(
                 name.clone(),
@@ -188,6 +224,7 @@ impl Board {
                         .filter(|(backend, _)| *backend == index)
                         .map(|(_, operation)| operation.to_string()),
                     reason: state.reason.clone(),
+                    step_process_group: step_groups.get(index).copied().flatten(),
                     updated_unix_ms: unix_ms(),
                 },
             );

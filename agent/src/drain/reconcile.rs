@@ -4,7 +4,10 @@
 //! that was under way is verified before the server goes back, and everything found and done
 //! is logged, counted and shown in `status` and the next report.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tracing::{info, warn};
 
@@ -101,6 +104,16 @@ impl Operations {
         let report = match phase {
             // The service may be half restarted: verify it before anything goes back.
             Phase::Restarting | Phase::Verifying => {
+                // The old service can still answer while the command stops it: wait for the
+                // command the previous agent started before trusting a health check.
+                if let Some(group) = self.board.interrupted_step_group(index) {
+                    let bound = run
+                        .backend
+                        .restart
+                        .as_ref()
+                        .map_or(Duration::from_secs(120), |step| step.timeout);
+                    wait_for_process_group(&run.backend.name, group, bound).await;
+                }
                 let check = run.health_check();
                 match health::wait_healthy(&check).await {
                     Ok(_) => {
@@ -147,4 +160,35 @@ impl Operations {
         drop(claim);
         Ok(report)
     }
+}
+
+/// Waits until no process of `group` (the restart or rollback command an agent started before
+/// it stopped) is left, at most `bound` (the step's timeout).
+async fn wait_for_process_group(backend: &str, group: i32, bound: Duration) {
+    let alive = || nix::sys::signal::killpg(nix::unistd::Pid::from_raw(group), None).is_ok();
+    if !alive() {
+        return;
+    }
+    info!(
+        backend,
+        process_group = group,
+        "the restart the previous agent started is still running: waiting for it to finish"
+    );
+    let started = Instant::now();
+    while alive() {
+        if started.elapsed() >= bound {
+            warn!(
+                backend,
+                process_group = group,
+                "the interrupted restart still runs after its timeout: verifying the service anyway"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    info!(
+        backend,
+        waited_ms = started.elapsed().as_millis() as u64,
+        "the interrupted restart finished"
+    );
 }
