@@ -551,17 +551,32 @@ impl Agent {
 
     /// Runs `drain-agent ARGS --control-socket SOCKET` (a CLI command against this agent).
     pub fn cli(&self, args: &[&str]) -> CliOutcome {
-        let out = Command::new(agent_binary())
-            .args(args)
-            .arg("--control-socket")
-            .arg(&self.socket)
-            .output()
-            .expect("run drain-agent");
-        CliOutcome {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        run_cli(&self.socket, args)
+    }
+
+    /// The same, on a thread: for commands that wait (`drain --wait`, `cycle`) while the
+    /// test does something else.
+    pub fn cli_in_background(&self, args: &[&str]) -> std::thread::JoinHandle<CliOutcome> {
+        let socket = self.socket.clone();
+        let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+        std::thread::spawn(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_cli(&socket, &args)
+        })
+    }
+}
+
+fn run_cli(socket: &Path, args: &[&str]) -> CliOutcome {
+    let out = Command::new(agent_binary())
+        .args(args)
+        .arg("--control-socket")
+        .arg(socket)
+        .output()
+        .expect("run drain-agent");
+    CliOutcome {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 

@@ -26,6 +26,22 @@ pub struct LoadResult {
     pub summary: Value,
 }
 
+impl LoadResult {
+    /// Panics unless the load was real (`at_least` requests) and not one request failed or
+    /// got a non-2xx answer; prints the result either way.
+    pub fn assert_no_failures(&self, at_least: u64) {
+        eprintln!("load: {self:?}");
+        assert!(self.total >= at_least, "too little load: {self:?}");
+        assert_eq!(
+            (self.errors, self.non_2xx),
+            (0, 0),
+            "failed requests: {} / statuses: {}",
+            self.summary["errorDistribution"],
+            self.summary["statusCodeDistribution"]
+        );
+    }
+}
+
 /// How the load generator uses connections.
 #[derive(Debug, Clone, Copy)]
 pub enum Connections {

@@ -769,20 +769,11 @@ fn syn_flood(v6: bool) {
     assert_eq!(backend["flow_table_full"], 0, "{backend}");
     assert_eq!(agent.status()["flow_table"]["entries"], 1);
     // The drain waits for the real request, flood or not.
-    let drain = std::thread::spawn({
-        let socket = agent.socket.clone();
-        move || {
-            let out = std::process::Command::new(drain_agent_tests::agent_binary())
-                .args(["drain", BACKEND, "--wait", "--control-socket"])
-                .arg(socket)
-                .output()
-                .unwrap();
-            out.status.code()
-        }
-    });
+    let drain = agent.cli_in_background(&["drain", BACKEND, "--wait"]);
     assert_eq!(connection.read_response().unwrap().status, 200);
     let answered = sent.elapsed();
-    assert_eq!(drain.join().unwrap(), Some(0));
+    let drained = drain.join().unwrap();
+    assert_eq!(drained.code, Some(0), "{drained:?}");
     assert!(
         sent.elapsed() >= answered,
         "the drain returned before the request was answered"
@@ -980,23 +971,11 @@ fn a_request_older_than_the_agent_holds_the_drain_until_it_is_answered() {
     );
     let backend = agent.backend(BACKEND);
     assert_eq!(backend["unknown"], 1, "the running request: {backend}");
-    let drain = std::thread::spawn({
-        let socket = agent.socket.clone();
-        move || {
-            let out = std::process::Command::new(drain_agent_tests::agent_binary())
-                .args(["drain", BACKEND, "--wait", "--json", "--control-socket"])
-                .arg(socket)
-                .output()
-                .unwrap();
-            (
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-            )
-        }
-    });
+    let drain = agent.cli_in_background(&["drain", BACKEND, "--wait", "--json"]);
     assert_eq!(slow.read_response().unwrap().status, 200);
     let answered = sent.elapsed();
-    let (code, stdout) = drain.join().unwrap();
+    let drained_cli = drain.join().unwrap();
+    let (code, stdout) = (drained_cli.code, drained_cli.stdout);
     let drained = sent.elapsed();
     assert_eq!(code, Some(0), "{stdout}");
     assert!(
@@ -1036,23 +1015,11 @@ fn with_the_flow_table_full_a_new_connections_slow_request_still_holds_the_drain
     wait_for(&agent, "flow_table_full", 1, Duration::from_secs(2));
     // ...and is counted as unknown from the socket table instead.
     wait_for(&agent, "unknown", 1, Duration::from_secs(3));
-    let drain = std::thread::spawn({
-        let socket = agent.socket.clone();
-        move || {
-            let out = std::process::Command::new(drain_agent_tests::agent_binary())
-                .args(["drain", BACKEND, "--wait", "--json", "--control-socket"])
-                .arg(socket)
-                .output()
-                .unwrap();
-            (
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-            )
-        }
-    });
+    let drain = agent.cli_in_background(&["drain", BACKEND, "--wait", "--json"]);
     assert_eq!(slow.read_response().unwrap().status, 200);
     let answered = sent.elapsed();
-    let (code, stdout) = drain.join().unwrap();
+    let drained_cli = drain.join().unwrap();
+    let (code, stdout) = (drained_cli.code, drained_cli.stdout);
     let drained = sent.elapsed();
     assert_eq!(code, Some(0), "{stdout}");
     assert!(

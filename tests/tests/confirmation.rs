@@ -9,7 +9,7 @@ use std::{
 };
 
 use drain_agent_tests::{
-    Agent, CliOutcome,
+    Agent,
     load::{Connections, Load},
     topology::{
         AGENT_CHECK_PORT, FRONTEND_PORT, Haproxy, HaproxyOptions, Host, Topology,
@@ -116,22 +116,6 @@ fn with_agent_check_only_a_drain_returns_after_haproxy_shows_the_server_drained(
     assert_eq!(tier.lb.status("node1"), "UP");
 }
 
-fn cycle_in_background(agent: &Agent) -> std::thread::JoinHandle<CliOutcome> {
-    let socket = agent.socket.clone();
-    std::thread::spawn(move || {
-        let out = std::process::Command::new(drain_agent_tests::agent_binary())
-            .args(["cycle", "api", "--json", "--control-socket"])
-            .arg(socket)
-            .output()
-            .unwrap();
-        CliOutcome {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    })
-}
-
 #[test]
 fn back_to_back_cycles_behind_an_agent_check_only_haproxy_lose_no_request() {
     let tier = agent_check_only_tier("");
@@ -167,16 +151,8 @@ fn back_to_back_cycles_behind_an_agent_check_only_haproxy_lose_no_request() {
             "cycle {node}: the report lacks the poller's confirmations: {report}"
         );
     }
-    let result = load.finish(Duration::from_secs(60));
-    eprintln!("load: {result:?}");
-    assert!(result.total >= 3000, "too little load: {result:?}");
-    assert_eq!(
-        (result.errors, result.non_2xx),
-        (0, 0),
-        "failed requests: {} / statuses: {}",
-        result.summary["errorDistribution"],
-        result.summary["statusCodeDistribution"]
-    );
+    load.finish(Duration::from_secs(60))
+        .assert_no_failures(3000);
 }
 
 #[test]
@@ -184,7 +160,7 @@ fn a_load_balancer_that_stops_polling_during_a_cycle_is_named_and_nothing_hangs(
     let tier = agent_check_only_tier("");
     let node1: &Host = tier.topology.host("node1");
     std::fs::write(node1.dir.join("restart-delay"), "2").unwrap();
-    let cycle = cycle_in_background(&tier.agents[0]);
+    let cycle = tier.agents[0].cli_in_background(&["cycle", "api", "--json"]);
     wait_until(Duration::from_secs(10), "node1 restarting", || {
         tier.agents[0].backend("api")["state"] == "restarting"
     });

@@ -6,31 +6,11 @@
 use std::time::{Duration, Instant};
 
 use drain_agent_tests::{
-    CliOutcome,
-    load::{Connections, Load, LoadResult},
+    load::{Connections, Load},
     topology::{API_PORT, FRONTEND_PORT, Haproxy, haproxy_config, serve_api_script},
     two_lbs::{Tier, tier},
     wait_until,
 };
-
-/// A drain-agent CLI command against node1's agent, in the background.
-fn node1_cli(tier: &Tier, args: &[&str]) -> std::thread::JoinHandle<CliOutcome> {
-    let socket = tier.agents[0].socket.clone();
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    std::thread::spawn(move || {
-        let out = std::process::Command::new(drain_agent_tests::agent_binary())
-            .args(&args)
-            .arg("--control-socket")
-            .arg(socket)
-            .output()
-            .unwrap();
-        CliOutcome {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    })
-}
 
 fn load_through_lb1(tier: &Tier, seconds: u64) -> Load {
     let client = tier.topology.host("client");
@@ -43,18 +23,6 @@ fn load_through_lb1(tier: &Tier, seconds: u64) -> Load {
         Duration::from_secs(seconds),
         Connections::KeepAlive(16),
     )
-}
-
-fn assert_no_failed_requests(result: &LoadResult) {
-    eprintln!("load: {result:?}");
-    assert!(result.total >= 1000, "too little load: {result:?}");
-    assert_eq!(
-        (result.errors, result.non_2xx),
-        (0, 0),
-        "failed requests: {} / statuses: {}",
-        result.summary["errorDistribution"],
-        result.summary["statusCodeDistribution"]
-    );
 }
 
 /// Waits until every load balancer shows node1 UP; returns how long that took from `since`.
@@ -75,7 +43,7 @@ fn sigkill_mid_drain_then_a_restart_puts_the_server_back_and_cuts_nothing() {
     wait_until(Duration::from_secs(3), "the slow request in flight", || {
         tier.agents[0].count("api", "in_flight") == 1
     });
-    let cycle = node1_cli(&tier, &["cycle", "api"]);
+    let cycle = tier.agents[0].cli_in_background(&["cycle", "api"]);
     wait_until(Duration::from_secs(5), "node1 draining", || {
         tier.agents[0].backend("api")["state"] == "draining"
     });
@@ -110,7 +78,8 @@ fn sigkill_mid_drain_then_a_restart_puts_the_server_back_and_cuts_nothing() {
         log.contains("the previous agent stopped in the middle of an operation"),
         "{log}"
     );
-    assert_no_failed_requests(&load.finish(Duration::from_secs(60)));
+    load.finish(Duration::from_secs(60))
+        .assert_no_failures(1000);
 }
 
 #[test]
@@ -121,7 +90,7 @@ fn sigkill_mid_restart_then_a_restart_completes_the_cycle() {
     std::fs::write(node1.join("version"), "2.0").unwrap();
     let load = load_through_lb1(&tier, 15);
     std::thread::sleep(Duration::from_secs(1));
-    let cycle = node1_cli(&tier, &["cycle", "api"]);
+    let cycle = tier.agents[0].cli_in_background(&["cycle", "api"]);
     wait_until(Duration::from_secs(10), "node1 restarting", || {
         tier.agents[0].backend("api")["state"] == "restarting"
     });
@@ -148,7 +117,8 @@ fn sigkill_mid_restart_then_a_restart_completes_the_cycle() {
         "{summary}"
     );
     assert_eq!(cycle.join().unwrap().code, Some(8));
-    assert_no_failed_requests(&load.finish(Duration::from_secs(60)));
+    load.finish(Duration::from_secs(60))
+        .assert_no_failures(1000);
 }
 
 /// Found by the soak: the old service still answered its health check while the interrupted
@@ -178,7 +148,7 @@ fn sigkill_while_the_restart_command_still_runs_waits_for_it_before_verifying() 
     std::fs::write(&tier.agents[0].config, config.join("\n")).unwrap();
     tier.agents[0].kill_and_restart();
     std::fs::write(node1.join("version"), "2.0").unwrap();
-    let cycle = node1_cli(&tier, &["cycle", "api"]);
+    let cycle = tier.agents[0].cli_in_background(&["cycle", "api"]);
     wait_until(Duration::from_secs(10), "node1 restarting", || {
         tier.agents[0].backend("api")["state"] == "restarting"
     });
@@ -253,7 +223,7 @@ fn a_load_balancer_restarted_mid_drain_gets_the_state_applied_again() {
     wait_until(Duration::from_secs(3), "the slow request in flight", || {
         tier.agents[0].count("api", "in_flight") == 1
     });
-    let drain = node1_cli(&tier, &["drain", "api", "--wait", "--json"]);
+    let drain = tier.agents[0].cli_in_background(&["drain", "api", "--wait", "--json"]);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !tier.lbs[1].status("node1").starts_with("DRAIN") {
         assert!(
@@ -377,7 +347,8 @@ fn a_load_balancer_down_for_the_whole_cycle_is_named_and_no_request_fails() {
     );
     assert_eq!(tier.lbs[0].status("node1"), "UP");
     assert_eq!(tier.version_of("node1"), "2.0");
-    assert_no_failed_requests(&load.finish(Duration::from_secs(60)));
+    load.finish(Duration::from_secs(60))
+        .assert_no_failures(1000);
 }
 
 #[test]
