@@ -577,6 +577,7 @@ fn run_cli(socket: &Path, args: &[&str]) -> CliOutcome {
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        finished: Instant::now(),
     }
 }
 
@@ -586,6 +587,8 @@ pub struct CliOutcome {
     pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
+    /// When the command exited: for commands run in the background, when it really returned.
+    pub finished: Instant,
 }
 
 impl CliOutcome {

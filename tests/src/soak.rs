@@ -505,19 +505,7 @@ impl Soak<'_> {
 
     /// `drain-agent cycle api --json` against a node's agent, on a thread.
     fn cycle_in_background(&self, index: usize) -> std::thread::JoinHandle<CliOutcome> {
-        let socket = self.tier.agents[index].socket.clone();
-        std::thread::spawn(move || {
-            let out = std::process::Command::new(crate::agent_binary())
-                .args(["cycle", BACKEND, "--json", "--control-socket"])
-                .arg(socket)
-                .output()
-                .expect("run drain-agent cycle");
-            CliOutcome {
-                code: out.status.code(),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            }
-        })
+        self.tier.agents[index].cli_in_background(&["cycle", BACKEND, "--json"])
     }
 
     /// The backend's phase in the agent's status (`None` while it does not answer).

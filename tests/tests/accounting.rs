@@ -36,6 +36,22 @@ fn idle_connections(lab: &Lab, addr: SocketAddr, count: usize) -> Vec<Connection
         .collect()
 }
 
+/// Runs `drain --wait` while `slow`'s response is outstanding, reads the response, and checks
+/// that the drain returned only after it; returns the drain's report.
+fn drain_outlasts(agent: &Agent, slow: &mut Connection) -> serde_json::Value {
+    let drain = agent.cli_in_background(&["drain", BACKEND, "--wait", "--json"]);
+    assert_eq!(slow.read_response().unwrap().status, 200);
+    let answered = Instant::now();
+    let outcome = drain.join().unwrap();
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    assert!(
+        outcome.finished >= answered,
+        "the drain returned {:?} before the request in flight was answered",
+        answered - outcome.finished
+    );
+    outcome.json()
+}
+
 fn wait_for(agent: &Agent, field: &str, value: u64, timeout: Duration) {
     wait_until(timeout, &format!("{field} == {value}"), || {
         agent.count(BACKEND, field) == value
@@ -761,7 +777,6 @@ fn syn_flood(v6: bool) {
 
     let mut connection = lab.connect(Lab::node_addr(v6, API));
     connection.send("/slow?ms=1500").unwrap();
-    let sent = Instant::now();
     wait_for(&agent, "in_flight", 1, Duration::from_secs(1));
     let backend = agent.backend(BACKEND);
     assert_eq!(backend["established"], 1, "{backend}");
@@ -769,15 +784,7 @@ fn syn_flood(v6: bool) {
     assert_eq!(backend["flow_table_full"], 0, "{backend}");
     assert_eq!(agent.status()["flow_table"]["entries"], 1);
     // The drain waits for the real request, flood or not.
-    let drain = agent.cli_in_background(&["drain", BACKEND, "--wait"]);
-    assert_eq!(connection.read_response().unwrap().status, 200);
-    let answered = sent.elapsed();
-    let drained = drain.join().unwrap();
-    assert_eq!(drained.code, Some(0), "{drained:?}");
-    assert!(
-        sent.elapsed() >= answered,
-        "the drain returned before the request was answered"
-    );
+    drain_outlasts(&agent, &mut connection);
 }
 
 #[test]
@@ -962,7 +969,6 @@ fn a_request_older_than_the_agent_holds_the_drain_until_it_is_answered() {
     let mut slow = lab.connect(Lab::node_addr(false, API));
     slow.send("/slow?ms=4000").unwrap();
     std::thread::sleep(Duration::from_millis(300)); // the API is computing it
-    let sent = Instant::now();
     let agent = lab.start_agent(
         &[(BACKEND, &[API])],
         "quiet_period = \"50ms\"\nagent_check_listen = \"127.0.0.1:9500\"\n\
@@ -971,18 +977,7 @@ fn a_request_older_than_the_agent_holds_the_drain_until_it_is_answered() {
     );
     let backend = agent.backend(BACKEND);
     assert_eq!(backend["unknown"], 1, "the running request: {backend}");
-    let drain = agent.cli_in_background(&["drain", BACKEND, "--wait", "--json"]);
-    assert_eq!(slow.read_response().unwrap().status, 200);
-    let answered = sent.elapsed();
-    let drained_cli = drain.join().unwrap();
-    let (code, stdout) = (drained_cli.code, drained_cli.stdout);
-    let drained = sent.elapsed();
-    assert_eq!(code, Some(0), "{stdout}");
-    assert!(
-        drained >= answered,
-        "the drain returned before the response ({drained:?} < {answered:?})"
-    );
-    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let report = drain_outlasts(&agent, &mut slow);
     assert_eq!(report["at_drain_start"]["unknown"], 1, "{report}");
     assert!(
         report["drain_evidence"]
@@ -1011,20 +1006,9 @@ fn with_the_flow_table_full_a_new_connections_slow_request_still_holds_the_drain
     // The next connection does not fit: its slow request is invisible to the table...
     let mut slow = lab.connect(addr);
     slow.send("/slow?ms=3000").unwrap();
-    let sent = Instant::now();
     wait_for(&agent, "flow_table_full", 1, Duration::from_secs(2));
     // ...and is counted as unknown from the socket table instead.
     wait_for(&agent, "unknown", 1, Duration::from_secs(3));
-    let drain = agent.cli_in_background(&["drain", BACKEND, "--wait", "--json"]);
-    assert_eq!(slow.read_response().unwrap().status, 200);
-    let answered = sent.elapsed();
-    let drained_cli = drain.join().unwrap();
-    let (code, stdout) = (drained_cli.code, drained_cli.stdout);
-    let drained = sent.elapsed();
-    assert_eq!(code, Some(0), "{stdout}");
-    assert!(
-        drained >= answered,
-        "the drain returned before the untracked request was answered ({drained:?} < {answered:?})"
-    );
+    drain_outlasts(&agent, &mut slow);
     drop(idle);
 }
