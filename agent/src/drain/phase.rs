@@ -189,13 +189,7 @@ impl Board {
     pub fn set_step_group(&self, backend: usize, group: Option<i32>) {
         let phases = self.phases.lock().expect("phase lock");
         self.step_groups.lock().expect("step group lock")[backend] = group;
-        let running = Board::running_record(&self.running.lock().expect("running lock"));
-        let _ = self.persist(
-            &phases,
-            running
-                .as_ref()
-                .map(|(backend, operation)| (*backend, operation.as_str())),
-        );
+        let _ = self.persist_with_running(&phases);
     }
 
     /// Journal writes that failed since the start.
@@ -234,6 +228,17 @@ impl Board {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(%err, "the operation journal could not be written");
         })
+    }
+
+    /// Writes `phases` with whatever operation is running now.
+    fn persist_with_running(&self, phases: &[PhaseState]) -> Result<(), JournalError> {
+        let running = Board::running_record(&self.running.lock().expect("running lock"));
+        self.persist(
+            phases,
+            running
+                .as_ref()
+                .map(|(backend, operation)| (*backend, operation.as_str())),
+        )
     }
 
     /// The running operation as the journal names it: (backend, operation word).
@@ -278,14 +283,8 @@ impl Board {
             since: Instant::now(),
             reason,
         };
-        let running = Board::running_record(&self.running.lock().expect("running lock"));
         // Logged and counted on failure: stopping half-way would strand the server.
-        let _ = self.persist(
-            &phases,
-            running
-                .as_ref()
-                .map(|(backend, operation)| (*backend, operation.as_str())),
-        );
+        let _ = self.persist_with_running(&phases);
     }
 
     /// Claims the node for `operation` ("drain", "cycle", "resume", "reconcile") on
