@@ -6,6 +6,7 @@
 
 pub mod counters;
 pub mod flow;
+pub mod gate;
 
 /// Names of the maps and programs in the eBPF object. The eBPF crate's `#[map]` statics carry
 /// the same names (the macro takes a literal), and userspace looks them up through these.
@@ -23,10 +24,19 @@ pub mod names {
     pub const JUST_ENDED: &str = "JUST_ENDED";
     /// `PerCpuArray<BackendCounters>` indexed by backend index.
     pub const BACKEND_COUNTERS: &str = "BACKEND_COUNTERS";
+    /// `Array<Gate>` indexed by backend index: until when new connections are refused.
+    pub const GATES: &str = "GATES";
+    /// `LpmTrie<AllowedSource, u8>`: per backend, the sources a closed gate still accepts.
+    pub const GATE_ALLOW: &str = "GATE_ALLOW";
+    /// `PerCpuArray<GateCounters>` indexed by backend index.
+    pub const GATE_COUNTERS: &str = "GATE_COUNTERS";
     /// TC classifier for packets arriving at the node (client → server).
     pub const INGRESS_PROGRAM: &str = "drain_ingress";
     /// TC classifier for packets leaving the node (server → client).
     pub const EGRESS_PROGRAM: &str = "drain_egress";
+    /// XDP program on the interfaces of backends with a gate: refuses new connections to a
+    /// closed gate's ports with a RST.
+    pub const GATE_PROGRAM: &str = "drain_gate";
     /// `sock_ops` program on the cgroup-v2 root: where connections start and end.
     pub const SOCK_OPS_PROGRAM: &str = "drain_sock_ops";
     /// Global (`u64`) the loader sets to the agent's network namespace cookie: the `sock_ops`

@@ -2,7 +2,9 @@
 //! flows from the kernel's own socket state, and two TC classifiers (ingress and egress) that
 //! keep each flow's in-flight state from its segments, with per-backend aggregates of
 //! established, in-flight and idle connections. They only observe: every packet continues
-//! unchanged, every socket operation proceeds.
+//! unchanged, every socket operation proceeds. The one program that steers is the gate (XDP),
+//! attached only where a backend configures one: while a backend drains, it refuses new
+//! connections to its ports with a RST, until a deadline it checks itself.
 #![no_std]
 #![no_main]
 // The BPF target offers no compare-and-swap through core::sync::atomic (it lacks 32-bit
@@ -11,6 +13,7 @@
 #![allow(internal_features)]
 
 mod accounting;
+mod gate;
 mod lifecycle;
 mod maps;
 mod packet;
@@ -18,8 +21,8 @@ mod tracking;
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
-    macros::{classifier, sock_ops},
-    programs::{SockOpsContext, TcContext},
+    macros::{classifier, sock_ops, xdp},
+    programs::{SockOpsContext, TcContext, XdpContext},
 };
 
 /// Client → node. `TC_ACT_UNSPEC` hands the packet to the next program (or the stack) untouched.
@@ -38,6 +41,12 @@ pub fn drain_egress(ctx: TcContext) -> i32 {
         tracking::from_server(&segment);
     }
     TC_ACT_UNSPEC
+}
+
+/// The gate: a RST for a new connection to a closed backend, `XDP_PASS` for everything else.
+#[xdp]
+pub fn drain_gate(ctx: XdpContext) -> u32 {
+    gate::handle(&ctx)
 }
 
 /// Connection lifecycle on every TCP socket of the node (cgroup-v2 root). Returns 1: never

@@ -3,12 +3,13 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use drain_agent_common::{
     DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS,
     counters::BackendCounters,
     flow::{Flow, FlowKey},
+    gate::{AllowedSource, Gate, GateCounters, MAX_ALLOWED_SOURCES},
 };
 
 /// Local port → backend index + 1 (0: not watched). An array so that rejecting a packet of an
@@ -42,3 +43,22 @@ pub static JUST_ENDED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(4
 #[map]
 pub static BACKEND_COUNTERS: PerCpuArray<BackendCounters> =
     PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Per backend, until when its gate refuses new connections (0: open). Written by userspace.
+#[map]
+pub static GATES: Array<Gate> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Per backend, the sources a closed gate still accepts (typically the load balancers, so
+/// that their health checks keep working). Written by userspace at start.
+#[map]
+pub static GATE_ALLOW: LpmTrie<AllowedSource, u8> =
+    LpmTrie::with_max_entries(MAX_ALLOWED_SOURCES, BPF_F_NO_PREALLOC);
+
+/// Per backend, refused and allowed new connections, per CPU.
+#[map]
+pub static GATE_COUNTERS: PerCpuArray<GateCounters> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// When this CPU last logged a refusal (CLOCK_MONOTONIC ns): the log's rate limit.
+#[map]
+pub static GATE_LOGGED_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);

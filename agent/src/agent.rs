@@ -46,6 +46,15 @@ impl KernelView for Kernel {
             }
         }
     }
+
+    fn set_gate(&self, backend: usize, closed_for: Option<Duration>) -> Result<bool, String> {
+        let mut tracker = self.tracker.lock().expect("tracker lock");
+        match closed_for {
+            Some(deadline) => tracker.close_gate(backend, deadline),
+            None => tracker.open_gate(backend),
+        }
+        .map_err(|err| err.to_string())
+    }
 }
 
 /// The last finished operation of a backend, for `status`.
@@ -81,7 +90,7 @@ pub fn run(config: Config, mode: KernelMode) -> anyhow::Result<()> {
     runtime.block_on(serve(config, tracker))
 }
 
-async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
+async fn serve(config: Config, mut tracker: Tracker) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let control_gid = match &config.control_group {
         Some(name) => Some(
@@ -101,9 +110,13 @@ async fn serve(config: Config, tracker: Tracker) -> anyhow::Result<()> {
     )
     .await?;
     let metrics_listener = listen(config.metrics_listen, "metrics", "metrics_listen").await?;
+    let kernel_log = tracker.take_kernel_log();
     let kernel = Arc::new(Kernel {
         tracker: Mutex::new(tracker),
     });
+    if let Some(log) = kernel_log {
+        tokio::spawn(read_kernel_log(log));
+    }
     let journal = Journal::open(&config.state_dir)?;
     let (record, torn) = match journal.read()? {
         Found::Nothing => (Record::default(), None),
@@ -735,6 +748,30 @@ fn backend_status(
         reason: None,
         last_operation: None,
         drift: Vec::new(),
+        gate: sample.gate.as_ref().map(crate::status::GateStatus::of),
+    }
+}
+
+/// Hands the kernel programs' aya-log records to the agent's log as they arrive.
+async fn read_kernel_log(log: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's descriptor for as long as it lives, and the
+    // AsyncFd owns the logger.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(log, tokio::io::Interest::READABLE)
+    };
+    let mut log = match registered {
+        Ok(log) => log,
+        Err(err) => {
+            warn!(%err, "cannot wait for kernel-side log records; they are not shown");
+            return;
+        }
+    };
+    loop {
+        let Ok(mut ready) = log.readable_mut().await else {
+            return;
+        };
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
     }
 }
 

@@ -26,10 +26,14 @@ pub struct Status {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Attachment {
     pub interface: String,
-    /// "ingress", "egress" or "sock_ops".
+    /// "ingress", "egress", "sock_ops" or "gate" (XDP).
     pub direction: String,
     /// Kernel program id (`bpftool prog show id N`).
     pub program_id: u32,
+    /// The gate's XDP mode: "native" (in the driver) or "generic" (in the network stack,
+    /// where the driver has no XDP support).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 /// Flow table fill level.
@@ -87,6 +91,40 @@ pub struct BackendStatus {
     /// sentence each (drift.rs).
     #[serde(default)]
     pub drift: Vec<String>,
+    /// The backend's kernel gate, when it has one.
+    #[serde(default)]
+    pub gate: Option<GateStatus>,
+}
+
+/// A backend's kernel gate (docs/gate.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GateStatus {
+    /// "open", "closed", or "expired" (closed by the agent, opened by its own deadline).
+    pub state: String,
+    /// Seconds until a closed gate opens by itself.
+    pub opens_in_seconds: Option<f64>,
+    /// New connections refused since the agent started.
+    pub refused: u64,
+    /// New connections from allowed sources let through a closed gate since the agent
+    /// started.
+    pub allowed: u64,
+}
+
+impl GateStatus {
+    /// The status of a kernel sample.
+    pub fn of(sample: &crate::kernel::gate::GateSample) -> GateStatus {
+        let state = match (sample.closed_for, sample.expired) {
+            (Some(_), _) => "closed",
+            (None, true) => "expired",
+            (None, false) => "open",
+        };
+        GateStatus {
+            state: state.to_string(),
+            opens_in_seconds: sample.closed_for.map(|left| left.as_secs_f64()),
+            refused: sample.refused,
+            allowed: sample.allowed,
+        }
+    }
 }
 
 /// How the last operation of a backend ended, and what each load balancer confirmed.
@@ -178,7 +216,31 @@ impl Status {
                 show(backend.flow_table_full),
             );
         }
+        for attachment in &self.attachments {
+            if let Some(mode) = &attachment.mode {
+                let _ = writeln!(
+                    out,
+                    "gate: XDP on {} in {mode} mode (program {})",
+                    attachment.interface, attachment.program_id
+                );
+            }
+        }
         for backend in &self.backends {
+            if let Some(gate) = &backend.gate {
+                let state = match gate.opens_in_seconds {
+                    Some(left) => format!("closed (opens by itself in {left:.0}s)"),
+                    None if gate.state == "expired" => {
+                        "open: its deadline passed while the agent had it closed".to_string()
+                    }
+                    None => gate.state.clone(),
+                };
+                let _ = writeln!(
+                    out,
+                    "{}: gate {state}; {} new connection(s) refused, {} from allowed sources let \
+                     through",
+                    backend.name, gate.refused, gate.allowed
+                );
+            }
             for sentence in &backend.drift {
                 let _ = writeln!(out, "warning: {}: {sentence}", backend.name);
             }

@@ -216,6 +216,40 @@ pub struct Backend {
     pub restart: Option<Step>,
     pub health: Option<HealthCheck>,
     pub rollback: Option<Step>,
+    /// The kernel gate: while the backend drains, new connections from other sources are
+    /// refused with a RST (docs/gate.md).
+    pub gate: Option<Gate>,
+}
+
+/// A backend's kernel gate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gate {
+    /// Sources whose new connections a closed gate still accepts (typically the load
+    /// balancers, whose health checks must keep working).
+    pub allow: Vec<ipnet::IpNet>,
+    /// How long a closed gate stays closed at most, when the operator sets it; otherwise
+    /// computed from the backend's budgets.
+    pub deadline: Option<Duration>,
+}
+
+/// Added to a closed gate's deadline beyond the operation's own budgets.
+pub const GATE_MARGIN: Duration = Duration::from_secs(30);
+
+impl Backend {
+    /// How long a gate closed for this backend stays closed at most: the drain's timeout, the
+    /// restart's and the rollback's, two health checks (after each), and a margin. The kernel
+    /// opens it by itself then, so an agent that hangs cannot keep the node closed.
+    pub fn gate_deadline(&self) -> Duration {
+        if let Some(deadline) = self.gate.as_ref().and_then(|gate| gate.deadline) {
+            return deadline;
+        }
+        let step = |step: &Option<Step>| step.as_ref().map_or(Duration::ZERO, |s| s.timeout);
+        let health = self
+            .health
+            .as_ref()
+            .map_or(DEFAULT_HEALTH_TIMEOUT, |health| health.timeout);
+        self.drain_timeout + step(&self.restart) + step(&self.rollback) + health * 2 + GATE_MARGIN
+    }
 }
 
 /// How long in-flight work may take to finish unless the backend says otherwise.

@@ -62,6 +62,16 @@ pub struct RawBackend {
     pub restart: Option<Spanned<RawStep>>,
     pub health: Option<Spanned<RawHealth>>,
     pub rollback: Option<Spanned<RawStep>>,
+    pub gate: Option<Spanned<RawGate>>,
+}
+
+/// `gate = { allow = [...] }`: its presence closes the kernel gate while the backend drains.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGate {
+    pub allow: Vec<AllowedSource>,
+    /// Overrides the computed deadline (see `Backend::gate_deadline`).
+    pub deadline: Option<Interval>,
 }
 
 #[derive(Deserialize)]
@@ -246,7 +256,8 @@ value_type!(
 );
 
 value_type!(
-    /// A source allowed to connect to the agent-check port: an address or a network.
+    /// A source allowed through (to the agent-check port, or through a closed gate): an
+    /// address or a network.
     AllowedSource(ipnet::IpNet),
     |value| {
         let example = "\"10.0.0.0/24\" or \"fd00::1\"";

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use drain_agent_common::{DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS};
+use drain_agent_common::{DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS, gate::MAX_ALLOWED_SOURCES};
 use toml::Spanned;
 
 use super::{
@@ -10,7 +10,7 @@ use super::{
     DEFAULT_AGENT_CHECK_MAX_CONNECTIONS, DEFAULT_CONTROL_SOCKET, DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_FLOW_IDLE_CHECK, DEFAULT_HEALTH_TIMEOUT, DEFAULT_MIN_SERVING, DEFAULT_QUIET_PERIOD,
     DEFAULT_RUNTIME_API_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STATE_DIR, DEFAULT_STEP_TIMEOUT,
-    HaproxyServer, HealthCheck, LoadBalancer, OnRestart, OnShutdown, OnTimeout, Probe, Step,
+    Gate, HaproxyServer, HealthCheck, LoadBalancer, OnRestart, OnShutdown, OnTimeout, Probe, Step,
     error::Locator,
     raw::{RawBackend, RawConfig, RawHealth, RawStep},
 };
@@ -301,6 +301,34 @@ fn backend_of(
         .health
         .map(|health| health_check(at, health, &key("health")))
         .transpose()?;
+    let gate = match raw.gate {
+        None => None,
+        Some(gate) => {
+            let span = gate.span();
+            lines.insert(key("gate"), at.line(span.start));
+            let gate = gate.into_inner();
+            let deadline = gate.deadline.map(|deadline| deadline.0);
+            let allow: Vec<ipnet::IpNet> = gate.allow.into_iter().map(|a| a.0).collect();
+            let total = allow.len()
+                + before
+                    .iter()
+                    .filter_map(|other| other.gate.as_ref())
+                    .map(|gate| gate.allow.len())
+                    .sum::<usize>();
+            if total > MAX_ALLOWED_SOURCES as usize {
+                return Err(at.error(
+                    Some(span),
+                    key("gate.allow"),
+                    format!(
+                        "the gates' allow lists hold {total} entries in all, more than the \
+                         kernel map's {MAX_ALLOWED_SOURCES}: list networks rather than single \
+                         addresses"
+                    ),
+                ));
+            }
+            Some(Gate { allow, deadline })
+        }
+    };
     Ok(Backend {
         name,
         ports,
@@ -311,6 +339,7 @@ fn backend_of(
         restart,
         health,
         rollback,
+        gate,
     })
 }
 

@@ -19,7 +19,8 @@ use tracing::{error, info, warn};
 use super::{
     phase::{Board, CancelToken, ClaimError, Phase, millis},
     report::{
-        Counts, KernelSeen, LoadBalancerReport, Outcome, PhaseTiming, Progress, Report, Via, exit,
+        Counts, GateReport, KernelSeen, LoadBalancerReport, Outcome, PhaseTiming, Progress, Report,
+        Via, exit,
     },
 };
 use crate::{
@@ -68,6 +69,9 @@ impl Kind {
 pub trait KernelView: Send + Sync + 'static {
     /// The backend's numbers; an error says why they could not be read (never "all zero").
     fn sample(&self, backend: usize) -> Result<BackendSample, String>;
+    /// Closes the backend's kernel gate for at most `closed_for`, or opens it (`None`).
+    /// `Ok(false)`: the backend has no gate here (none configured, or procfs mode).
+    fn set_gate(&self, backend: usize, closed_for: Option<Duration>) -> Result<bool, String>;
 }
 
 /// An operation that did not start; nothing was changed.
@@ -156,12 +160,17 @@ impl Operations {
                 ),
             ));
         }
-        if backend.haproxy.is_none() && self.config.agent_check_listen.is_none() {
+        // The kernel gate alone also stops new connections (direct clients see "connection
+        // refused" and retry elsewhere).
+        if backend.haproxy.is_none()
+            && self.config.agent_check_listen.is_none()
+            && backend.gate.is_none()
+        {
             return Err(Refusal::new(
                 exit::CONFIG,
                 format!(
-                    "backend `{}` has no `haproxy` server and agent_check_listen is not set: \
-                     nothing would stop new requests reaching it",
+                    "backend `{}` has no `haproxy` server, agent_check_listen is not set and it \
+                     has no `gate`: nothing would stop new requests reaching it",
                     backend.name
                 ),
             ));
@@ -415,6 +424,10 @@ impl Run {
                 drain_evidence: None,
                 reconciled_before: ops.reconciled.lock().expect("reconciled lock").take(),
                 kernel: None,
+                gate: backend.gate.as_ref().map(|_| GateReport {
+                    deadline_s: backend.gate_deadline().as_secs(),
+                    ..GateReport::default()
+                }),
                 total_ms: 0,
             },
             backend,
@@ -485,6 +498,9 @@ impl Run {
             }
             let confirmed = pollers.settle(self, Phase::Draining);
             if confirmed && !started_sent {
+                // Every load balancer has stopped sending new work: from now on a new
+                // connection comes from something that does not follow them.
+                self.close_gate();
                 let _ = self
                     .events
                     .send(Event::Started {
@@ -1019,6 +1035,15 @@ impl Run {
     pub(super) fn enter(&mut self, phase: Phase, reason: Option<String>) {
         self.close_phase();
         self.board.set(self.index, phase, reason);
+        // The gate follows the phase: open whenever the backend serves or has failed (a
+        // failed service is out of rotation on the load balancers, and refusing does not
+        // help it), closed from the drain's confirmation until it serves again. Draining
+        // closes it itself, once the load balancers confirmed.
+        match phase {
+            Phase::Serving | Phase::Failed => self.open_gate(),
+            Phase::Drained | Phase::Restarting | Phase::Verifying => self.close_gate(),
+            Phase::Draining => {}
+        }
         self.phase_started = Instant::now();
         self.report.phases.push(PhaseTiming {
             phase,
@@ -1029,6 +1054,63 @@ impl Run {
         let _ = self
             .events
             .try_send(Event::Progress(self.progress(&sample, None)));
+    }
+
+    /// Closes the backend's gate (if it has one and this operation has not closed it yet),
+    /// with its deadline. A failure is reported, and the drain goes on: the gate fails open.
+    pub(super) fn close_gate(&mut self) {
+        let Some(gate) = self.report.gate.as_ref() else {
+            return;
+        };
+        if gate.closed_ms.is_some() && gate.opened_ms.is_none() {
+            return;
+        }
+        let at = millis(self.started.elapsed());
+        let result = self
+            .kernel
+            .set_gate(self.index, Some(self.backend.gate_deadline()));
+        let gate = self.report.gate.as_mut().expect("checked above");
+        match result {
+            Ok(true) => {
+                gate.closed_ms = Some(at);
+                gate.opened_ms = None;
+                info!(
+                    backend = self.backend.name,
+                    deadline_s = gate.deadline_s,
+                    "gate closed: new connections from sources outside its allow list are refused"
+                );
+            }
+            Ok(false) => {
+                gate.problem = Some("no gate in this kernel mode (procfs)".into());
+            }
+            Err(err) => {
+                warn!(backend = self.backend.name, %err, "could not close the gate; draining without it");
+                gate.problem = Some(format!("could not close: {err}"));
+            }
+        }
+    }
+
+    /// Opens the backend's gate, whether this operation or an earlier drain closed it.
+    fn open_gate(&mut self) {
+        if self.report.gate.is_none() {
+            return;
+        }
+        let at = millis(self.started.elapsed());
+        let result = self.kernel.set_gate(self.index, None);
+        let gate = self.report.gate.as_mut().expect("checked above");
+        match result {
+            Ok(_) => {
+                if gate.closed_ms.is_some() && gate.opened_ms.is_none() {
+                    gate.opened_ms = Some(at);
+                    info!(backend = self.backend.name, "gate opened");
+                }
+            }
+            Err(err) => {
+                // The deadline in the kernel still opens it.
+                warn!(backend = self.backend.name, %err, "could not open the gate; it opens at its deadline");
+                gate.problem = Some(format!("could not open: {err}; it opens at its deadline"));
+            }
+        }
     }
 
     fn close_phase(&mut self) {
@@ -1058,6 +1140,11 @@ impl Run {
                 cut_in_flight: delta(before.cut_in_flight, after.cut_in_flight),
                 accepted: delta(before.accepted, after.accepted),
             });
+            if let (Some(gate), Some(now)) = (self.report.gate.as_mut(), after.gate) {
+                let then = before.gate.unwrap_or_default();
+                gate.refused = now.refused.saturating_sub(then.refused);
+                gate.allowed = now.allowed.saturating_sub(then.allowed);
+            }
         }
         self.report.clone()
     }

@@ -36,6 +36,14 @@ impl Operations {
                 "the previous agent stopped in the middle of an operation: reconciling"
             );
             self.log_load_balancers(index).await;
+            if self.config.backends[index].gate.is_some() && phase != Phase::Serving {
+                // Its XDP link went with the previous agent's process, and the new programs
+                // start with every gate open: nothing to undo in the kernel.
+                info!(
+                    backend = name,
+                    "the gate the previous agent may have closed opened when it stopped"
+                );
+            }
             match self.reconcile(index, &operation, phase).await {
                 Ok(report) => {
                     info!(
@@ -104,6 +112,8 @@ impl Operations {
         let report = match phase {
             // The service may be half restarted: verify it before anything goes back.
             Phase::Restarting | Phase::Verifying => {
+                // Out of rotation until verified: refuse direct clients meanwhile too.
+                run.close_gate();
                 // The old service can still answer while the command stops it: wait for the
                 // command the previous agent started before trusting a health check.
                 if let Some(group) = self.board.interrupted_step_group(index) {

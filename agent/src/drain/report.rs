@@ -163,6 +163,24 @@ pub struct KernelSeen {
     pub accepted: u64,
 }
 
+/// What the backend's kernel gate did during the operation (backends with `gate`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GateReport {
+    /// When the gate closed (ms since the operation started); `None`: it never closed.
+    pub closed_ms: Option<u64>,
+    /// When it opened again; `None` while it stays closed (a drain that ends drained).
+    pub opened_ms: Option<u64>,
+    /// The deadline the kernel opens it at by itself, counted from when it closed (s).
+    pub deadline_s: u64,
+    /// New connections refused with a RST while the operation ran.
+    pub refused: u64,
+    /// New connections from allowed sources let through meanwhile.
+    pub allowed: u64,
+    /// What went wrong with the gate, if anything (it fails open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
 /// The final report of a drain or cycle.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Report {
@@ -192,6 +210,9 @@ pub struct Report {
     pub rollback: Option<String>,
     pub load_balancers: Vec<LoadBalancerReport>,
     pub kernel: Option<KernelSeen>,
+    /// The kernel gate, for a backend that has one.
+    #[serde(default)]
+    pub gate: Option<GateReport>,
     /// What the agent found and did when it last started after a crash, if that has not been
     /// reported yet (a reconciliation).
     pub reconciled_before: Option<String>,
@@ -271,6 +292,35 @@ impl Report {
                 kernel.resets_by_node, kernel.cut_in_flight
             ));
         }
+        if let Some(gate) = &self.gate {
+            out.push_str(&format!("  gate: {}\n", gate.render()));
+        }
         out
+    }
+}
+
+impl GateReport {
+    /// One line: when it closed and opened, and what it refused.
+    pub fn render(&self) -> String {
+        let at = |ms: u64| format!("{:.3}s", ms as f64 / 1000.0);
+        let mut line = match (self.closed_ms, self.opened_ms) {
+            (None, _) => "never closed".to_string(),
+            (Some(closed), Some(opened)) => {
+                format!("closed at {} and opened at {}", at(closed), at(opened))
+            }
+            (Some(closed), None) => format!(
+                "closed at {} and still closed (it opens by itself {}s after closing)",
+                at(closed),
+                self.deadline_s
+            ),
+        };
+        line.push_str(&format!(
+            "; {} new connection(s) refused, {} from allowed sources let through",
+            self.refused, self.allowed
+        ));
+        if let Some(problem) = &self.problem {
+            line.push_str(&format!(" ({problem})"));
+        }
+        line
     }
 }

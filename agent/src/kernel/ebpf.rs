@@ -26,7 +26,7 @@ use drain_agent_common::{
 };
 use tracing::{debug, info, warn};
 
-use super::{BackendSample, TrackerError, sockets};
+use super::{BackendSample, TrackerError, gate, sockets};
 use crate::{config::Config, status::Attachment};
 
 /// The eBPF object, built by build.rs from agent-ebpf.
@@ -66,6 +66,10 @@ pub struct EbpfTracker {
     /// Per backend, the `flow_table_full` total the last seeding from the socket table
     /// covered: above it, connections went untracked and are not yet counted as unknown.
     untracked_covered: Vec<u64>,
+    /// Per backend, whether it has a gate.
+    gates: Vec<bool>,
+    /// The kernel programs' log records, until the agent's runtime takes them.
+    kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl EbpfTracker {
@@ -85,10 +89,18 @@ impl EbpfTracker {
 
         let netns_cookie = netns_cookie()?;
         let cgroup_root = cgroup2_root()?;
+        // Kernel-side log records below debug are skipped in the kernel unless the agent's
+        // own log shows debug lines.
+        let kernel_log_level = if tracing::enabled!(tracing::Level::DEBUG) {
+            aya_log::Level::Debug
+        } else {
+            aya_log::Level::Info
+        } as u8;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::FLOWS, config.flow_table_size)
             .map_max_entries(names::SEEDED_FLOWS, config.flow_table_size)
             .override_global(names::NETNS_COOKIE, &netns_cookie, true)
+            .override_global(aya_log::LEVEL, &kernel_log_level, false)
             .load(EBPF_OBJECT)
             .map_err(TrackerError::load)?;
 
@@ -142,6 +154,7 @@ impl EbpfTracker {
                 interface: cgroup_root.display().to_string(),
                 direction: "sock_ops".to_string(),
                 program_id,
+                mode: None,
             });
         }
         for (program, attach_type, direction) in [
@@ -173,13 +186,21 @@ impl EbpfTracker {
                     interface: interface.clone(),
                     direction: direction.to_string(),
                     program_id,
+                    mode: None,
                 });
             }
         }
+        let kernel_log = if gate::wanted(config) {
+            attachments.extend(gate::attach(&mut ebpf, config)?);
+            gate::kernel_log(&mut ebpf)
+        } else {
+            None
+        };
         info!(
             interfaces = ?config.interfaces,
             backends = config.backends.len(),
             flow_table_size = config.flow_table_size,
+            gate = gate::wanted(config),
             "kernel programs attached"
         );
 
@@ -198,6 +219,12 @@ impl EbpfTracker {
                 .flat_map(|(index, backend)| backend.ports.iter().map(move |&port| (port, index)))
                 .collect(),
             untracked_covered: vec![0; config.backends.len()],
+            gates: config
+                .backends
+                .iter()
+                .map(|backend| backend.gate.is_some())
+                .collect(),
+            kernel_log,
         }
         .with_existing_connections())
     }
@@ -345,6 +372,9 @@ impl EbpfTracker {
                     cut_in_flight: Some(total.cut_in_flight + adjustment.cut_in_flight),
                     since_last_idle: (total.last_idle_ns != 0)
                         .then(|| Duration::from_nanos(now.saturating_sub(total.last_idle_ns))),
+                    gate: self.gates[index]
+                        .then(|| gate::sample(&self.ebpf, index))
+                        .transpose()?,
                 })
             })
             .collect()
@@ -353,6 +383,29 @@ impl EbpfTracker {
     /// Where the programs are attached.
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
+    }
+
+    /// Closes backend `index`'s gate for at most `deadline`; `Ok(false)` when it has none.
+    pub fn close_gate(&mut self, index: usize, deadline: Duration) -> Result<bool, TrackerError> {
+        if !self.gates.get(index).copied().unwrap_or(false) {
+            return Ok(false);
+        }
+        gate::close(&mut self.ebpf, index, deadline)?;
+        Ok(true)
+    }
+
+    /// Opens backend `index`'s gate; `Ok(false)` when it has none.
+    pub fn open_gate(&mut self, index: usize) -> Result<bool, TrackerError> {
+        if !self.gates.get(index).copied().unwrap_or(false) {
+            return Ok(false);
+        }
+        gate::open(&mut self.ebpf, index)?;
+        Ok(true)
+    }
+
+    /// The kernel programs' log records, once (the agent's runtime reads them).
+    pub fn take_kernel_log(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.kernel_log.take()
     }
 
     /// Size of the flow table.
@@ -613,13 +666,16 @@ fn unescape(field: &str) -> PathBuf {
     PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
 }
 
-fn map<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, TrackerError> {
+pub(super) fn map<'a>(
+    ebpf: &'a Ebpf,
+    name: &'static str,
+) -> Result<&'a aya::maps::Map, TrackerError> {
     ebpf.map(name).ok_or_else(|| TrackerError::Load {
         cause: format!("map {name} missing from the eBPF object"),
     })
 }
 
-fn map_mut<'a>(
+pub(super) fn map_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut aya::maps::Map, TrackerError> {
@@ -628,11 +684,11 @@ fn map_mut<'a>(
     })
 }
 
-fn load_error(err: impl std::error::Error) -> TrackerError {
+pub(super) fn load_error(err: impl std::error::Error) -> TrackerError {
     TrackerError::load(err)
 }
 
-fn read_error<E: std::error::Error + Send + Sync + 'static>(
+pub(super) fn read_error<E: std::error::Error + Send + Sync + 'static>(
     what: &'static str,
 ) -> impl Fn(E) -> TrackerError {
     move |err| TrackerError::Read {

@@ -1,6 +1,7 @@
 //! Where connection numbers come from: the eBPF programs, or /proc in degraded mode.
 
 pub mod ebpf;
+pub mod gate;
 pub mod procfs;
 pub mod sockets;
 
@@ -50,6 +51,8 @@ pub struct BackendSample {
     /// Connections went untracked (the flow table was full) and are not yet counted as
     /// unknown from the socket table: the kernel's quiet cannot be trusted meanwhile.
     pub untracked_pending: bool,
+    /// The backend's kernel gate, when it has one (eBPF mode).
+    pub gate: Option<gate::GateSample>,
 }
 
 impl BackendSample {
@@ -110,6 +113,31 @@ impl Tracker {
         match self {
             Tracker::Ebpf(tracker) => tracker.attachments().to_vec(),
             Tracker::Procfs(_) => Vec::new(),
+        }
+    }
+
+    /// Closes backend `index`'s gate for at most `deadline`. `Ok(false)`: it has none (or
+    /// procfs mode, where there is no gate).
+    pub fn close_gate(&mut self, index: usize, deadline: Duration) -> Result<bool, TrackerError> {
+        match self {
+            Tracker::Ebpf(tracker) => tracker.close_gate(index, deadline),
+            Tracker::Procfs(_) => Ok(false),
+        }
+    }
+
+    /// Opens backend `index`'s gate. `Ok(false)`: it has none.
+    pub fn open_gate(&mut self, index: usize) -> Result<bool, TrackerError> {
+        match self {
+            Tracker::Ebpf(tracker) => tracker.open_gate(index),
+            Tracker::Procfs(_) => Ok(false),
+        }
+    }
+
+    /// The kernel programs' log records (eBPF mode with a gate), once.
+    pub fn take_kernel_log(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        match self {
+            Tracker::Ebpf(tracker) => tracker.take_kernel_log(),
+            Tracker::Procfs(_) => None,
         }
     }
 

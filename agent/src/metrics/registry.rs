@@ -60,6 +60,9 @@ pub struct Metrics {
     drift: Family<Labels, Gauge>,
     reapplied: Family<Labels, Counter>,
     backend_table: Family<Labels, Gauge>,
+    gate_refused: Family<Labels, Counter>,
+    gate_allowed: Family<Labels, Counter>,
+    gate_closed: Family<Labels, Gauge>,
     /// Kernel totals at the previous scrape, to turn them into counter increments.
     previous: Mutex<Vec<BackendSample>>,
     ready: AtomicBool,
@@ -98,6 +101,9 @@ impl Metrics {
             drift: Family::default(),
             reapplied: Family::default(),
             backend_table: Family::default(),
+            gate_refused: Family::default(),
+            gate_allowed: Family::default(),
+            gate_closed: Family::default(),
             previous: Mutex::new(vec![BackendSample::default(); backends]),
             ready: AtomicBool::new(false),
             registry: Registry::default(),
@@ -141,6 +147,21 @@ impl Metrics {
             "flow_table_full",
             "New connections not tracked because the flow table was full",
             metrics.flow_table_full.clone(),
+        );
+        registry.register(
+            "gate_refused",
+            "New connections the kernel gate refused with a RST while the backend drained",
+            metrics.gate_refused.clone(),
+        );
+        registry.register(
+            "gate_allowed",
+            "New connections from allowed sources let through a closed gate",
+            metrics.gate_allowed.clone(),
+        );
+        registry.register(
+            "gate_closed",
+            "1 while the backend's kernel gate refuses new connections",
+            metrics.gate_closed.clone(),
         );
         registry.register(
             "flow_table_entries",
@@ -295,6 +316,22 @@ impl Metrics {
                 sample.flow_table_full,
                 before.flow_table_full,
             );
+            if let Some(gate) = &sample.gate {
+                let then = before.gate.unwrap_or_default();
+                grow(
+                    &self.gate_refused.get_or_create(&labels),
+                    Some(gate.refused),
+                    Some(then.refused),
+                );
+                grow(
+                    &self.gate_allowed.get_or_create(&labels),
+                    Some(gate.allowed),
+                    Some(then.allowed),
+                );
+                self.gate_closed
+                    .get_or_create(&labels)
+                    .set(i64::from(gate.closed_for.is_some()));
+            }
             *before = sample.clone();
         }
         if let Some((entries, capacity)) = table {

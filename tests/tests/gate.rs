@@ -1,0 +1,204 @@
+//! The kernel gate (XDP): while a backend drains, new connections from sources outside its
+//! allow list are refused at once with a RST; everything else passes; it opens when the agent
+//! dies or its deadline passes.
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr, TcpListener},
+    time::{Duration, Instant},
+};
+
+use drain_agent_tests::{Agent, Lab, wait_until};
+use socket2::{Domain, Socket, Type};
+
+const API: u16 = 8080;
+/// A port on the node that no backend watches.
+const OTHER: u16 = 8090;
+/// A second client address, the only source the gate lets through.
+const ALLOWED_V4: &str = "198.18.0.3";
+
+/// How a connect from the client namespace ended, and how long it took.
+fn connect_from(lab: &Lab, to: SocketAddr, from: Option<IpAddr>) -> (io::Result<()>, Duration) {
+    lab.client.run(move || {
+        let socket = Socket::new(Domain::for_address(to), Type::STREAM, None).unwrap();
+        if let Some(from) = from {
+            socket.bind(&SocketAddr::new(from, 0).into()).unwrap();
+        }
+        let started = Instant::now();
+        let result = socket.connect_timeout(&to.into(), Duration::from_secs(3));
+        (result, started.elapsed())
+    })
+}
+
+fn assert_refused_at_once(lab: &Lab, to: SocketAddr) {
+    let (result, took) = connect_from(lab, to, None);
+    let err = result.expect_err("the closed gate let a new connection through");
+    assert_eq!(
+        err.kind(),
+        io::ErrorKind::ConnectionRefused,
+        "expected connection refused to {to}, got {err}"
+    );
+    assert!(
+        took < Duration::from_millis(10),
+        "{to} refused after {took:?}: a RST must come at once, not after a retransmission"
+    );
+}
+
+fn assert_connects(lab: &Lab, to: SocketAddr, from: Option<IpAddr>) {
+    let (result, took) = connect_from(lab, to, from);
+    result.unwrap_or_else(|err| panic!("connect to {to} from {from:?} failed: {err}"));
+    assert!(took < Duration::from_secs(1), "connect took {took:?}");
+}
+
+/// A node with the API, a listener on a port no backend has, and an agent whose backend has
+/// a gate that lets only ALLOWED_V4 through.
+fn lab_with_gate(gate_extra: &str) -> (Lab, drain_agent_tests::Process, Agent) {
+    let lab = Lab::new();
+    lab.client
+        .ip(&["addr", "add", &format!("{ALLOWED_V4}/24"), "dev", "eth0"]);
+    let api = lab.start_api(API);
+    let listener = lab
+        .node
+        .run(|| TcpListener::bind(("::", OTHER)).expect("bind the other port"));
+    // Accepted connections are never read: the listener's backlog completes handshakes.
+    std::mem::forget(listener);
+    let agent = lab.start_agent(
+        &[],
+        &format!(
+            "agent_check_interval = \"500ms\"\nmetrics_listen = \"127.0.0.1:9477\"\n\n[[backend]]\nname = \"api\"\nports = [{API}]\n\
+             gate = {{ allow = [\"{ALLOWED_V4}/32\"]{gate_extra} }}\n"
+        ),
+        "ebpf",
+    );
+    (lab, api, agent)
+}
+
+fn drain(agent: &Agent) -> serde_json::Value {
+    let outcome = agent.cli(&["drain", "api", "--wait", "--json"]);
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    outcome.json()
+}
+
+#[test]
+fn a_closed_gate_refuses_new_connections_at_once_and_lets_everything_else_through() {
+    let (lab, _api, agent) = lab_with_gate("");
+    let attachments = agent.status()["attachments"].clone();
+    let gate = attachments
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["direction"] == "gate")
+        .unwrap_or_else(|| panic!("no gate attachment in status: {attachments}"));
+    assert!(
+        gate["mode"] == "native" || gate["mode"] == "generic",
+        "{gate}"
+    );
+    eprintln!("gate attached in {} mode", gate["mode"]);
+
+    // Open before the drain: a keep-alive connection that must keep working.
+    let mut before = lab.connect(Lab::node_addr(false, API));
+    assert_eq!(before.get("/").unwrap().status, 200);
+    // The first IPv6 contact waits for neighbour discovery (up to a second here): done before
+    // the gate closes, so that its timing below is the gate's alone.
+    for v6 in [false, true] {
+        let (result, _) = connect_from(&lab, Lab::node_addr(v6, API), None);
+        result.expect("connect before the drain");
+    }
+
+    let report = drain(&agent);
+    assert!(report["gate"]["closed_ms"].is_u64(), "{report}");
+    assert_eq!(agent.backend("api")["gate"]["state"], "closed");
+
+    assert_refused_at_once(&lab, Lab::node_addr(false, API));
+    assert_refused_at_once(&lab, Lab::node_addr(true, API));
+    assert_connects(
+        &lab,
+        Lab::node_addr(false, API),
+        Some(ALLOWED_V4.parse().unwrap()),
+    );
+    assert_eq!(
+        before.get("/").unwrap().status,
+        200,
+        "an established connection must pass a closed gate"
+    );
+    assert_connects(&lab, Lab::node_addr(false, OTHER), None);
+    assert_connects(&lab, Lab::node_addr(true, OTHER), None);
+
+    let gate = agent.backend("api")["gate"].clone();
+    assert_eq!(gate["refused"], 2, "{gate}");
+    assert_eq!(gate["allowed"], 1, "{gate}");
+    let metrics = scrape(&lab);
+    assert!(
+        metrics.contains("drain_agent_gate_refused_total{backend=\"api\"} 2"),
+        "{metrics}"
+    );
+
+    let resumed = agent.cli(&["resume", "api", "--json"]);
+    assert_eq!(resumed.code, Some(0), "{resumed:?}");
+    assert_eq!(agent.backend("api")["gate"]["state"], "open");
+    assert_connects(&lab, Lab::node_addr(false, API), None);
+    assert_connects(&lab, Lab::node_addr(true, API), None);
+}
+
+#[test]
+fn sigkill_of_the_agent_with_the_gate_closed_opens_the_node_within_a_second() {
+    let (lab, _api, mut agent) = lab_with_gate("");
+    drain(&agent);
+    assert_refused_at_once(&lab, Lab::node_addr(false, API));
+    agent.process.signal(nix::sys::signal::Signal::SIGKILL);
+    let killed = Instant::now();
+    wait_until(
+        Duration::from_secs(1),
+        "a new connection to succeed after the agent's SIGKILL",
+        || {
+            connect_from(&lab, Lab::node_addr(false, API), None)
+                .0
+                .is_ok()
+        },
+    );
+    eprintln!("open {:?} after SIGKILL", killed.elapsed());
+    agent.process.wait(Duration::from_secs(5));
+}
+
+#[test]
+fn a_hung_agents_gate_opens_by_itself_at_its_deadline() {
+    let (lab, _api, agent) = lab_with_gate(", deadline = \"2s\"");
+    let report = drain(&agent);
+    assert_eq!(report["gate"]["deadline_s"], 2, "{report}");
+    assert_refused_at_once(&lab, Lab::node_addr(false, API));
+    agent.process.signal(nix::sys::signal::Signal::SIGSTOP);
+    let stopped = Instant::now();
+    // SIGCONT even when an assertion fails, so the agent can be killed and cleaned up.
+    struct Continue(u32);
+    impl Drop for Continue {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0 as i32),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+    }
+    let _continue = Continue(agent.process.pid());
+    wait_until(
+        Duration::from_secs(4),
+        "the gate to open by itself while the agent is stopped",
+        || {
+            connect_from(&lab, Lab::node_addr(false, API), None)
+                .0
+                .is_ok()
+        },
+    );
+    eprintln!("open {:?} after SIGSTOP", stopped.elapsed());
+    drop(_continue);
+    assert_eq!(agent.backend("api")["gate"]["state"], "expired");
+}
+
+fn scrape(lab: &Lab) -> String {
+    let out = lab
+        .node
+        .command("curl")
+        .args(["-sf", "http://127.0.0.1:9477/metrics"])
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
