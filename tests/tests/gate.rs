@@ -8,7 +8,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use drain_agent_tests::{Agent, Lab, wait_until};
+use drain_agent_tests::{
+    Agent, CliOutcome, Lab,
+    load::{Connections, Load, LoadResult},
+    topology::{
+        AGENT_CHECK_PORT, BACKEND, FRONTEND_PORT, Haproxy, Topology, haproxy_config, start_api,
+        start_node_agent,
+    },
+    wait_until,
+};
 use socket2::{Domain, Socket, Type};
 
 const API: u16 = 8080;
@@ -201,4 +209,109 @@ fn scrape(lab: &Lab) -> String {
         .output()
         .expect("run curl");
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// client, lb1 (known to the agents: runtime API and agent-check), lb2 (unknown to them: no
+/// agent-check, closes server connections after each request so every request is a new
+/// connection, redispatches a refused connect at once), node1 and node2. With `gate`, each
+/// node's gate lets only lb1 through.
+fn tier_with_an_unknown_load_balancer(gate: bool) -> (Topology, Vec<Haproxy>, Vec<Agent>) {
+    let topology = Topology::new(&["client", "lb1", "lb2", "node1", "node2"]);
+    let nodes = [topology.host("node1"), topology.host("node2")];
+    let (lb1, lb2) = (topology.host("lb1"), topology.host("lb2"));
+    for node in nodes {
+        start_api(node, "1.0");
+    }
+    let mut extra = "drain_timeout = \"8s\"\n".to_string();
+    if gate {
+        extra.push_str(&format!("gate = {{ allow = [\"{}/32\"] }}\n", lb1.v4));
+    }
+    let agents = nodes
+        .iter()
+        .map(|node| start_node_agent(node, &[lb1], &extra, ""))
+        .collect();
+    let unknown = haproxy_config(lb2, &nodes)
+        .replace(
+            &format!(
+                " agent-check agent-port {AGENT_CHECK_PORT} agent-inter 500ms agent-send \"{BACKEND}\\n\""
+            ),
+            "",
+        )
+        .replace("http-reuse always", "option http-server-close")
+        .replace("option redispatch\n", "option redispatch 1\n");
+    assert!(!unknown.contains("agent-check"), "{unknown}");
+    let lbs = vec![
+        Haproxy::start(lb1, &haproxy_config(lb1, &nodes)),
+        Haproxy::start(lb2, &unknown),
+    ];
+    for lb in &lbs {
+        for node in ["node1", "node2"] {
+            wait_until(Duration::from_secs(10), &format!("{node} UP"), || {
+                lb.status(node) == "UP"
+            });
+        }
+    }
+    (topology, lbs, agents)
+}
+
+/// A cycle of node1 while clients send slow requests through the unknown load balancer.
+fn cycle_behind_an_unknown_load_balancer(gate: bool) -> (CliOutcome, LoadResult) {
+    let (topology, _lbs, agents) = tier_with_an_unknown_load_balancer(gate);
+    let client = topology.host("client");
+    let url = format!(
+        "http://{}:{FRONTEND_PORT}/slow?ms=100",
+        topology.host("lb2").v4
+    );
+    let load = Load::start(
+        &client.netns,
+        &client.dir,
+        &url,
+        100,
+        Duration::from_secs(16),
+        Connections::KeepAlive(64),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(topology.host("node1").dir.join("version"), "2.0").unwrap();
+    let outcome = agents[0].cli(&["cycle", "api", "--json"]);
+    (outcome, load.finish(Duration::from_secs(60)))
+}
+
+#[test]
+fn behind_a_load_balancer_the_agent_does_not_know_the_gate_ends_the_drain_on_time_and_loses_nothing()
+{
+    let (without, without_load) = cycle_behind_an_unknown_load_balancer(false);
+    let shown = |outcome: &CliOutcome| {
+        let report = outcome.json();
+        format!(
+            "exit {:?}, drained after {} ms: {}",
+            outcome.code, report["drained_ms"], report["message"]
+        )
+    };
+    let without_gate = format!(
+        "without the gate: {}; load: {} requests, {} failed",
+        shown(&without),
+        without_load.total,
+        without_load.errors + without_load.non_2xx
+    );
+    eprintln!("{without_gate}");
+    assert_ne!(
+        without.code,
+        Some(0),
+        "the unknown load balancer was expected to hold the drain without the gate ({without_gate})"
+    );
+
+    let (with, load) = cycle_behind_an_unknown_load_balancer(true);
+    let report = with.json();
+    eprintln!("with the gate: {}", shown(&with));
+    assert_eq!(with.code, Some(0), "{with:?}\n({without_gate})");
+    let drained_ms = report["drained_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        drained_ms < 3000,
+        "with the gate the drain took {drained_ms} ms of its 8 s ({without_gate})"
+    );
+    assert!(
+        report["gate"]["refused"].as_u64().unwrap_or(0) > 0,
+        "the unknown load balancer kept sending, so the gate must have refused: {report}"
+    );
+    load.assert_no_failures(1000);
 }
