@@ -184,6 +184,7 @@ async fn serve(config: Config, mut tracker: Tracker) -> anyhow::Result<()> {
 
     // Agent-check already answers from the journal's phases; now settle what the previous
     // agent left unfinished, with the load balancers' real state.
+    agent.operations.restore_gates();
     let reconciling = agent.clone();
     tasks.push(tokio::spawn(async move {
         if let Some(err) = torn {

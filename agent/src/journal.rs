@@ -64,6 +64,11 @@ pub struct BackendRecord {
     /// started after a crash waits for it to finish before it verifies the service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_process_group: Option<i32>,
+    /// Until when (ms since the Unix epoch) the backend's kernel gate is closed, while it is:
+    /// the gate goes with the agent's process, and an agent started again closes it again
+    /// for what is left if the backend is still drained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_closed_until_unix_ms: Option<u64>,
     /// Milliseconds since the Unix epoch of the last change.
     pub updated_unix_ms: u64,
 }

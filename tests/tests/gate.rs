@@ -132,6 +132,17 @@ fn a_closed_gate_refuses_new_connections_at_once_and_lets_everything_else_throug
     assert_connects(&lab, Lab::node_addr(false, OTHER), None);
     assert_connects(&lab, Lab::node_addr(true, OTHER), None);
 
+    // The kernel's own diagnostic (aya-log, debug level, at most one a second per CPU)
+    // reaches the agent's log.
+    wait_until(
+        Duration::from_secs(3),
+        "the kernel's refusal record in the agent's log",
+        || {
+            agent
+                .log()
+                .contains("gate closed: refused a new connection to port 8080")
+        },
+    );
     let gate = agent.backend("api")["gate"].clone();
     assert_eq!(gate["refused"], 2, "{gate}");
     assert_eq!(gate["allowed"], 1, "{gate}");
@@ -278,7 +289,7 @@ fn cycle_behind_an_unknown_load_balancer(gate: bool) -> (CliOutcome, LoadResult)
 
 #[test]
 fn behind_a_load_balancer_the_agent_does_not_know_the_gate_ends_the_drain_on_time_and_loses_nothing()
-{
+ {
     let (without, without_load) = cycle_behind_an_unknown_load_balancer(false);
     let shown = |outcome: &CliOutcome| {
         let report = outcome.json();
@@ -314,4 +325,26 @@ fn behind_a_load_balancer_the_agent_does_not_know_the_gate_ends_the_drain_on_tim
         "the unknown load balancer kept sending, so the gate must have refused: {report}"
     );
     load.assert_no_failures(1000);
+}
+
+#[test]
+fn a_drained_backend_keeps_its_gate_closed_across_an_agent_restart_for_what_is_left_of_its_deadline()
+ {
+    let (lab, _api, mut agent) = lab_with_gate("");
+    drain(&agent);
+    let before = agent.backend("api")["gate"]["opens_in_seconds"]
+        .as_f64()
+        .unwrap();
+    agent.kill_and_restart();
+    let gate = agent.backend("api")["gate"].clone();
+    assert_eq!(gate["state"], "closed", "{gate}");
+    let after = gate["opens_in_seconds"].as_f64().unwrap();
+    assert!(
+        after <= before,
+        "the restarted agent extended the deadline: {before}s before, {after}s after"
+    );
+    assert_refused_at_once(&lab, Lab::node_addr(false, API));
+    let resumed = agent.cli(&["resume", "api"]);
+    assert_eq!(resumed.code, Some(0), "{resumed:?}");
+    assert_connects(&lab, Lab::node_addr(false, API), None);
 }

@@ -107,7 +107,7 @@ pub enum Event {
 pub struct Operations {
     pub(super) config: Arc<Config>,
     pub(super) board: Arc<Board>,
-    kernel: Arc<dyn KernelView>,
+    pub(super) kernel: Arc<dyn KernelView>,
     /// Who polled the agent-check port and what they were told.
     pollers: Arc<Pollers>,
     /// What the last reconciliation after an agent restart did, for the next report.
@@ -1066,9 +1066,13 @@ impl Run {
             return;
         }
         let at = millis(self.started.elapsed());
-        let result = self
-            .kernel
-            .set_gate(self.index, Some(self.backend.gate_deadline()));
+        let deadline = self.backend.gate_deadline();
+        // Journaled first: an agent started after a crash closes it again for what is left.
+        self.board.set_gate(
+            self.index,
+            Some(crate::journal::unix_ms() + deadline.as_millis() as u64),
+        );
+        let result = self.kernel.set_gate(self.index, Some(deadline));
         let gate = self.report.gate.as_mut().expect("checked above");
         match result {
             Ok(true) => {
@@ -1081,6 +1085,7 @@ impl Run {
                 );
             }
             Ok(false) => {
+                self.board.set_gate(self.index, None);
                 gate.problem = Some("no gate in this kernel mode (procfs)".into());
             }
             Err(err) => {
@@ -1100,6 +1105,7 @@ impl Run {
         let gate = self.report.gate.as_mut().expect("checked above");
         match result {
             Ok(_) => {
+                self.board.set_gate(self.index, None);
                 if gate.closed_ms.is_some() && gate.opened_ms.is_none() {
                     gate.opened_ms = Some(at);
                     info!(backend = self.backend.name, "gate opened");

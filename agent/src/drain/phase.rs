@@ -114,6 +114,8 @@ pub struct Board {
     step_groups: Mutex<Vec<Option<i32>>>,
     /// Per backend, the one the journal says was running when the last agent stopped.
     interrupted_step_groups: Vec<Option<i32>>,
+    /// Per backend, until when its gate is closed (Unix ms), as journaled.
+    gates: Mutex<Vec<Option<u64>>>,
     /// Journal writes that failed (each logged at error level).
     journal_errors: std::sync::atomic::AtomicU64,
 }
@@ -161,11 +163,21 @@ impl Board {
                     .and_then(|saved| saved.step_process_group)
             })
             .collect();
+        let gates = names
+            .iter()
+            .map(|name| {
+                record
+                    .backends
+                    .get(name)
+                    .and_then(|saved| saved.gate_closed_until_unix_ms)
+            })
+            .collect();
         Board {
             phases: Mutex::new(phases),
             running: Mutex::new(None),
             step_groups: Mutex::new(vec![None; names.len()]),
             interrupted_step_groups,
+            gates: Mutex::new(gates),
             names,
             journal,
             interrupted,
@@ -192,6 +204,24 @@ impl Board {
         let _ = self.persist_with_running(&phases);
     }
 
+    /// Journals until when `backend`'s gate is closed (Unix ms; `None`: open). Written before
+    /// the kernel closes it.
+    pub fn set_gate(&self, backend: usize, closed_until_unix_ms: Option<u64>) {
+        let phases = self.phases.lock().expect("phase lock");
+        self.gates.lock().expect("gate lock")[backend] = closed_until_unix_ms;
+        let _ = self.persist_with_running(&phases);
+    }
+
+    /// Until when `backend`'s gate is closed, as journaled (by this agent or the previous).
+    pub fn gate_closed_until(&self, backend: usize) -> Option<u64> {
+        self.gates
+            .lock()
+            .expect("gate lock")
+            .get(backend)
+            .copied()
+            .flatten()
+    }
+
     /// Journal writes that failed since the start.
     pub fn journal_errors(&self) -> u64 {
         self.journal_errors
@@ -209,6 +239,7 @@ impl Board {
         };
         let mut record = Record::default();
         let step_groups = self.step_groups.lock().expect("step group lock").clone();
+        let gates = self.gates.lock().expect("gate lock").clone();
         for (index, (name, state)) in self.names.iter().zip(phases).enumerate() {
             record.backends.insert(
                 name.clone(),
@@ -219,6 +250,7 @@ impl Board {
                         .map(|(_, operation)| operation.to_string()),
                     reason: state.reason.clone(),
                     step_process_group: step_groups.get(index).copied().flatten(),
+                    gate_closed_until_unix_ms: gates.get(index).copied().flatten(),
                     updated_unix_ms: unix_ms(),
                 },
             );

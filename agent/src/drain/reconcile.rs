@@ -66,6 +66,37 @@ impl Operations {
         reports
     }
 
+    /// Closes again the gates of backends the previous agent left drained at rest with their
+    /// gate closed (its XDP link went with its process), for what is left of their
+    /// deadline. Interrupted operations are not touched here: their reconciliation decides.
+    pub fn restore_gates(&self) {
+        let now = crate::journal::unix_ms();
+        for (index, backend) in self.config.backends.iter().enumerate() {
+            let Some(until) = self.board.gate_closed_until(index) else {
+                continue;
+            };
+            let still_drained = backend.gate.is_some()
+                && self.board.interrupted(index).is_none()
+                && self.board.get(index).phase == Phase::Drained;
+            if !still_drained || until <= now {
+                self.board.set_gate(index, None);
+                continue;
+            }
+            let left = Duration::from_millis(until - now);
+            match self.kernel.set_gate(index, Some(left)) {
+                Ok(_) => info!(
+                    backend = backend.name,
+                    left_s = left.as_secs(),
+                    "the backend is still drained: its gate is closed again for what is left of its deadline"
+                ),
+                Err(err) => {
+                    warn!(backend = backend.name, %err, "could not close the gate again; it stays open");
+                    self.board.set_gate(index, None);
+                }
+            }
+        }
+    }
+
     /// Logs what every load balancer shows for the backend's server: the real state the
     /// reconciliation starts from.
     async fn log_load_balancers(&self, index: usize) {
