@@ -208,6 +208,7 @@ mod tests {
                 operation: Some("cycle".into()),
                 reason: None,
                 step_process_group: Some(4242),
+                gate_closed_until_unix_ms: Some(2),
                 updated_unix_ms: 1,
             },
         );

@@ -30,7 +30,8 @@ use super::{BackendSample, TrackerError, gate, sockets};
 use crate::{config::Config, status::Attachment};
 
 /// The eBPF object, built by build.rs from agent-ebpf.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drain-agent"));
+pub(super) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/drain-agent"));
 
 /// bpf_map_update_elem flag: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;

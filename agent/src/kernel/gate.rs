@@ -237,7 +237,189 @@ pub fn kernel_log(ebpf: &mut Ebpf) -> Option<aya_log::EbpfLogger<&'static dyn lo
 
 #[cfg(test)]
 mod tests {
+    use aya::{
+        EbpfLoader,
+        programs::{TestRun, TestRunOptions},
+    };
+
     use super::*;
+
+    const XDP_PASS: u32 = 2;
+    const XDP_TX: u32 = 3;
+    const PORT: u16 = 8774;
+    const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+    /// The shipped object with the gate loaded (not attached) and backend 0 on PORT.
+    fn gate_program(closed_for: Option<Duration>, allow: &[&str]) -> Ebpf {
+        let mut ebpf = EbpfLoader::new()
+            .load(super::super::ebpf::EBPF_OBJECT)
+            .expect("load the eBPF object (needs root)");
+        let mut ports: Array<&mut MapData, u32> =
+            Array::try_from(ebpf.map_mut(names::BACKEND_BY_PORT).unwrap()).unwrap();
+        ports.set(u32::from(PORT), 1, 0).unwrap();
+        let mut allowed: LpmTrie<&mut MapData, AllowedSource, u8> =
+            LpmTrie::try_from(ebpf.map_mut(names::GATE_ALLOW).unwrap()).unwrap();
+        for net in allow {
+            let (bits, source) = allow_key(0, &net.parse().unwrap());
+            allowed.insert(&Key::new(bits, source), 1, 0).unwrap();
+        }
+        if let Some(closed_for) = closed_for {
+            close(&mut ebpf, 0, closed_for).unwrap();
+        }
+        let program: &mut Xdp = ebpf
+            .program_mut(names::GATE_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        program.load().unwrap();
+        ebpf
+    }
+
+    /// Runs the gate on `frame`; returns its verdict and the frame it left.
+    fn run(ebpf: &Ebpf, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program: &Xdp = ebpf
+            .program(names::GATE_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = vec![0u8; 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::new()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// A TCP segment from the client to PORT with `flags`, `options` bytes of TCP options
+    /// and `data` bytes of payload, over IPv4 or IPv6.
+    fn segment(v6: bool, flags: u8, options: usize, data: usize) -> Vec<u8> {
+        let tcp_len = 20 + options;
+        let mut frame = Vec::new();
+        frame.extend(NODE_MAC);
+        frame.extend(CLIENT_MAC);
+        if v6 {
+            frame.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
+            frame.extend(((tcp_len + data) as u16).to_be_bytes());
+            frame.extend([6, 64]);
+            frame.extend(
+                "2001:db8::1"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets(),
+            );
+            frame.extend(
+                "2001:db8::2"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .octets(),
+            );
+        } else {
+            frame.extend([0x08, 0x00, 0x45, 0]);
+            frame.extend(((20 + tcp_len + data) as u16).to_be_bytes());
+            frame.extend([0, 0, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+        }
+        frame.extend(40000u16.to_be_bytes());
+        frame.extend(PORT.to_be_bytes());
+        frame.extend(1000u32.to_be_bytes());
+        frame.extend(0u32.to_be_bytes());
+        frame.extend([((tcp_len / 4) as u8) << 4, flags, 0xfa, 0xf0, 0, 0, 0, 0]);
+        frame.extend(std::iter::repeat_n(1u8, options + data));
+        frame
+    }
+
+    /// One's-complement sum over `bytes` folded: 0 when a checksum inside them is right.
+    fn checksum_residue(bytes: &[u8]) -> u16 {
+        let mut sum: u32 = bytes
+            .chunks(2)
+            .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    #[test]
+    fn a_syn_to_a_closed_gate_becomes_a_reset_that_acknowledges_it_over_ipv4() {
+        let ebpf = gate_program(Some(Duration::from_secs(60)), &[]);
+        let (verdict, reply) = run(&ebpf, &segment(false, 0x02, 20, 0));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(reply.len(), 14 + 20 + 20, "options are cut: {reply:?}");
+        assert_eq!(&reply[0..6], &CLIENT_MAC, "back to the client's MAC");
+        assert_eq!(&reply[6..12], &NODE_MAC);
+        let ip = &reply[14..34];
+        assert_eq!(&ip[12..16], &[10, 0, 0, 2], "from the node");
+        assert_eq!(&ip[16..20], &[10, 0, 0, 1], "to the client");
+        assert_eq!(checksum_residue(ip), 0, "IPv4 header checksum");
+        let tcp = &reply[34..54];
+        assert_eq!(u16::from_be_bytes([tcp[0], tcp[1]]), PORT);
+        assert_eq!(u16::from_be_bytes([tcp[2], tcp[3]]), 40000);
+        assert_eq!(u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]), 0);
+        assert_eq!(
+            u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
+            1001,
+            "acknowledges the SYN"
+        );
+        assert_eq!(tcp[13], 0x14, "RST|ACK");
+        let mut pseudo = Vec::from(&ip[12..20]);
+        pseudo.extend([0, 6, 0, 20]);
+        pseudo.extend(tcp);
+        assert_eq!(checksum_residue(&pseudo), 0, "TCP checksum");
+        let sample = sample(&ebpf, 0).unwrap();
+        assert_eq!((sample.refused, sample.allowed), (1, 0));
+    }
+
+    #[test]
+    fn a_syn_with_data_to_a_closed_gate_becomes_a_reset_that_acknowledges_the_data_over_ipv6() {
+        let ebpf = gate_program(Some(Duration::from_secs(60)), &["10.0.0.0/8"]);
+        let (verdict, reply) = run(&ebpf, &segment(true, 0x02, 20, 5));
+        assert_eq!(verdict, XDP_TX);
+        assert_eq!(reply.len(), 14 + 40 + 20);
+        let ip = &reply[14..54];
+        assert_eq!(&ip[4..6], &[0, 20], "payload length");
+        let tcp = &reply[54..74];
+        assert_eq!(
+            u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
+            1006,
+            "SYN and 5 bytes of data"
+        );
+        let mut pseudo = Vec::from(&ip[8..40]);
+        pseudo.extend([0, 0, 0, 20, 0, 0, 0, 6]);
+        pseudo.extend(tcp);
+        assert_eq!(checksum_residue(&pseudo), 0, "TCP checksum");
+    }
+
+    #[test]
+    fn everything_but_a_bare_syn_to_a_closed_gate_from_outside_the_allow_list_passes() {
+        let closed = gate_program(Some(Duration::from_secs(60)), &["10.0.0.0/24"]);
+        // The allowed source (10.0.0.1 is in 10.0.0.0/24).
+        let syn = segment(false, 0x02, 20, 0);
+        assert_eq!(run(&closed, &syn), (XDP_PASS, syn.clone()));
+        assert_eq!(sample(&closed, 0).unwrap().allowed, 1);
+        let elsewhere = gate_program(Some(Duration::from_secs(60)), &["10.1.0.0/24"]);
+        for flags in [0x10, 0x12, 0x18, 0x11, 0x04] {
+            let segment = segment(false, flags, 0, 10);
+            assert_eq!(
+                run(&elsewhere, &segment).0,
+                XDP_PASS,
+                "flags {flags:#x} must pass"
+            );
+        }
+        let mut other_port = segment(false, 0x02, 20, 0);
+        other_port[36..38].copy_from_slice(&9999u16.to_be_bytes());
+        assert_eq!(run(&elsewhere, &other_port).0, XDP_PASS);
+        let open = gate_program(None, &[]);
+        assert_eq!(run(&open, &segment(true, 0x02, 20, 0)).0, XDP_PASS);
+        let expired = gate_program(Some(Duration::from_nanos(1)), &[]);
+        std::thread::sleep(Duration::from_millis(1));
+        assert_eq!(run(&expired, &segment(false, 0x02, 20, 0)).0, XDP_PASS);
+        assert!(sample(&expired, 0).unwrap().expired);
+    }
 
     #[test]
     fn an_ipv4_network_is_matched_inside_the_ipv4_mapped_range_after_the_backend() {
