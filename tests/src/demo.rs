@@ -131,6 +131,7 @@ pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
             "time_to_healthy_ms": report["time_to_healthy_ms"],
             "cut_in_flight": report["kernel"]["cut_in_flight"],
             "resets_by_node": report["kernel"]["resets_by_node"],
+            "gate_refused": report["gate"]["refused"],
             "report": report,
         }));
         if !all_ok {
@@ -364,8 +365,8 @@ pub fn summary(report: &Value) -> String {
     let mut out = String::new();
     let load = &report["load"];
     out.push_str(&format!(
-        "\n{:<8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>11}\n",
-        "node", "in-flight", "idle", "drain", "restart", "healthy", "cut/resets"
+        "\n{:<8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>11} {:>13}\n",
+        "node", "in-flight", "idle", "drain", "restart", "healthy", "cut/resets", "gate-refused"
     ));
     let secs = |v: &Value| {
         v.as_u64()
@@ -374,7 +375,7 @@ pub fn summary(report: &Value) -> String {
     let count = |v: &Value| v.as_u64().map_or_else(|| "-".into(), |n| n.to_string());
     for node in report["nodes"].as_array().into_iter().flatten() {
         out.push_str(&format!(
-            "{:<8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>5}/{:<5}\n",
+            "{:<8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>5}/{:<5} {:>13}\n",
             node["name"].as_str().unwrap_or("?"),
             count(&node["in_flight_at_drain_start"]),
             count(&node["idle_at_drain_start"]),
@@ -383,6 +384,7 @@ pub fn summary(report: &Value) -> String {
             secs(&node["time_to_healthy_ms"]),
             count(&node["cut_in_flight"]),
             count(&node["resets_by_node"]),
+            count(&node["gate_refused"]),
         ));
     }
     out.push_str(&format!(

@@ -72,6 +72,12 @@ impl ApiTier {
             .iter()
             .map(|node| {
                 let mut extra = "drain_timeout = \"30s\"\n".to_string();
+                // The kernel gate, as an operator would set it: the load balancers (their
+                // health checks) get through, anything else is refused while a node drains.
+                extra.push_str(&format!(
+                    "gate = {{ allow = [\"{}/32\", \"{}/32\"] }}\n",
+                    lb_hosts[0].v4, lb_hosts[1].v4
+                ));
                 if options.rollback {
                     extra.push_str(&format!(
                         "rollback = {{ command = [\"{script}\", \"rollback\", \"{dir}\", \"{API_PORT}\"], timeout = \"60s\" }}\n",

@@ -188,6 +188,25 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
                 phase_colour(name)
             );
         }
+        // The kernel gate's closed span, a dark line along the bottom of the band.
+        for cycle in cycles {
+            let gate = &cycle["report"]["gate"];
+            let Some(closed) = gate["closed_ms"].as_f64() else {
+                continue;
+            };
+            let start = cycle["cycle_started_ms"].as_f64().unwrap_or(0.0);
+            let opened = gate["opened_ms"]
+                .as_f64()
+                .unwrap_or_else(|| cycle["report"]["total_ms"].as_f64().unwrap_or(closed));
+            let _ = writeln!(
+                svg,
+                r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="3" fill="#222"><title>gate closed: {} new connection(s) refused</title></rect>"##,
+                x(start + closed),
+                top + BAND_HEIGHT - 7.0,
+                (x(start + opened) - x(start + closed)).max(2.0),
+                gate["refused"]
+            );
+        }
     }
 
     // Injected faults, a mark on the node's row each.
@@ -293,6 +312,7 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
     for phase in ["draining", "drained", "restarting", "verifying"] {
         item(&mut svg, phase_colour(phase), phase);
     }
+    item(&mut svg, "#222", "gate closed");
     for (index, version) in seen.iter().enumerate() {
         item(
             &mut svg,
