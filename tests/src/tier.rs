@@ -88,6 +88,8 @@ impl ApiTier {
                 start_node_agent(node, &lb_hosts, &extra, "")
             })
             .collect();
+        hand_over_orphaned_connections(lb_hosts[0], lb_hosts[1]);
+        hand_over_orphaned_connections(lb_hosts[1], lb_hosts[0]);
         let lbs: Vec<Haproxy> = lb_hosts
             .iter()
             .map(|lb| Haproxy::start(lb, &tier_haproxy_config(lb, &node_hosts)))
@@ -175,6 +177,89 @@ frontend monitor
     monitor fail if {{ stopping }}
 "
     )
+}
+
+/// Lets connections survive a VIP move, as a load-balancer pair with connection hand-off
+/// does: keepalived's gratuitous ARP moves every packet for the VIP to the new holder at once,
+/// including those of connections the old holder still serves (a request whose last bytes,
+/// or whose handshake's final ACK, were on the wire). Without this the new holder answers
+/// them with a RST, and the client sees a connection error.
+///
+/// - Both load balancers keep the VIP on `lo` for good, and never answer ARP for it from
+///   there (`arp_ignore`/`arp_announce`, as in LVS direct routing): only keepalived's copy on
+///   eth0 is announced, so the VIP still has one holder, but either can finish what it began.
+/// - A packet for the VIP that no connection on this load balancer knows (conntrack: invalid,
+///   with `nf_conntrack_tcp_loose = 0` so mid-stream packets are not adopted) and that did not
+///   come from the peer is routed to the peer, which delivers it to its own connection.
+///   Packets from the peer are never sent back, so nothing loops.
+fn hand_over_orphaned_connections(lb: &Host, peer: &Host) {
+    let netns = &lb.netns;
+    netns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+    for setting in [
+        "net.ipv4.conf.all.arp_ignore=1",
+        "net.ipv4.conf.eth0.arp_ignore=1",
+        "net.ipv4.conf.all.arp_announce=2",
+        "net.ipv4.conf.eth0.arp_announce=2",
+        "net.ipv4.ip_forward=1",
+        // A packet forwarded out of the interface it came in on would make the client
+        // install a redirect for the whole VIP.
+        "net.ipv4.conf.all.send_redirects=0",
+        "net.ipv4.conf.eth0.send_redirects=0",
+        "net.ipv4.conf.all.rp_filter=0",
+        "net.ipv4.conf.eth0.rp_filter=0",
+        "net.netfilter.nf_conntrack_tcp_loose=0",
+    ] {
+        let status = netns
+            .command("sysctl")
+            .args(["-qw", setting])
+            .status()
+            .expect("run sysctl");
+        assert!(status.success(), "sysctl -w {setting} in {}", lb.name);
+    }
+    let peer_mac = mac_of(peer);
+    let rules = format!(
+        "table ip handoff {{
+    chain prerouting {{
+        type filter hook prerouting priority -150; policy accept;
+        ip daddr {VIP} tcp dport {FRONTEND_PORT} ether saddr != {peer_mac} ct state invalid meta mark set 1
+    }}
+}}
+"
+    );
+    let rules_file = lb.dir.join("handoff.nft");
+    std::fs::write(&rules_file, rules).unwrap();
+    let status = netns
+        .command("nft")
+        .arg("-f")
+        .arg(&rules_file)
+        .status()
+        .expect("run nft");
+    assert!(status.success(), "nft -f {} in {}", rules_file.display(), lb.name);
+    // Marked packets are routed to the peer before the local table would deliver them here.
+    netns.ip(&["rule", "add", "pref", "100", "fwmark", "1", "lookup", "100"]);
+    netns.ip(&["rule", "add", "pref", "200", "lookup", "local"]);
+    netns.ip(&["rule", "del", "pref", "0", "lookup", "local"]);
+    netns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &peer.v4.to_string(),
+        "dev",
+        "eth0",
+        "table",
+        "100",
+    ]);
+}
+
+/// A host's eth0 MAC address.
+fn mac_of(host: &Host) -> String {
+    let shown = host.netns.ip(&["-br", "link", "show", "eth0"]);
+    shown
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("no MAC for {} in: {shown}", host.name))
+        .to_string()
 }
 
 /// keepalived as in the seed: VRRP on eth0, the VIP, and a track script on HAProxy's health.

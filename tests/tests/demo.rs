@@ -2,13 +2,15 @@
 //! a VIP failover halfway, constant load from oha. No request may fail, and every node must end
 //! on the new version.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use drain_agent_tests::{
     TempDir,
     demo::{self, DemoOptions},
-    tier::{ApiTier, host_names},
-    topology::Topology,
+    http::Connection,
+    tier::{ApiTier, VIP, host_names},
+    topology::{FRONTEND_PORT, Topology},
+    wait_until,
 };
 
 #[test]
@@ -95,4 +97,34 @@ fn lab_down_removes_everything_the_lab_created() {
         "links left in the root namespace: {links}"
     );
     assert!(lab::down(&name).is_empty(), "a second down finds nothing");
+}
+
+#[test]
+fn a_request_whose_last_bytes_cross_a_vip_failover_is_answered_by_the_old_load_balancer() {
+    let names = host_names(2);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let tier = ApiTier::start(Topology::new(&names), 2, "1.0");
+    let vip = SocketAddr::new(VIP.into(), FRONTEND_PORT);
+    let client = tier.topology.host("client");
+    let mut connection = client
+        .netns
+        .run(move || Connection::connect(vip))
+        .expect("connect to the VIP");
+    // The request's head, all but its last line: lb1's HAProxy waits for the rest.
+    connection
+        .send_raw("GET / HTTP/1.1\r\nHost: api\r\nConnection: close\r\n")
+        .unwrap();
+    // The demo's failover: lb1's HAProxy stops gracefully, keepalived moves the VIP to lb2.
+    tier.lb("lb1")
+        .process
+        .signal(nix::sys::signal::Signal::SIGUSR1);
+    wait_until(Duration::from_secs(15), "the VIP to move to lb2", || {
+        tier.vip_holder().as_deref() == Some("lb2")
+    });
+    // The last line now reaches lb2 first, which has no such connection.
+    connection.send_raw("\r\n").unwrap();
+    let response = connection
+        .read_response()
+        .expect("the request that crossed the failover failed");
+    assert_eq!(response.status, 200);
 }

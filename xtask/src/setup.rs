@@ -25,6 +25,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "python3-gunicorn",
     "haproxy",
     "keepalived",
+    // The load-balancer pair's connection hand-off across a VIP move (tests/src/tier.rs).
+    "nftables",
     // Scrapes the agent's metrics in a test; verifies the systemd unit.
     "prometheus",
     "systemd",
