@@ -19,8 +19,8 @@ use std::{
 
 use serde::Deserialize;
 
-pub use error::ConfigError;
 use error::Locator;
+pub use error::{ConfigError, ConfigErrors};
 
 /// Where `run` and `check-config` read the config unless told otherwise (the shipped unit's
 /// path too).
@@ -230,8 +230,9 @@ pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_RUNTIME_API_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Config {
-    /// Reads and validates a config file. Does not look at the host (see [`Config::check_host`]).
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads and validates a config file; the error lists every problem found. Does not
+    /// look at the host (see [`Config::check_host`]).
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
             path: path.to_owned(),
             line: None,
@@ -244,28 +245,36 @@ impl Config {
         Config::parse(path, &text)
     }
 
-    /// Parses and validates config text; `path` is only used in messages.
-    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    /// Parses and validates config text; `path` is only used in messages. Every problem is
+    /// reported, in the order of the file's lines: a wrong value does not hide the next one.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         let at = Locator { path, text };
-        let raw: raw::RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
-            .map_err(|err| at.deserialize_error(err))?;
-        validate::validate(&at, raw)
+        let mut unknown = Vec::new();
+        let raw: raw::RawConfig =
+            serde_ignored::deserialize(toml::Deserializer::new(text), |ignored| {
+                unknown.push(error::segments(&ignored));
+            })
+            .map_err(|err| at.syntax_error(err))?;
+        let mut errors: Vec<ConfigError> = unknown
+            .iter()
+            .map(|path| at.unknown_key(path, raw::fields_of_table(path)))
+            .collect();
+        match validate::validate(&at, raw) {
+            Ok(config) if errors.is_empty() => return Ok(config),
+            Ok(_) => {}
+            Err(more) => errors.extend(more),
+        }
+        errors.sort_by_key(|error| error.line.unwrap_or(usize::MAX));
+        Err(ConfigErrors(errors))
     }
 
-    /// Checks what depends on this node: every interface exists here, the control group too.
-    pub fn check_host(&self) -> Result<(), ConfigError> {
+    /// Checks what depends on this node: every interface exists here, the control group
+    /// too, and each CA file holds certificates. Every problem is reported.
+    pub fn check_host(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
         if let Some(group) = &self.control_group {
-            let Ok(Some(entry)) = nix::unistd::Group::from_name(group) else {
-                return Err(self.error_at(
-                    "control_group",
-                    format!(
-                        "group `{group}` does not exist on this node (see `getent group`): \
-                         create it, or name an existing group"
-                    ),
-                ));
-            };
-            if !can_give_files_to(entry.gid) {
-                return Err(self.error_at(
+            match nix::unistd::Group::from_name(group) {
+                Ok(Some(entry)) if !can_give_files_to(entry.gid) => errors.push(self.error_at(
                     "control_group",
                     format!(
                         "the agent cannot hand the control socket to group `{group}`: it has \
@@ -273,12 +282,20 @@ impl Config {
                          of `{group}`. Add `SupplementaryGroups={group}` to the unit (systemctl \
                          edit drain-agent), or remove control_group"
                     ),
-                ));
+                )),
+                Ok(Some(_)) => {}
+                _ => errors.push(self.error_at(
+                    "control_group",
+                    format!(
+                        "group `{group}` does not exist on this node (see `getent group`): \
+                         create it, or name an existing group"
+                    ),
+                )),
             }
         }
         for (index, name) in self.interfaces.iter().enumerate() {
             if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
-                return Err(self.error_at(
+                errors.push(self.error_at(
                     &format!("interfaces[{index}]"),
                     format!(
                         "interface `{name}` does not exist on this node (see `ip link`); \
@@ -304,7 +321,7 @@ impl Config {
                     .then(|| format!("{} holds no PEM certificate", ca.display())),
             };
             if let Some(problem) = problem {
-                return Err(self.error_at(
+                errors.push(self.error_at(
                     &format!("backend[{index}].health.ca"),
                     format!(
                         "{problem}: name a readable PEM file with the CA certificate(s) of \
@@ -313,7 +330,11 @@ impl Config {
                 ));
             }
         }
-        Ok(())
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
     /// An error about `key`, on the line the key was read from (when remembered).
@@ -375,7 +396,7 @@ name = "placement"
 ports = [8778, 8779]
 "#;
 
-    fn parse(text: &str) -> Result<Config, ConfigError> {
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
         Config::parse(Path::new("agent.toml"), text)
     }
 

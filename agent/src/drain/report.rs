@@ -27,6 +27,10 @@ pub mod exit {
     /// message) did not confirm the return within its bound: do not drain the next node
     /// before checking it.
     pub const UNCONFIRMED: u8 = 7;
+    /// (8 is the CLI's: the agent went away mid-operation.)
+    /// The operation was cancelled (`resume`, or the agent stopping with
+    /// `on_shutdown = "abort"`): the server was put back in service.
+    pub const CANCELLED: u8 = 9;
 }
 
 /// How an operation ended.
@@ -62,7 +66,8 @@ impl Outcome {
     pub fn exit_code(self) -> u8 {
         match self {
             Outcome::Ok => exit::OK,
-            Outcome::Error | Outcome::Cancelled => exit::ERROR,
+            Outcome::Error => exit::ERROR,
+            Outcome::Cancelled => exit::CANCELLED,
             Outcome::Refused => exit::REFUSED,
             Outcome::DrainTimeout => exit::DRAIN_TIMEOUT,
             Outcome::RolledBack => exit::ROLLED_BACK,
