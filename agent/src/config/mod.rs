@@ -969,6 +969,48 @@ rollback = { command = ["/usr/local/bin/rollback", "nova-api"], timeout = "2m" }
     }
 
     #[test]
+    fn three_independent_mistakes_are_all_named_in_one_run_in_file_order() {
+        let text = FULL
+            .replacen("quiet_period = \"50ms\"", "quiet_period = \"soon\"", 1)
+            .replacen("servr", "server", 1)
+            .replacen("server = \"controller\"", "servr = \"controller\"", 1)
+            .replacen("[8774]", "[87740]", 1);
+        let errors = parse(&text).unwrap_err().0;
+        let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "agent.toml:3: quiet_period: \"soon\" is not a duration (e.g. \"30s\", \"2m\")",
+                "agent.toml:24: backend[0].ports[0]: port 87740 is out of range: use 1 to 65535",
+                "agent.toml:25: backend[0].haproxy: unknown field `servr`, expected `backend` or \
+                 `server`; did you mean `server`?",
+                "agent.toml:25: backend[0].haproxy: missing field `server`: write haproxy = { \
+                 backend = \"name in haproxy.cfg\", server = \"this node's server\" }",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_wrong_value_does_not_hide_the_rules_that_do_not_depend_on_it() {
+        let text = GOOD.replace("[8778, 8779]", "[8778, 8774]").replace(
+            "quiet_period = \"100ms\"",
+            "quiet_period = 5\nflow_table_size = \"big\"",
+        );
+        let message = error(&text);
+        for expected in [
+            "agent.toml:4: quiet_period: 5 is not a duration",
+            "agent.toml:5: flow_table_size: \"big\" is not a table size",
+            "backend[1].ports[1]: port 8774 is already used by backend `nova-api`",
+        ] {
+            assert!(
+                message.contains(expected),
+                "{expected} missing in:\n{message}"
+            );
+        }
+        assert_eq!(message.lines().count(), 3, "{message}");
+    }
+
+    #[test]
     fn unreadable_file_names_the_file() {
         let message = Config::load(Path::new("/nonexistent/agent.toml"))
             .unwrap_err()
