@@ -214,10 +214,22 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
             let config = Config::load(&config)?;
             config.check_host()?;
             refuse_unknown_haproxy_servers(&config)?;
-            let _watch = crate::instance::claim(&config).map_err(|err| Failure::Operation {
-                exit_code: exit::REFUSED,
-                message: err.to_string(),
-            })?;
+            // Another agent on these interfaces is refused; a lock this process may not
+            // take (no write access to /run/drain-agent) only loses that check, and the
+            // kernel step says what privileges are missing.
+            let _watch = match crate::instance::claim(&config) {
+                Ok(watch) => Some(watch),
+                Err(err @ crate::instance::InstanceError::Busy(_)) => {
+                    return Err(Failure::Operation {
+                        exit_code: exit::REFUSED,
+                        message: err.to_string(),
+                    });
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "cannot check whether another drain-agent watches the interfaces");
+                    None
+                }
+            };
             crate::agent::run(config, kernel)?;
             Ok(())
         }
