@@ -17,7 +17,8 @@ pub mod exit {
     /// In-flight work outlived drain_timeout with on_timeout = "abort": the server was put
     /// back in service.
     pub const DRAIN_TIMEOUT: u8 = 4;
-    /// The restarted service never became healthy (even after rollback): the server is left
+    /// The cycle failed and no rollback saved it: the restart command failed, or the
+    /// restarted service never became healthy (even after the rollback). The server is left
     /// in MAINT on every load balancer.
     pub const FAILED: u8 = 5;
     /// The restart failed its health check, the rollback made the service healthy again and
