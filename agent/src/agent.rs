@@ -539,9 +539,16 @@ impl Agent {
                 .as_ref()
                 .map(|group| format!(" or members of group `{group}`"))
                 .unwrap_or_default();
+            let (operation, backend) = match &request {
+                Request::Drain { backend, .. } => ("drain", backend.as_str()),
+                Request::Resume { backend } => ("resume", backend.as_str()),
+                Request::Cycle { backend } => ("cycle", backend.as_str()),
+                Request::Status | Request::Wait { .. } => ("status", ""),
+            };
             warn!(
                 uid = peer.uid,
-                ?request,
+                operation,
+                backend,
                 "refused a control request from an unauthorized peer"
             );
             let _ = sender.try_send(Response::Refused {

@@ -190,6 +190,14 @@ impl Status {
             for sentence in &backend.drift {
                 let _ = writeln!(out, "warning: {}: {sentence}", backend.name);
             }
+            if let Some(cut) = backend.cut_in_flight.filter(|cut| *cut > 0) {
+                let _ = writeln!(
+                    out,
+                    "warning: {}: {cut} connection(s) cut with a request in flight since the \
+                     agent started (drain_agent_connections_cut_in_flight_total)",
+                    backend.name
+                );
+            }
             if let Some(reason) = &backend.reason {
                 let _ = writeln!(out, "{} is {}: {reason}", backend.name, backend.state);
             }

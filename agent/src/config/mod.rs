@@ -141,6 +141,16 @@ pub enum OnRestart {
     Finish,
 }
 
+impl OnRestart {
+    /// The value as the config spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnRestart::Restore => "restore",
+            OnRestart::Finish => "finish",
+        }
+    }
+}
+
 /// What to do when in-flight work outlives `drain_timeout`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -268,6 +268,9 @@ impl Report {
                     .unwrap_or_default()
             ));
         }
+        if let Some(rollback) = &self.rollback {
+            out.push_str(&format!("  rollback: {rollback}\n"));
+        }
         if let Some(reconciled) = &self.reconciled_before {
             out.push_str(&format!("  before this: {reconciled}\n"));
         }

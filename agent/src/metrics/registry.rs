@@ -158,7 +158,7 @@ impl Metrics {
             registry: Registry::default(),
         };
         let mut root = Registry::default();
-        root.register_collector(Box::new(ProcessCollector::default()));
+        root.register_collector(Box::new(ProcessCollector));
         let registry = root.sub_registry_with_prefix("drain_agent");
         let build_info: Family<Labels, Gauge> = Family::default();
         build_info
