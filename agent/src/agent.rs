@@ -547,9 +547,7 @@ impl Agent {
             };
             warn!(
                 uid = peer.uid,
-                operation,
-                backend,
-                "refused a control request from an unauthorized peer"
+                operation, backend, "refused a control request from an unauthorized peer"
             );
             let _ = sender.try_send(Response::Refused {
                 exit_code: crate::drain::report::exit::REFUSED,

@@ -272,15 +272,20 @@ fn status(target: &AgentAddress, json: bool) -> Result<(), Failure> {
     let Response::Status(status) = control::request(&socket, &Request::Status)? else {
         return Err(anyhow::anyhow!("the agent answered status with something else").into());
     };
+    show(json, &status, || status.render());
+    Ok(())
+}
+
+/// Prints `value` as pretty JSON, or its rendering for people.
+fn show(json: bool, value: &impl serde::Serialize, render: impl FnOnce() -> String) {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&status).expect("status serializes")
+            serde_json::to_string_pretty(value).expect("answers serialize")
         );
     } else {
-        print!("{}", status.render());
+        print!("{}", render());
     }
-    Ok(())
 }
 
 /// With `--json`, a command that failed before printing its report prints one JSON object
@@ -404,14 +409,7 @@ fn operate(target: &AgentAddress, request: &Request, json: bool) -> Result<(), F
             Ok(())
         }
         Response::Report(report) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("report serializes")
-                );
-            } else {
-                print!("{}", report.render());
-            }
+            show(json, &report, || report.render());
             if report.exit_code == 0 {
                 Ok(())
             } else {

@@ -8,7 +8,8 @@ use std::{
 };
 
 use drain_agent_tests::{
-    Lab, Netns, Process, TempDir, agent_binary, require_root, two_lbs::tier, wait_until,
+    Lab, Netns, Process, TempDir, agent_binary, code_and_text, require_root, two_lbs::tier,
+    wait_until,
 };
 
 #[test]
@@ -188,14 +189,7 @@ fn check_config_online_names_a_user_level_socket_a_missing_server_a_port_mismatc
             .arg(&config)
             .output()
             .unwrap();
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        code_and_text(&out)
     };
     let (code, text) = check(&["--online"]);
     assert_eq!(code, Some(2), "{text}");

@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use drain_agent_tests::{Lab, TempDir, agent_binary, must, require_root, wait_until};
+use drain_agent_tests::{
+    Lab, TempDir, agent_binary, code_and_text, must, require_root, wait_until,
+};
 
 #[test]
 fn the_systemd_unit_verifies() {
@@ -322,13 +324,9 @@ fn check_config_with(flags: &[&str], text: &str) -> (Option<i32>, String) {
         .arg(&path)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, text) = code_and_text(&out);
     (
-        out.status.code(),
+        code,
         text.replace(&path.display().to_string(), "agent.toml"),
     )
 }
@@ -633,14 +631,7 @@ fn control_group_needs_the_group_or_chown_under_the_units_capabilities() {
             .arg(&path)
             .output()
             .unwrap();
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        code_and_text(&out)
     };
     let (code, text) = as_the_unit("0");
     assert_eq!(code, Some(2), "{text}");
