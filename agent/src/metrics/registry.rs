@@ -36,8 +36,9 @@ const PHASES: [Phase; 6] = [
     Phase::Failed,
 ];
 
-/// Every operation the agent counts.
-pub const OPERATIONS: [&str; 3] = ["drain", "cycle", "resume"];
+/// Every operation the agent counts; `reconcile` is what a restarted agent does with the
+/// operation its predecessor left unfinished.
+pub const OPERATIONS: [&str; 4] = ["drain", "cycle", "resume", "reconcile"];
 
 /// Every outcome label: the report's outcomes, and `forced` for a drain that
 /// `on_timeout = "force"` ended at its deadline with requests in flight.
