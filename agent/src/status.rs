@@ -145,7 +145,14 @@ impl Status {
             );
         }
         if let Some(running) = &self.running {
-            let _ = writeln!(out, "running: {running}");
+            // "drain api": `wait` takes the backend.
+            let backend = running
+                .split_once(' ')
+                .map_or("BACKEND", |(_, backend)| backend);
+            let _ = writeln!(
+                out,
+                "running: {running} (`drain-agent wait {backend}` follows it to its end)"
+            );
         }
         let _ = writeln!(
             out,

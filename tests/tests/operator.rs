@@ -50,13 +50,18 @@ fn ctrl_c_on_drain_wait_leaves_the_drain_running_and_wait_reports_its_end() {
         "Ctrl-C stopped the drain"
     );
 
-    // `wait` re-attaches to the same drain and reports its end.
+    // `wait` re-attaches to the same drain and reports its end; so does `drain --wait` on
+    // the drain already running (it does not start another, nor is it refused).
+    let reattached = agent.cli_in_background(&["drain", "api", "--wait", "--json"]);
     let waited = agent.cli(&["wait", "api", "--json"]);
     assert_eq!(waited.code, Some(0), "{waited:?}");
     let report = waited.json();
     assert_eq!(report["operation"], "drain", "{report}");
     assert_eq!(report["outcome"], "ok", "{report}");
     assert_eq!(report["phase"], "drained", "{report}");
+    let reattached = reattached.join().unwrap();
+    assert_eq!(reattached.code, Some(0), "{reattached:?}");
+    assert_eq!(reattached.json(), report);
     assert_eq!(slow.join().unwrap(), 200);
     assert!(
         waited.finished >= interrupted_at + Duration::from_millis(1500),
