@@ -9,7 +9,7 @@ use std::{
 
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{broadcast, mpsc},
 };
 use tracing::{error, info, warn};
 
@@ -63,8 +63,19 @@ struct LastOperation {
     ended: Instant,
 }
 
+/// The running drain or cycle, for every client that follows it: the one that started it,
+/// and any `wait` (or `drain --wait`) that re-attaches later.
+struct Following {
+    backend: String,
+    kind: Kind,
+    answers: broadcast::Sender<Response>,
+}
+
 /// Everything the running agent shares between its tasks.
 struct Agent {
+    /// The running operation's answers; taken with `last_reports` when it ends, so a client
+    /// that re-attaches sees either the operation or its report, never neither.
+    following: Mutex<Option<Following>>,
     /// Per backend, what load balancers show that differs from the agent's phase at rest.
     drift: Mutex<Vec<Vec<String>>>,
     /// Per backend (config order), the last finished operation.
@@ -76,6 +87,34 @@ struct Agent {
     /// The control group's id, when one is configured.
     control_gid: Option<u32>,
     started: Instant,
+}
+
+/// Answers a slow follower may fall behind by before it skips progress lines (the report at
+/// the end is never skipped: it is the last one sent).
+const FOLLOWER_BACKLOG: usize = 256;
+
+/// Sends one follower the operation's answers until its report; without `wait`, until the
+/// load balancers confirmed the drain. A client that went away stops only its own follower.
+async fn follow(
+    mut answers: broadcast::Receiver<Response>,
+    wait: bool,
+    sender: mpsc::Sender<Response>,
+) {
+    loop {
+        let response = match answers.recv().await {
+            Ok(response) => response,
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let last = matches!(response, Response::Report(_));
+        let started = matches!(response, Response::Started { .. });
+        if started && wait {
+            continue;
+        }
+        if sender.send(response).await.is_err() || last || started {
+            return;
+        }
+    }
 }
 
 /// How often the load balancers' runtime APIs are checked: reachability and drift.
@@ -111,6 +150,7 @@ async fn serve(config: Config, mut tracker: Tracker) -> anyhow::Result<()> {
     .await?;
     let metrics_listener = listen(config.metrics_listen, "metrics", "metrics_listen").await?;
     let kernel_log = tracker.take_kernel_log();
+    let kernel_mode = tracker.mode();
     let kernel = Arc::new(Kernel {
         tracker: Mutex::new(tracker),
     });
@@ -142,7 +182,15 @@ async fn serve(config: Config, mut tracker: Tracker) -> anyhow::Result<()> {
             kernel.clone(),
             pollers.clone(),
         )),
-        metrics: Arc::new(Metrics::new(config.backends.len())),
+        metrics: Arc::new(Metrics::new(
+            &config
+                .backends
+                .iter()
+                .map(|backend| backend.name.clone())
+                .collect::<Vec<_>>(),
+            kernel_mode.as_str(),
+        )),
+        following: Mutex::new(None),
         last_reports: Mutex::new(config.backends.iter().map(|_| None).collect()),
         drift: Mutex::new(vec![Vec::new(); config.backends.len()]),
         config: config.clone(),
@@ -465,24 +513,34 @@ impl Agent {
         })
     }
 
+    /// Brings the metrics up to date before a scrape. A failed kernel read is counted and its
+    /// gauges left out, never served stale.
     fn refresh_metrics(&self) {
-        let tracker = self.kernel.tracker.lock().expect("tracker lock");
-        let Ok(samples) = tracker.sample() else {
-            return;
-        };
-        let board = self.operations.board();
-        let phases: Vec<_> = (0..self.config.backends.len())
-            .map(|i| board.get(i).phase)
-            .collect();
         let names: Vec<String> = self
             .config
             .backends
             .iter()
             .map(|b| b.name.clone())
             .collect();
-        let table = tracker.flow_table(&samples);
-        self.metrics
-            .observe_kernel(&names, &phases, &samples, table);
+        let board = self.operations.board();
+        let phases: Vec<_> = (0..self.config.backends.len())
+            .map(|i| {
+                let state = board.get(i);
+                (state.phase, state.since.elapsed())
+            })
+            .collect();
+        self.metrics.observe_phases(&names, &phases);
+        let tracker = self.kernel.tracker.lock().expect("tracker lock");
+        match tracker.sample() {
+            Ok(samples) => {
+                let table = tracker.flow_table(&samples);
+                self.metrics.observe_kernel(&names, &samples, table);
+            }
+            Err(err) => {
+                warn!(%err, "reading the kernel counters for a scrape failed");
+                self.metrics.observe_kernel_failure();
+            }
+        }
     }
 
     /// Answers one control request; the answer lines arrive on the returned channel.
@@ -495,10 +553,15 @@ impl Agent {
                 .as_ref()
                 .map(|group| format!(" or members of group `{group}`"))
                 .unwrap_or_default();
+            let (operation, backend) = match &request {
+                Request::Drain { backend, .. } => ("drain", backend.as_str()),
+                Request::Resume { backend } => ("resume", backend.as_str()),
+                Request::Cycle { backend } => ("cycle", backend.as_str()),
+                Request::Status | Request::Wait { .. } => ("status", ""),
+            };
             warn!(
                 uid = peer.uid,
-                ?request,
-                "refused a control request from an unauthorized peer"
+                operation, backend, "refused a control request from an unauthorized peer"
             );
             let _ = sender.try_send(Response::Refused {
                 exit_code: crate::drain::report::exit::REFUSED,
@@ -536,28 +599,39 @@ impl Agent {
                     };
                     let _ = sender.send(response).await;
                 }
+                // `drain --wait` on the drain already running re-attaches to it.
+                Request::Drain {
+                    backend,
+                    wait: true,
+                } if self.running_answers(&backend, Some(Kind::Drain)).is_some() => {
+                    self.wait(&backend, sender).await;
+                }
                 Request::Drain { backend, wait } => {
                     self.operate(&backend, Kind::Drain, wait, sender).await;
                 }
                 Request::Cycle { backend } => {
                     self.operate(&backend, Kind::Cycle, true, sender).await;
                 }
+                Request::Wait { backend } => self.wait(&backend, sender).await,
             }
         });
         receiver
     }
 
-    /// Starts a drain or cycle and forwards its events; without `wait`, stops forwarding once
-    /// the load balancers confirmed the drain (the operation goes on in the agent).
-    async fn operate(&self, backend: &str, kind: Kind, wait: bool, sender: mpsc::Sender<Response>) {
-        let mut events = match self.operations.start(backend, kind).await {
+    /// Starts a drain or cycle and follows it; without `wait`, stops following once the load
+    /// balancers confirmed the drain (the operation goes on in the agent, and is counted when
+    /// it ends whoever follows it).
+    async fn operate(
+        self: &Arc<Self>,
+        backend: &str,
+        kind: Kind,
+        wait: bool,
+        sender: mpsc::Sender<Response>,
+    ) {
+        let events = match self.operations.start(backend, kind).await {
             Ok(events) => events,
             Err(refusal) => {
-                let operation = match kind {
-                    Kind::Drain => "drain",
-                    Kind::Cycle => "cycle",
-                };
-                self.metrics.observe_refusal(backend, operation);
+                self.metrics.observe_refusal(backend, kind.as_str());
                 let _ = sender
                     .send(Response::Refused {
                         exit_code: refusal.exit_code,
@@ -567,26 +641,112 @@ impl Agent {
                 return;
             }
         };
+        let (answers, mine) = broadcast::channel(FOLLOWER_BACKLOG);
+        *self.following.lock().expect("following lock") = Some(Following {
+            backend: backend.to_string(),
+            kind,
+            answers: answers.clone(),
+        });
+        tokio::spawn(self.clone().forward(backend.to_string(), events, answers));
+        follow(mine, wait, sender).await;
+    }
+
+    /// Turns the running operation's events into answers for every follower; at its end,
+    /// counts it and keeps its report, in the same step that stops following it.
+    async fn forward(
+        self: Arc<Self>,
+        backend: String,
+        mut events: mpsc::Receiver<Event>,
+        answers: broadcast::Sender<Response>,
+    ) {
         while let Some(event) = events.recv().await {
             let response = match event {
-                Event::Started { unconfirmed } if !wait => {
-                    let _ = sender
-                        .send(Response::Started {
-                            backend: backend.to_string(),
-                            unconfirmed,
-                        })
-                        .await;
-                    return;
-                }
-                Event::Started { .. } => continue,
+                Event::Started { unconfirmed } => Response::Started {
+                    backend: backend.clone(),
+                    unconfirmed,
+                },
                 Event::Progress(progress) => Response::Progress(progress),
                 Event::Done(report) => {
+                    let mut following = self.following.lock().expect("following lock");
                     self.finished(&report);
-                    Response::Report(report)
+                    *following = None;
+                    let _ = answers.send(Response::Report(report));
+                    return;
                 }
             };
-            // A client that went away does not stop the operation: keep draining events.
-            let _ = sender.send(response).await;
+            let _ = answers.send(response);
+        }
+    }
+
+    /// The running operation's answers, if it is on `backend` (and of `kind`, when given).
+    fn running_answers(
+        &self,
+        backend: &str,
+        kind: Option<Kind>,
+    ) -> Option<broadcast::Receiver<Response>> {
+        let following = self.following.lock().expect("following lock");
+        following
+            .as_ref()
+            .filter(|running| {
+                running.backend == backend && kind.is_none_or(|kind| running.kind == kind)
+            })
+            .map(|running| running.answers.subscribe())
+    }
+
+    /// `drain-agent wait BACKEND`: follows the backend's running drain or cycle to its end, or
+    /// answers the report of its last one when none runs.
+    async fn wait(&self, backend: &str, sender: mpsc::Sender<Response>) {
+        if self.config.backend(backend).is_none() {
+            let _ = sender
+                .send(Response::Refused {
+                    exit_code: crate::drain::report::exit::CONFIG,
+                    message: format!(
+                        "no backend `{backend}` in {}: the backends are {}",
+                        self.config.path.display(),
+                        self.config
+                            .backends
+                            .iter()
+                            .map(|b| format!("`{}`", b.name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                })
+                .await;
+            return;
+        }
+        // Under the lock that `forward` ends an operation with: running, or reported.
+        let (running, last) = {
+            let following = self.following.lock().expect("following lock");
+            let running = following
+                .as_ref()
+                .filter(|running| running.backend == backend)
+                .map(|running| running.answers.subscribe());
+            let last = self
+                .config
+                .backends
+                .iter()
+                .position(|b| b.name == backend)
+                .and_then(|index| {
+                    self.last_reports.lock().expect("reports lock")[index]
+                        .as_ref()
+                        .map(|last| last.report.clone())
+                });
+            (running, last)
+        };
+        match (running, last) {
+            (Some(answers), _) => follow(answers, true, sender).await,
+            (None, Some(report)) => {
+                let _ = sender.send(Response::Report(Box::new(report))).await;
+            }
+            (None, None) => {
+                let _ = sender
+                    .send(Response::Error {
+                        message: format!(
+                            "nothing to wait for: no drain or cycle of `{backend}` is running,                              and none ran since the agent started"
+                        ),
+                    })
+                    .await;
+            }
         }
     }
 

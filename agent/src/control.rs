@@ -36,6 +36,8 @@ pub enum Request {
     Resume { backend: String },
     /// Drain, restart, verify and put back.
     Cycle { backend: String },
+    /// Follow the backend's running drain or cycle to its end (or get its last report).
+    Wait { backend: String },
 }
 
 /// What the agent answers: one line, or for drains and cycles a stream of progress lines
@@ -158,7 +160,7 @@ pub struct Peer {
 impl Request {
     /// Whether the request changes anything (only trusted peers may send those).
     pub fn changes_state(&self) -> bool {
-        !matches!(self, Request::Status)
+        !matches!(self, Request::Status | Request::Wait { .. })
     }
 }
 

@@ -11,6 +11,7 @@ pub mod drain;
 pub mod drift;
 pub mod haproxy;
 pub mod health;
+pub mod instance;
 pub mod journal;
 pub mod kernel;
 pub mod logging;

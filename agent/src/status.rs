@@ -137,6 +137,12 @@ pub struct OperationSummary {
     pub ended_seconds_ago: f64,
     /// What ended its drain, if it drained.
     pub drain_evidence: Option<String>,
+    /// Requests still in flight when `on_timeout = "force"` ended the drain at its deadline.
+    #[serde(default)]
+    pub forced_with_in_flight: Option<u64>,
+    /// The exit code the operation's command returned.
+    #[serde(default)]
+    pub exit_code: u8,
     pub load_balancers: Vec<crate::drain::report::LoadBalancerReport>,
 }
 
@@ -149,6 +155,8 @@ impl OperationSummary {
             message: report.message.clone(),
             ended_seconds_ago: ago.as_secs_f64(),
             drain_evidence: report.drain_evidence.clone(),
+            forced_with_in_flight: report.forced_with_in_flight,
+            exit_code: report.exit_code,
             load_balancers: report.load_balancers.clone(),
         }
     }
@@ -175,7 +183,14 @@ impl Status {
             );
         }
         if let Some(running) = &self.running {
-            let _ = writeln!(out, "running: {running}");
+            // "drain api": `wait` takes the backend.
+            let backend = running
+                .split_once(' ')
+                .map_or("BACKEND", |(_, backend)| backend);
+            let _ = writeln!(
+                out,
+                "running: {running} (`drain-agent wait {backend}` follows it to its end)"
+            );
         }
         let _ = writeln!(
             out,
@@ -244,6 +259,14 @@ impl Status {
             for sentence in &backend.drift {
                 let _ = writeln!(out, "warning: {}: {sentence}", backend.name);
             }
+            if let Some(cut) = backend.cut_in_flight.filter(|cut| *cut > 0) {
+                let _ = writeln!(
+                    out,
+                    "warning: {}: {cut} connection(s) cut with a request in flight since the \
+                     agent started (drain_agent_connections_cut_in_flight_total)",
+                    backend.name
+                );
+            }
             if let Some(reason) = &backend.reason {
                 let _ = writeln!(out, "{} is {}: {reason}", backend.name, backend.state);
             }
@@ -256,9 +279,18 @@ impl Status {
                 .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "{}: last {} {:.0}s ago: {outcome} — {}",
-                backend.name, last.operation, last.ended_seconds_ago, last.message
+                "{}: last {} {:.0}s ago: {outcome} (exit {}) — {}",
+                backend.name, last.operation, last.ended_seconds_ago, last.exit_code, last.message
             );
+            if let Some(evidence) = &last.drain_evidence {
+                let _ = writeln!(out, "  drained because {evidence}");
+            }
+            if let Some(forced) = last.forced_with_in_flight {
+                let _ = writeln!(
+                    out,
+                    "  forced at the deadline with {forced} request(s) still in flight"
+                );
+            }
             for lb in &last.load_balancers {
                 let at = |v: Option<u64>| {
                     v.map_or_else(|| "-".into(), |v| format!("{:.3}s", v as f64 / 1000.0))

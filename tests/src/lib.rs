@@ -65,6 +65,19 @@ pub fn command_output(program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|err| panic!("cannot start {program} {args:?}: {err}"))
 }
 
+/// A command's exit code and everything it printed (stdout, then stderr), for tests that
+/// look for words wherever the command put them.
+pub fn code_and_text(out: &Output) -> (Option<i32>, String) {
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// Runs a command that must succeed.
 pub fn must(program: &str, args: &[&str]) -> String {
     let out = command_output(program, args);

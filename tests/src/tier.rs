@@ -234,7 +234,12 @@ fn hand_over_orphaned_connections(lb: &Host, peer: &Host) {
         .arg(&rules_file)
         .status()
         .expect("run nft");
-    assert!(status.success(), "nft -f {} in {}", rules_file.display(), lb.name);
+    assert!(
+        status.success(),
+        "nft -f {} in {}",
+        rules_file.display(),
+        lb.name
+    );
     // Marked packets are routed to the peer before the local table would deliver them here.
     netns.ip(&["rule", "add", "pref", "100", "fwmark", "1", "lookup", "100"]);
     netns.ip(&["rule", "add", "pref", "200", "lookup", "local"]);

@@ -10,7 +10,9 @@ use std::{
     time::Duration,
 };
 
-use drain_agent_tests::{Lab, TempDir, agent_binary, must, require_root, wait_until};
+use drain_agent_tests::{
+    Lab, TempDir, agent_binary, code_and_text, must, require_root, wait_until,
+};
 
 #[test]
 fn the_systemd_unit_verifies() {
@@ -309,21 +311,22 @@ ports = [8778]
 "#;
 
 fn check_config(text: &str) -> (Option<i32>, String) {
+    check_config_with(&[], text)
+}
+
+fn check_config_with(flags: &[&str], text: &str) -> (Option<i32>, String) {
     let dir = TempDir::new("check-config");
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, text).unwrap();
     let out = Command::new(agent_binary())
         .arg("check-config")
+        .args(flags)
         .arg(&path)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, text) = code_and_text(&out);
     (
-        out.status.code(),
+        code,
         text.replace(&path.display().to_string(), "agent.toml"),
     )
 }
@@ -463,12 +466,44 @@ fn check_config_names_file_line_and_key_for_each_broken_config() {
             "{to}: expected {expected:?} in {text:?}"
         );
     }
+    // A warning alone is not clean: exit 2, unless --allow-warnings accepts it.
+    let warning = "warning: agent.toml:8: load_balancer[0].runtime_api: load balancer lb1: \
+                   cannot reach the runtime API";
     let (code, text) = check_config(GOOD);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains(warning), "{text}");
+    assert!(text.contains("0 error(s), 1 warning(s)"), "{text}");
+    let (code, text) = check_config_with(&["--allow-warnings"], GOOD);
     assert_eq!(code, Some(0), "{text}");
-    assert!(
-        text.contains("warning: agent.toml:8: load_balancer[0].runtime_api: load balancer lb1: cannot reach the runtime API"),
-        "{text}"
+    assert!(text.contains(warning), "{text}");
+    assert!(text.contains("ok with warnings"), "{text}");
+}
+
+#[test]
+fn one_check_config_run_names_three_independent_mistakes() {
+    let (code, text) = check_config(
+        &GOOD
+            .replacen("ports = [8774]", "ports = [87740]", 1)
+            .replacen(
+                "drain_timeout = \"2m\"",
+                "drain_timeout = \"2 fortnights\"",
+                1,
+            )
+            .replacen(
+                "interfaces = [\"lo\"]",
+                "interfaces = [\"lo\"]\nquiet_periode = \"50ms\"",
+                1,
+            ),
     );
+    assert_eq!(code, Some(2), "{text}");
+    for expected in [
+        "agent.toml:2: unknown field `quiet_periode`",
+        "agent.toml:13: backend[0].ports[0]: port 87740 is out of range",
+        "agent.toml:15: backend[0].drain_timeout: \"2 fortnights\" is not a duration",
+        "3 error(s)",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing in:\n{text}");
+    }
 }
 
 #[test]
@@ -596,14 +631,7 @@ fn control_group_needs_the_group_or_chown_under_the_units_capabilities() {
             .arg(&path)
             .output()
             .unwrap();
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        code_and_text(&out)
     };
     let (code, text) = as_the_unit("0");
     assert_eq!(code, Some(2), "{text}");

@@ -19,8 +19,8 @@ use std::{
 
 use serde::Deserialize;
 
-pub use error::ConfigError;
 use error::Locator;
+pub use error::{ConfigError, ConfigErrors};
 
 /// Where `run` and `check-config` read the config unless told otherwise (the shipped unit's
 /// path too).
@@ -139,6 +139,16 @@ pub enum OnRestart {
     /// Finish it: drain again (with what the restarted agent can see) and carry a cycle on to
     /// its restart, verification and return.
     Finish,
+}
+
+impl OnRestart {
+    /// The value as the config spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnRestart::Restore => "restore",
+            OnRestart::Finish => "finish",
+        }
+    }
 }
 
 /// What to do when in-flight work outlives `drain_timeout`.
@@ -264,8 +274,9 @@ pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_RUNTIME_API_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Config {
-    /// Reads and validates a config file. Does not look at the host (see [`Config::check_host`]).
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads and validates a config file; the error lists every problem found. Does not
+    /// look at the host (see [`Config::check_host`]).
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
             path: path.to_owned(),
             line: None,
@@ -278,28 +289,36 @@ impl Config {
         Config::parse(path, &text)
     }
 
-    /// Parses and validates config text; `path` is only used in messages.
-    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    /// Parses and validates config text; `path` is only used in messages. Every problem is
+    /// reported, in the order of the file's lines: a wrong value does not hide the next one.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         let at = Locator { path, text };
-        let raw: raw::RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
-            .map_err(|err| at.deserialize_error(err))?;
-        validate::validate(&at, raw)
+        let mut unknown = Vec::new();
+        let raw: raw::RawConfig =
+            serde_ignored::deserialize(toml::Deserializer::new(text), |ignored| {
+                unknown.push(error::segments(&ignored));
+            })
+            .map_err(|err| at.syntax_error(err))?;
+        let mut errors: Vec<ConfigError> = unknown
+            .iter()
+            .map(|path| at.unknown_key(path, raw::fields_of_table(path)))
+            .collect();
+        match validate::validate(&at, raw) {
+            Ok(config) if errors.is_empty() => return Ok(config),
+            Ok(_) => {}
+            Err(more) => errors.extend(more),
+        }
+        errors.sort_by_key(|error| error.line.unwrap_or(usize::MAX));
+        Err(ConfigErrors(errors))
     }
 
-    /// Checks what depends on this node: every interface exists here, the control group too.
-    pub fn check_host(&self) -> Result<(), ConfigError> {
+    /// Checks what depends on this node: every interface exists here, the control group
+    /// too, and each CA file holds certificates. Every problem is reported.
+    pub fn check_host(&self) -> Result<(), ConfigErrors> {
+        let mut errors = Vec::new();
         if let Some(group) = &self.control_group {
-            let Ok(Some(entry)) = nix::unistd::Group::from_name(group) else {
-                return Err(self.error_at(
-                    "control_group",
-                    format!(
-                        "group `{group}` does not exist on this node (see `getent group`): \
-                         create it, or name an existing group"
-                    ),
-                ));
-            };
-            if !can_give_files_to(entry.gid) {
-                return Err(self.error_at(
+            match nix::unistd::Group::from_name(group) {
+                Ok(Some(entry)) if !can_give_files_to(entry.gid) => errors.push(self.error_at(
                     "control_group",
                     format!(
                         "the agent cannot hand the control socket to group `{group}`: it has \
@@ -307,12 +326,20 @@ impl Config {
                          of `{group}`. Add `SupplementaryGroups={group}` to the unit (systemctl \
                          edit drain-agent), or remove control_group"
                     ),
-                ));
+                )),
+                Ok(Some(_)) => {}
+                _ => errors.push(self.error_at(
+                    "control_group",
+                    format!(
+                        "group `{group}` does not exist on this node (see `getent group`): \
+                         create it, or name an existing group"
+                    ),
+                )),
             }
         }
         for (index, name) in self.interfaces.iter().enumerate() {
             if nix::net::if_::if_nametoindex(name.as_str()).is_err() {
-                return Err(self.error_at(
+                errors.push(self.error_at(
                     &format!("interfaces[{index}]"),
                     format!(
                         "interface `{name}` does not exist on this node (see `ip link`); \
@@ -338,7 +365,7 @@ impl Config {
                     .then(|| format!("{} holds no PEM certificate", ca.display())),
             };
             if let Some(problem) = problem {
-                return Err(self.error_at(
+                errors.push(self.error_at(
                     &format!("backend[{index}].health.ca"),
                     format!(
                         "{problem}: name a readable PEM file with the CA certificate(s) of \
@@ -347,7 +374,11 @@ impl Config {
                 ));
             }
         }
-        Ok(())
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
     /// An error about `key`, on the line the key was read from (when remembered).
@@ -409,7 +440,7 @@ name = "placement"
 ports = [8778, 8779]
 "#;
 
-    fn parse(text: &str) -> Result<Config, ConfigError> {
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
         Config::parse(Path::new("agent.toml"), text)
     }
 
@@ -493,6 +524,62 @@ ports = [8778, 8779]
         assert!(error("[[backend]]\nname = \"a\"\nports = [1]\n").contains("interfaces: missing"));
         assert!(error("interfaces = []\n").contains("list at least one interface"));
         assert!(error("interfaces = [\"eth0\"]\n").contains("add a [[backend]] table"));
+    }
+
+    #[test]
+    fn a_gate_is_read_with_its_allow_list_and_its_deadline_defaults_to_the_backends_budgets() {
+        let text = GOOD.replacen(
+            "ports = [8774]",
+            "ports = [8774]\ngate = { allow = [\"192.0.2.10\", \"2001:db8::/64\"] }",
+            1,
+        );
+        let config = parse(&text).unwrap();
+        let backend = &config.backends[0];
+        let gate = backend.gate.as_ref().expect("the gate");
+        assert_eq!(gate.allow.len(), 2);
+        assert_eq!(gate.deadline, None);
+        let restart = backend
+            .restart
+            .as_ref()
+            .map_or(Duration::ZERO, |s| s.timeout);
+        let rollback = backend
+            .rollback
+            .as_ref()
+            .map_or(Duration::ZERO, |s| s.timeout);
+        let health = backend
+            .health
+            .as_ref()
+            .map_or(DEFAULT_HEALTH_TIMEOUT, |h| h.timeout);
+        assert_eq!(
+            backend.gate_deadline(),
+            backend.drain_timeout + restart + rollback + health * 2 + GATE_MARGIN
+        );
+        let set = parse(&text.replace(
+            "\"2001:db8::/64\"] }",
+            "\"2001:db8::/64\"], deadline = \"90s\" }",
+        ))
+        .unwrap();
+        assert_eq!(set.backends[0].gate_deadline(), Duration::from_secs(90));
+    }
+
+    #[test]
+    fn a_bad_gate_names_its_key_and_the_fix() {
+        let text = GOOD.replacen(
+            "ports = [8774]",
+            "ports = [8774]\ngate = { allow = [\"lb1\"] }",
+            1,
+        );
+        assert!(
+            error(&text).contains("backend[0].gate.allow[0]: `lb1` is not an address or network"),
+            "{}",
+            error(&text)
+        );
+        let missing = GOOD.replacen("ports = [8774]", "ports = [8774]\ngate = {}", 1);
+        assert!(
+            error(&missing).contains("backend[0].gate: missing field `allow`"),
+            "{}",
+            error(&missing)
+        );
     }
 
     #[test]
@@ -979,6 +1066,48 @@ rollback = { command = ["/usr/local/bin/rollback", "nova-api"], timeout = "2m" }
              directory (os error 2): name a readable PEM file with the CA certificate(s) of the \
              service's certificate"
         );
+    }
+
+    #[test]
+    fn three_independent_mistakes_are_all_named_in_one_run_in_file_order() {
+        let text = FULL
+            .replacen("quiet_period = \"50ms\"", "quiet_period = \"soon\"", 1)
+            .replacen("servr", "server", 1)
+            .replacen("server = \"controller\"", "servr = \"controller\"", 1)
+            .replacen("[8774]", "[87740]", 1);
+        let errors = parse(&text).unwrap_err().0;
+        let shown: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "agent.toml:3: quiet_period: \"soon\" is not a duration (e.g. \"30s\", \"2m\")",
+                "agent.toml:24: backend[0].ports[0]: port 87740 is out of range: use 1 to 65535",
+                "agent.toml:25: backend[0].haproxy: unknown field `servr`, expected `backend` or \
+                 `server`; did you mean `server`?",
+                "agent.toml:25: backend[0].haproxy: missing field `server`: write haproxy = { \
+                 backend = \"name in haproxy.cfg\", server = \"this node's server\" }",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_wrong_value_does_not_hide_the_rules_that_do_not_depend_on_it() {
+        let text = GOOD.replace("[8778, 8779]", "[8778, 8774]").replace(
+            "quiet_period = \"100ms\"",
+            "quiet_period = 5\nflow_table_size = \"big\"",
+        );
+        let message = error(&text);
+        for expected in [
+            "agent.toml:4: quiet_period: 5 is not a duration",
+            "agent.toml:5: flow_table_size: \"big\" is not a table size",
+            "backend[1].ports[1]: port 8774 is already used by backend `nova-api`",
+        ] {
+            assert!(
+                message.contains(expected),
+                "{expected} missing in:\n{message}"
+            );
+        }
+        assert_eq!(message.lines().count(), 3, "{message}");
     }
 
     #[test]

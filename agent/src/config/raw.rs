@@ -4,7 +4,7 @@
 //! its error and the message can name the value whatever its TOML type. Rules that relate
 //! several values live in `validate.rs`.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, ops::Range, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 use toml::{Spanned, Value};
@@ -18,86 +18,175 @@ pub const MAX_FLOW_TABLE_SIZE: u32 = 16 * 1024 * 1024;
 /// Most agent-check connections served at once.
 pub const MAX_AGENT_CHECK_CONNECTIONS: usize = 65_536;
 
+/// The whole file. Every value is [`Checked`] and every key optional, so one wrong value
+/// or one missing key never hides the next: `validate.rs` reports them all. Unknown keys are
+/// found beside deserialization (`mod.rs`), for the same reason.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    pub interfaces: Option<Spanned<Vec<Spanned<InterfaceName>>>>,
-    pub control_socket: Option<SocketPath>,
-    pub quiet_period: Option<HumanDuration>,
-    pub flow_table_size: Option<FlowTableSize>,
-    pub flow_idle_check: Option<Interval>,
-    pub agent_check_listen: Option<Spanned<ListenAddr>>,
-    pub agent_check_interval: Option<Interval>,
-    pub agent_check_allow: Option<Vec<AllowedSource>>,
-    pub agent_check_max_connections: Option<ConnectionLimit>,
-    pub shutdown_timeout: Option<HumanDuration>,
-    pub metrics_listen: Option<Spanned<ListenAddr>>,
-    pub control_group: Option<Spanned<GroupName>>,
-    pub on_shutdown: Option<OnShutdown>,
-    pub state_dir: Option<StateDir>,
-    pub on_restart: Option<OnRestart>,
-    #[serde(default, rename = "load_balancer")]
-    pub load_balancers: Vec<Spanned<RawLoadBalancer>>,
-    #[serde(default, rename = "backend")]
-    pub backends: Vec<Spanned<RawBackend>>,
+    pub interfaces: Option<Checked<Vec<Checked<InterfaceName>>>>,
+    pub control_socket: Option<Checked<SocketPath>>,
+    pub quiet_period: Option<Checked<HumanDuration>>,
+    pub flow_table_size: Option<Checked<FlowTableSize>>,
+    pub flow_idle_check: Option<Checked<Interval>>,
+    pub agent_check_listen: Option<Checked<ListenAddr>>,
+    pub agent_check_interval: Option<Checked<Interval>>,
+    pub agent_check_allow: Option<Checked<Vec<Checked<AllowedSource>>>>,
+    pub agent_check_max_connections: Option<Checked<ConnectionLimit>>,
+    pub shutdown_timeout: Option<Checked<HumanDuration>>,
+    pub metrics_listen: Option<Checked<ListenAddr>>,
+    pub control_group: Option<Checked<GroupName>>,
+    pub on_shutdown: Option<Checked<OnShutdown>>,
+    pub state_dir: Option<Checked<StateDir>>,
+    pub on_restart: Option<Checked<OnRestart>>,
+    #[serde(rename = "load_balancer")]
+    pub load_balancers: Option<Checked<Vec<Checked<RawLoadBalancer>>>>,
+    #[serde(rename = "backend")]
+    pub backends: Option<Checked<Vec<Checked<RawBackend>>>>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawLoadBalancer {
-    pub name: Spanned<Name>,
-    pub runtime_api: Spanned<RuntimeApi>,
-    pub timeout: Option<Interval>,
+    pub name: Option<Checked<Name>>,
+    pub runtime_api: Option<Checked<RuntimeApi>>,
+    pub timeout: Option<Checked<Interval>>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawBackend {
-    pub name: Spanned<Name>,
-    pub ports: Spanned<Vec<Spanned<Port>>>,
-    pub haproxy: Option<Spanned<RawHaproxy>>,
-    pub min_serving: Option<Spanned<ServerCount>>,
-    pub drain_timeout: Option<HumanDuration>,
-    pub on_timeout: Option<OnTimeout>,
-    pub restart: Option<Spanned<RawStep>>,
-    pub health: Option<Spanned<RawHealth>>,
-    pub rollback: Option<Spanned<RawStep>>,
-    pub gate: Option<Spanned<RawGate>>,
+    pub name: Option<Checked<Name>>,
+    pub ports: Option<Checked<Vec<Checked<Port>>>>,
+    pub haproxy: Option<Checked<RawHaproxy>>,
+    pub min_serving: Option<Checked<ServerCount>>,
+    pub drain_timeout: Option<Checked<HumanDuration>>,
+    pub on_timeout: Option<Checked<OnTimeout>>,
+    pub restart: Option<Checked<RawStep>>,
+    pub health: Option<Checked<RawHealth>>,
+    pub rollback: Option<Checked<RawStep>>,
+    pub gate: Option<Checked<RawGate>>,
 }
 
 /// `gate = { allow = [...] }`: its presence closes the kernel gate while the backend drains.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawGate {
-    pub allow: Vec<AllowedSource>,
+    pub allow: Option<Checked<Vec<Checked<AllowedSource>>>>,
     /// Overrides the computed deadline (see `Backend::gate_deadline`).
-    pub deadline: Option<Interval>,
+    pub deadline: Option<Checked<Interval>>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawHaproxy {
-    pub backend: HaproxyName,
-    pub server: HaproxyName,
+    pub backend: Option<Checked<HaproxyName>>,
+    pub server: Option<Checked<HaproxyName>>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawStep {
-    pub systemd_unit: Option<UnitName>,
-    pub command: Option<CommandLine>,
-    pub timeout: Option<Interval>,
+    pub systemd_unit: Option<Checked<UnitName>>,
+    pub command: Option<Checked<CommandLine>>,
+    pub timeout: Option<Checked<Interval>>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawHealth {
-    pub http: Option<Spanned<HttpUrl>>,
-    pub expect: Option<Spanned<HttpStatus>>,
-    pub host: Option<Spanned<HostName>>,
-    pub ca: Option<Spanned<CaFile>>,
-    pub tcp: Option<Spanned<TcpAddress>>,
-    pub timeout: Option<Interval>,
+    pub http: Option<Checked<HttpUrl>>,
+    pub expect: Option<Checked<HttpStatus>>,
+    pub host: Option<Checked<HostName>>,
+    pub ca: Option<Checked<CaFile>>,
+    pub tcp: Option<Checked<TcpAddress>>,
+    pub timeout: Option<Checked<Interval>>,
+}
+
+/// A value where it was written, and either what it means or why it is wrong. A wrong value
+/// is kept, not fatal, so the rest of the file is still read and checked.
+pub struct Checked<T> {
+    pub span: Range<usize>,
+    pub value: Result<T, String>,
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Checked<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let spanned = Spanned::<Attempt<T>>::deserialize(deserializer)?;
+        Ok(Checked {
+            span: spanned.span(),
+            value: spanned.into_inner().0,
+        })
+    }
+}
+
+/// Deserializes `T`, keeping its error as a message. The value's deserializer is its own
+/// (toml hands each value a fresh one), so its failure leaves the file's deserializer intact.
+struct Attempt<T>(Result<T, String>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Attempt<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(Attempt(T::deserialize(deserializer).map_err(|err| {
+            // toml adds "in `key`" lines; the caller names the key itself.
+            err.to_string()
+                .lines()
+                .filter(|line| !line.starts_with("in `") && !line.trim().is_empty())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })))
+    }
+}
+
+/// The keys the table at `path` accepts (`path` ends with the unknown key).
+pub fn fields_of_table(path: &[super::error::Segment]) -> &'static [&'static str] {
+    use super::error::Segment::{Index, Key};
+    let table = &path[..path.len().saturating_sub(1)];
+    match table {
+        [] => fields_of::<RawConfig>(),
+        [Key(name), Index(_)] if name == "backend" => fields_of::<RawBackend>(),
+        [Key(name), Index(_)] if name == "load_balancer" => fields_of::<RawLoadBalancer>(),
+        [Key(_), Index(_), Key(name)] if name == "haproxy" => fields_of::<RawHaproxy>(),
+        [Key(_), Index(_), Key(name)] if name == "restart" || name == "rollback" => {
+            fields_of::<RawStep>()
+        }
+        [Key(_), Index(_), Key(name)] if name == "health" => fields_of::<RawHealth>(),
+        _ => &[],
+    }
+}
+
+/// The keys a table of type `T` accepts, as its `Deserialize` asks for them: what "unknown
+/// field `x`, expected ..." lists without a second list to keep in step.
+pub fn fields_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    struct Fields;
+    #[derive(Debug)]
+    struct Found(&'static [&'static str]);
+    impl std::fmt::Display for Found {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "fields found")
+        }
+    }
+    impl std::error::Error for Found {}
+    impl serde::de::Error for Found {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Found(&[])
+        }
+    }
+    impl<'de> serde::Deserializer<'de> for Fields {
+        type Error = Found;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Found> {
+            Err(Found(&[]))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Found> {
+            Err(Found(fields))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+    match T::deserialize(Fields) {
+        Err(Found(fields)) => fields,
+        Ok(_) => &[],
+    }
 }
 
 /// The value as the operator wrote it: strings in quotes, anything else in TOML syntax.
@@ -256,8 +345,7 @@ value_type!(
 );
 
 value_type!(
-    /// A source allowed through (to the agent-check port, or through a closed gate): an
-    /// address or a network.
+    /// A source allowed to connect to the agent-check port: an address or a network.
     AllowedSource(ipnet::IpNet),
     |value| {
         let example = "\"10.0.0.0/24\" or \"fd00::1\"";

@@ -1,9 +1,14 @@
 //! From the schema to a [`Config`]: defaults, and the rules that relate several values.
+//!
+//! Every problem is collected, not just the first: a wrong value is reported and left out,
+//! and the checks that depend on it are skipped rather than reported again.
 
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashSet},
+    ops::Range,
+};
 
 use drain_agent_common::{DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS, gate::MAX_ALLOWED_SOURCES};
-use toml::Spanned;
 
 use super::{
     Action, Backend, Config, ConfigError, DEFAULT_AGENT_CHECK_INTERVAL,
@@ -11,122 +16,226 @@ use super::{
     DEFAULT_FLOW_IDLE_CHECK, DEFAULT_HEALTH_TIMEOUT, DEFAULT_MIN_SERVING, DEFAULT_QUIET_PERIOD,
     DEFAULT_RUNTIME_API_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STATE_DIR, DEFAULT_STEP_TIMEOUT,
     Gate, HaproxyServer, HealthCheck, LoadBalancer, OnRestart, OnShutdown, OnTimeout, Probe, Step,
-    error::Locator,
-    raw::{RawBackend, RawConfig, RawHealth, RawStep},
+    error::{Locator, did_you_mean},
+    raw::{Checked, RawBackend, RawConfig, RawGate, RawHealth, RawStep},
 };
 
-/// Applies defaults and the cross-field rules; remembers the lines later checks name.
-pub(super) fn validate(at: &Locator<'_>, raw: RawConfig) -> Result<Config, ConfigError> {
-    let mut lines = BTreeMap::new();
+/// The problems found so far, and the lines later checks name.
+struct Found<'a, 'b> {
+    at: &'a Locator<'b>,
+    errors: Vec<ConfigError>,
+    lines: BTreeMap<String, usize>,
+}
 
-    let interfaces = match raw.interfaces {
-        None => {
-            return Err(at.error(
-                None,
-                "interfaces",
-                "missing: list the interfaces the API traffic arrives on, e.g. \
-                 interfaces = [\"eth0\"]",
-            ));
+impl Found<'_, '_> {
+    fn error(
+        &mut self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        self.errors.push(self.at.error(span, key, message));
+    }
+
+    /// A value and where it was written; a wrong one is reported (and `None`).
+    fn spanned<T>(&mut self, checked: Option<Checked<T>>, key: &str) -> Option<(T, Range<usize>)> {
+        let checked = checked?;
+        match checked.value {
+            Ok(value) => Some((value, checked.span)),
+            Err(message) => {
+                self.error(Some(checked.span), key, did_you_mean(&message));
+                None
+            }
         }
-        Some(list) if list.get_ref().is_empty() => {
-            return Err(at.error(
-                Some(list.span()),
-                "interfaces",
-                "[] names no interface: list at least one interface the API traffic arrives \
-                 on, e.g. interfaces = [\"eth0\"]",
-            ));
-        }
-        Some(list) => {
+    }
+
+    /// A value; a wrong one is reported (and `None`).
+    fn value<T>(&mut self, checked: Option<Checked<T>>, key: &str) -> Option<T> {
+        self.spanned(checked, key).map(|(value, _)| value)
+    }
+
+    /// Each right element of a list with its index (the wrong ones reported).
+    fn list<T>(&mut self, checked: Vec<Checked<T>>, key: &str) -> Vec<(usize, T, Range<usize>)> {
+        checked
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, item)| {
+                self.spanned(Some(item), &format!("{key}[{index}]"))
+                    .map(|(value, span)| (index, value, span))
+            })
+            .collect()
+    }
+
+    /// Remembers the line of `key`, for checks after parsing.
+    fn remember(&mut self, key: impl Into<String>, span: &Range<usize>) {
+        self.lines.insert(key.into(), self.at.line(span.start));
+    }
+}
+
+/// Applies defaults and the cross-field rules; returns every problem found.
+pub(super) fn validate(at: &Locator<'_>, raw: RawConfig) -> Result<Config, Vec<ConfigError>> {
+    let mut found = Found {
+        at,
+        errors: Vec::new(),
+        lines: BTreeMap::new(),
+    };
+
+    let mut interfaces = Vec::new();
+    match found.spanned(raw.interfaces, "interfaces") {
+        None if !found.has_error_at("interfaces") => found.error(
+            None,
+            "interfaces",
+            "missing: list the interfaces the API traffic arrives on, e.g. \
+             interfaces = [\"eth0\"]",
+        ),
+        None => {}
+        Some((list, span)) if list.is_empty() => found.error(
+            Some(span),
+            "interfaces",
+            "[] names no interface: list at least one interface the API traffic arrives \
+             on, e.g. interfaces = [\"eth0\"]",
+        ),
+        Some((list, _)) => {
             let mut seen = HashSet::new();
-            let mut names = Vec::new();
-            for (index, name) in list.into_inner().into_iter().enumerate() {
-                let span = name.span();
-                let name = name.into_inner().0;
+            for (index, checked) in list.into_iter().enumerate() {
                 let key = format!("interfaces[{index}]");
+                let Some((name, span)) = found.spanned(Some(checked), &key) else {
+                    continue;
+                };
+                let name = name.0;
                 if !seen.insert(name.clone()) {
-                    return Err(at.error(
+                    found.error(
                         Some(span),
                         key,
                         format!("interface `{name}` is listed twice: list each interface once"),
-                    ));
+                    );
+                    continue;
                 }
-                lines.insert(key, at.line(span.start));
-                names.push(name);
+                found.remember(key, &span);
+                interfaces.push(name);
             }
-            names
         }
-    };
+    }
 
-    if raw.backends.is_empty() {
-        return Err(at.error(
+    let raw_backends = found.value(raw.backends, "backend").unwrap_or_default();
+    if raw_backends.is_empty() {
+        found.error(
             None,
             "backend",
             "no backend configured: add a [[backend]] table with `name` and `ports`",
-        ));
+        );
     }
-    if raw.backends.len() > MAX_BACKENDS as usize {
-        return Err(at.error(
-            Some(raw.backends[MAX_BACKENDS as usize].span()),
+    if raw_backends.len() > MAX_BACKENDS as usize {
+        found.error(
+            Some(raw_backends[MAX_BACKENDS as usize].span.clone()),
             format!("backend[{MAX_BACKENDS}]"),
             format!(
                 "{} backends are configured: at most {MAX_BACKENDS} are supported",
-                raw.backends.len()
+                raw_backends.len()
             ),
-        ));
+        );
     }
     let mut backends: Vec<Backend> = Vec::new();
-    // port → index of the backend that claimed it
-    let mut port_owner: BTreeMap<u16, usize> = BTreeMap::new();
-    for (index, backend) in raw.backends.into_iter().enumerate() {
-        let backend = backend_of(
-            at,
+    // port → name of the backend that claimed it
+    let mut port_owner: BTreeMap<u16, String> = BTreeMap::new();
+    let mut names = HashSet::new();
+    for (index, checked) in raw_backends.into_iter().enumerate() {
+        let Some((backend, span)) = found.spanned(Some(checked), &format!("backend[{index}]"))
+        else {
+            continue;
+        };
+        if let Some(backend) = backend_of(
+            &mut found,
             index,
-            backend.into_inner(),
-            &backends,
+            backend,
+            span,
+            &mut names,
             &mut port_owner,
-            &mut lines,
-        )?;
-        backends.push(backend);
+        ) {
+            backends.push(backend);
+        }
+    }
+    let allowed: usize = backends
+        .iter()
+        .filter_map(|backend| backend.gate.as_ref())
+        .map(|gate| gate.allow.len())
+        .sum();
+    if allowed > MAX_ALLOWED_SOURCES as usize {
+        found.error(
+            None,
+            "backend",
+            format!(
+                "the gates' allow lists hold {allowed} entries in all, more than the kernel \
+                 map's {MAX_ALLOWED_SOURCES}: list networks rather than single addresses"
+            ),
+        );
     }
 
     let mut load_balancers: Vec<LoadBalancer> = Vec::new();
-    for (index, raw) in raw.load_balancers.into_iter().enumerate() {
-        let raw = raw.into_inner();
-        let name_span = raw.name.span();
-        let name = raw.name.into_inner().0;
-        if load_balancers.iter().any(|lb| lb.name == name) {
-            return Err(at.error(
-                Some(name_span),
-                format!("load_balancer[{index}].name"),
-                format!(
-                    "load balancer name {name:?} is used twice: give each [[load_balancer]] its \
-                     own name"
-                ),
-            ));
+    let raw_lbs = found
+        .value(raw.load_balancers, "load_balancer")
+        .unwrap_or_default();
+    let any_load_balancer = !raw_lbs.is_empty();
+    for (index, checked) in raw_lbs.into_iter().enumerate() {
+        let table_key = format!("load_balancer[{index}]");
+        let Some((raw, span)) = found.spanned(Some(checked), &table_key) else {
+            continue;
+        };
+        let key = |field: &str| format!("{table_key}.{field}");
+        let name = found.spanned(raw.name, &key("name"));
+        let runtime_api = found.spanned(raw.runtime_api, &key("runtime_api"));
+        let timeout = found.value(raw.timeout, &key("timeout"));
+        if let Some((name, name_span)) = &name {
+            if load_balancers.iter().any(|lb| lb.name == name.0) {
+                found.error(
+                    Some(name_span.clone()),
+                    key("name"),
+                    format!(
+                        "load balancer name {:?} is used twice: give each [[load_balancer]] \
+                         its own name",
+                        name.0
+                    ),
+                );
+            }
         }
-        let api_span = raw.runtime_api.span();
-        lines.insert(
-            format!("load_balancer[{index}].runtime_api"),
-            at.line(api_span.start),
-        );
+        for (field, missing) in [
+            ("name", name.is_none() && !found.has_error_at(&key("name"))),
+            (
+                "runtime_api",
+                runtime_api.is_none() && !found.has_error_at(&key("runtime_api")),
+            ),
+        ] {
+            if missing {
+                found.error(
+                    Some(span.clone()),
+                    &table_key,
+                    format!(
+                        "missing field `{field}`: a [[load_balancer]] needs `name` and \
+                         `runtime_api = \"unix:/run/haproxy/admin.sock\"`"
+                    ),
+                );
+            }
+        }
+        let (Some((name, _)), Some((runtime_api, api_span))) = (name, runtime_api) else {
+            continue;
+        };
+        found.remember(key("runtime_api"), &api_span);
         load_balancers.push(LoadBalancer {
-            name,
-            runtime_api: raw.runtime_api.into_inner(),
-            timeout: raw
-                .timeout
-                .map_or(DEFAULT_RUNTIME_API_TIMEOUT, |timeout| timeout.0),
+            name: name.0,
+            runtime_api,
+            timeout: timeout.map_or(DEFAULT_RUNTIME_API_TIMEOUT, |timeout| timeout.0),
         });
     }
-    if load_balancers.is_empty() {
+    if !any_load_balancer {
         if let Some((index, backend)) = backends
             .iter()
             .enumerate()
             .find(|(_, backend)| backend.haproxy.is_some())
         {
             let key = format!("backend[{index}].haproxy");
-            return Err(ConfigError {
+            found.errors.push(ConfigError {
                 path: at.path.to_owned(),
-                line: lines.get(&key).copied(),
+                line: found.lines.get(&key).copied(),
                 key: Some(key),
                 message: format!(
                     "backend `{}` names an HAProxy server but no [[load_balancer]] is \
@@ -137,145 +246,234 @@ pub(super) fn validate(at: &Locator<'_>, raw: RawConfig) -> Result<Config, Confi
         }
     }
 
-    let agent_check_listen = raw.agent_check_listen.map(|listen| {
-        lines.insert("agent_check_listen".into(), at.line(listen.span().start));
-        listen.into_inner().0
-    });
-    let metrics_listen = match raw.metrics_listen {
+    let agent_check_listen = found
+        .spanned(raw.agent_check_listen, "agent_check_listen")
+        .map(|(listen, span)| {
+            found.remember("agent_check_listen", &span);
+            listen.0
+        });
+    let metrics_listen = match found.spanned(raw.metrics_listen, "metrics_listen") {
         None => None,
-        Some(listen) => {
-            let span = listen.span();
-            let metrics = listen.into_inner().0;
+        Some((listen, span)) => {
+            let metrics = listen.0;
             if let Some(agent_check) = agent_check_listen {
                 if agent_check.port() == metrics.port()
                     && (agent_check.ip() == metrics.ip()
                         || agent_check.ip().is_unspecified()
                         || metrics.ip().is_unspecified())
                 {
-                    return Err(at.error(
+                    found.error(
                         Some(span),
                         "metrics_listen",
                         format!(
                             "{metrics} collides with agent_check_listen {agent_check}: use \
                              another port"
                         ),
-                    ));
+                    );
                 }
             }
             Some(metrics)
         }
     };
-    let control_group = raw.control_group.map(|group| {
-        lines.insert("control_group".into(), at.line(group.span().start));
-        group.into_inner().0
-    });
+    let control_group = found
+        .spanned(raw.control_group, "control_group")
+        .map(|(group, span)| {
+            found.remember("control_group", &span);
+            group.0
+        });
+    let control_socket = found
+        .value(raw.control_socket, "control_socket")
+        .map_or_else(|| DEFAULT_CONTROL_SOCKET.into(), |path| path.0);
+    let quiet_period = found
+        .value(raw.quiet_period, "quiet_period")
+        .map_or(DEFAULT_QUIET_PERIOD, |d| d.0);
+    let flow_table_size = found
+        .value(raw.flow_table_size, "flow_table_size")
+        .map_or(DEFAULT_FLOW_TABLE_SIZE, |size| size.0);
+    let flow_idle_check = found
+        .value(raw.flow_idle_check, "flow_idle_check")
+        .map_or(DEFAULT_FLOW_IDLE_CHECK, |d| d.0);
+    let agent_check_interval = found
+        .value(raw.agent_check_interval, "agent_check_interval")
+        .map_or(DEFAULT_AGENT_CHECK_INTERVAL, |d| d.0);
+    let allow = found
+        .value(raw.agent_check_allow, "agent_check_allow")
+        .unwrap_or_default();
+    let agent_check_allow = found
+        .list(allow, "agent_check_allow")
+        .into_iter()
+        .map(|(_, source, _)| source.0)
+        .collect();
+    let agent_check_max_connections = found
+        .value(
+            raw.agent_check_max_connections,
+            "agent_check_max_connections",
+        )
+        .map_or(DEFAULT_AGENT_CHECK_MAX_CONNECTIONS, |count| count.0);
+    let shutdown_timeout = found
+        .value(raw.shutdown_timeout, "shutdown_timeout")
+        .map_or(DEFAULT_SHUTDOWN_TIMEOUT, |d| d.0);
+    let on_shutdown = found
+        .value(raw.on_shutdown, "on_shutdown")
+        .unwrap_or(OnShutdown::Abort);
+    let state_dir = found
+        .value(raw.state_dir, "state_dir")
+        .map_or_else(|| DEFAULT_STATE_DIR.into(), |dir| dir.0);
+    let on_restart = found
+        .value(raw.on_restart, "on_restart")
+        .unwrap_or(OnRestart::Restore);
 
+    if !found.errors.is_empty() {
+        return Err(found.errors);
+    }
     Ok(Config {
         path: at.path.to_owned(),
         interfaces,
-        control_socket: raw
-            .control_socket
-            .map_or_else(|| DEFAULT_CONTROL_SOCKET.into(), |path| path.0),
-        quiet_period: raw.quiet_period.map_or(DEFAULT_QUIET_PERIOD, |d| d.0),
-        flow_table_size: raw
-            .flow_table_size
-            .map_or(DEFAULT_FLOW_TABLE_SIZE, |size| size.0),
-        flow_idle_check: raw.flow_idle_check.map_or(DEFAULT_FLOW_IDLE_CHECK, |d| d.0),
+        control_socket,
+        quiet_period,
+        flow_table_size,
+        flow_idle_check,
         agent_check_listen,
-        agent_check_interval: raw
-            .agent_check_interval
-            .map_or(DEFAULT_AGENT_CHECK_INTERVAL, |d| d.0),
-        agent_check_allow: raw
-            .agent_check_allow
-            .unwrap_or_default()
-            .into_iter()
-            .map(|source| source.0)
-            .collect(),
-        agent_check_max_connections: raw
-            .agent_check_max_connections
-            .map_or(DEFAULT_AGENT_CHECK_MAX_CONNECTIONS, |count| count.0),
-        shutdown_timeout: raw
-            .shutdown_timeout
-            .map_or(DEFAULT_SHUTDOWN_TIMEOUT, |d| d.0),
+        agent_check_interval,
+        agent_check_allow,
+        agent_check_max_connections,
+        shutdown_timeout,
         metrics_listen,
         control_group,
-        on_shutdown: raw.on_shutdown.unwrap_or(OnShutdown::Abort),
-        state_dir: raw
-            .state_dir
-            .map_or_else(|| DEFAULT_STATE_DIR.into(), |dir| dir.0),
-        on_restart: raw.on_restart.unwrap_or(OnRestart::Restore),
+        on_shutdown,
+        state_dir,
+        on_restart,
         load_balancers,
         backends,
-        lines,
+        lines: found.lines,
     })
 }
 
-/// One `[[backend]]`: its ports against the others', its HAProxy server, min_serving, steps
-/// and health check.
+impl Found<'_, '_> {
+    /// Whether a problem was already reported about `key` (its value was wrong, not missing).
+    fn has_error_at(&self, key: &str) -> bool {
+        self.errors
+            .iter()
+            .any(|error| error.key.as_deref() == Some(key))
+    }
+}
+
+/// One `[[backend]]`: its name and ports against the others', its HAProxy server,
+/// min_serving, steps and health check. `None` when something in it is wrong (reported).
 fn backend_of(
-    at: &Locator<'_>,
+    found: &mut Found<'_, '_>,
     index: usize,
     raw: RawBackend,
-    before: &[Backend],
-    port_owner: &mut BTreeMap<u16, usize>,
-    lines: &mut BTreeMap<String, usize>,
-) -> Result<Backend, ConfigError> {
-    let key = |field: &str| format!("backend[{index}].{field}");
-    let name_span = raw.name.span();
-    let name = raw.name.into_inner().0;
-    if before.iter().any(|other| other.name == name) {
-        return Err(at.error(
-            Some(name_span),
-            key("name"),
-            format!("backend `{name}` is defined twice: give each [[backend]] its own name"),
-        ));
-    }
-    let ports_span = raw.ports.span();
-    let raw_ports = raw.ports.into_inner();
-    if raw_ports.is_empty() {
-        return Err(at.error(
+    span: Range<usize>,
+    names: &mut HashSet<String>,
+    port_owner: &mut BTreeMap<u16, String>,
+) -> Option<Backend> {
+    let errors_before = found.errors.len();
+    let table_key = format!("backend[{index}]");
+    let key = |field: &str| format!("{table_key}.{field}");
+    let name = match found.spanned(raw.name, &key("name")) {
+        Some((name, name_span)) => {
+            let name = name.0;
+            if !names.insert(name.clone()) {
+                found.error(
+                    Some(name_span),
+                    key("name"),
+                    format!(
+                        "backend `{name}` is defined twice: give each [[backend]] its own name"
+                    ),
+                );
+            }
+            Some(name)
+        }
+        None if found.has_error_at(&key("name")) => None,
+        None => {
+            found.error(
+                Some(span.clone()),
+                &table_key,
+                "missing field `name`: give the backend the name operators use for it, e.g. \
+                 name = \"nova-api\"",
+            );
+            None
+        }
+    };
+    let shown_name = name.clone().unwrap_or_else(|| format!("#{index}"));
+    let mut ports = Vec::new();
+    match found.spanned(raw.ports, &key("ports")) {
+        None if found.has_error_at(&key("ports")) => {}
+        None => found.error(
+            Some(span.clone()),
+            &table_key,
+            format!(
+                "missing field `ports`: list the TCP ports backend `{shown_name}` serves, e.g. \
+                 ports = [8774]"
+            ),
+        ),
+        Some((list, ports_span)) if list.is_empty() => found.error(
             Some(ports_span),
             key("ports"),
-            format!("backend `{name}` has no ports: list the TCP ports it serves, e.g. [8774]"),
-        ));
-    }
-    let mut ports = Vec::new();
-    for (position, port) in raw_ports.into_iter().enumerate() {
-        let span = port.span();
-        let port = port.into_inner().0;
-        if let Some(&owner) = port_owner.get(&port) {
-            let message = if owner == index {
-                format!("port {port} is listed twice for backend `{name}`: list it once")
-            } else {
-                format!(
-                    "port {port} is already used by backend `{}`: a port belongs to one backend",
-                    before[owner].name
-                )
-            };
-            return Err(at.error(Some(span), key(&format!("ports[{position}]")), message));
+            format!(
+                "backend `{shown_name}` has no ports: list the TCP ports it serves, e.g. [8774]"
+            ),
+        ),
+        Some((list, _)) => {
+            for (position, port, port_span) in found.list(list, &key("ports")) {
+                let port = port.0;
+                if let Some(owner) = port_owner.get(&port) {
+                    let message = if ports.contains(&port) {
+                        format!(
+                            "port {port} is listed twice for backend `{shown_name}`: list it once"
+                        )
+                    } else {
+                        format!(
+                            "port {port} is already used by backend `{owner}`: a port belongs \
+                             to one backend"
+                        )
+                    };
+                    found.error(Some(port_span), key(&format!("ports[{position}]")), message);
+                    continue;
+                }
+                port_owner.insert(port, shown_name.clone());
+                ports.push(port);
+            }
         }
-        port_owner.insert(port, index);
-        ports.push(port);
     }
-    let haproxy = raw.haproxy.map(|haproxy| {
-        lines.insert(key("haproxy"), at.line(haproxy.span().start));
-        let haproxy = haproxy.into_inner();
-        HaproxyServer {
-            backend: haproxy.backend.0,
-            server: haproxy.server.0,
-        }
-    });
-    let min_serving = match raw.min_serving {
+    let haproxy =
+        found
+            .spanned(raw.haproxy, &key("haproxy"))
+            .and_then(|(haproxy, haproxy_span)| {
+                found.remember(key("haproxy"), &haproxy_span);
+                let backend = found.value(haproxy.backend, &key("haproxy.backend"));
+                let server = found.value(haproxy.server, &key("haproxy.server"));
+                for (field, value) in [("backend", backend.is_some()), ("server", server.is_some())]
+                {
+                    if !value && !found.has_error_at(&key(&format!("haproxy.{field}"))) {
+                        found.error(
+                            Some(haproxy_span.clone()),
+                            key("haproxy"),
+                            format!(
+                                "missing field `{field}`: write haproxy = {{ backend = \"name in \
+                             haproxy.cfg\", server = \"this node's server\" }}"
+                            ),
+                        );
+                    }
+                }
+                Some(HaproxyServer {
+                    backend: backend?.0,
+                    server: server?.0,
+                })
+            });
+    let haproxy_given = haproxy.is_some() || found.has_error_at(&key("haproxy"));
+    let min_serving = match found.spanned(raw.min_serving, &key("min_serving")) {
         // Without a runtime API the agent cannot count the other servers: the default then
         // asks nothing it cannot check (docs/operations.md says what that means).
-        None if haproxy.is_none() => 0,
+        None if !haproxy_given => 0,
         None => DEFAULT_MIN_SERVING,
-        Some(count) => {
-            let span = count.span();
-            let count = count.into_inner().0;
-            if count > 0 && haproxy.is_none() {
-                return Err(at.error(
-                    Some(span),
+        Some((count, count_span)) => {
+            found.remember(key("min_serving"), &count_span);
+            let count = count.0;
+            if count > 0 && !haproxy_given {
+                found.error(
+                    Some(count_span),
                     key("min_serving"),
                     format!(
                         "min_serving = {count} needs `haproxy = {{ backend, server }}` and a \
@@ -283,59 +481,31 @@ fn backend_of(
                          see the other servers, so it could not keep {count} of them serving. \
                          Add the runtime API, or set min_serving = 0"
                     ),
-                ));
+                );
             }
             count
         }
     };
-    let restart = step(at, raw.restart, key("restart"))?;
-    let rollback = step(at, raw.rollback, key("rollback"))?;
-    if let Some(ca) = raw
-        .health
-        .as_ref()
-        .and_then(|health| health.get_ref().ca.as_ref())
-    {
-        lines.insert(key("health.ca"), at.line(ca.span().start));
+    let drain_timeout = found
+        .value(raw.drain_timeout, &key("drain_timeout"))
+        .map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0);
+    let on_timeout = found
+        .value(raw.on_timeout, &key("on_timeout"))
+        .unwrap_or(OnTimeout::Abort);
+    let restart = step(found, raw.restart, key("restart"));
+    let rollback = step(found, raw.rollback, key("rollback"));
+    let health = health_check(found, raw.health, &key("health"));
+    let gate = gate(found, raw.gate, &key("gate"));
+    if found.errors.len() > errors_before {
+        return None;
     }
-    let health = raw
-        .health
-        .map(|health| health_check(at, health, &key("health")))
-        .transpose()?;
-    let gate = match raw.gate {
-        None => None,
-        Some(gate) => {
-            let span = gate.span();
-            lines.insert(key("gate"), at.line(span.start));
-            let gate = gate.into_inner();
-            let deadline = gate.deadline.map(|deadline| deadline.0);
-            let allow: Vec<ipnet::IpNet> = gate.allow.into_iter().map(|a| a.0).collect();
-            let total = allow.len()
-                + before
-                    .iter()
-                    .filter_map(|other| other.gate.as_ref())
-                    .map(|gate| gate.allow.len())
-                    .sum::<usize>();
-            if total > MAX_ALLOWED_SOURCES as usize {
-                return Err(at.error(
-                    Some(span),
-                    key("gate.allow"),
-                    format!(
-                        "the gates' allow lists hold {total} entries in all, more than the \
-                         kernel map's {MAX_ALLOWED_SOURCES}: list networks rather than single \
-                         addresses"
-                    ),
-                ));
-            }
-            Some(Gate { allow, deadline })
-        }
-    };
-    Ok(Backend {
-        name,
+    Some(Backend {
+        name: name?,
         ports,
         haproxy,
         min_serving,
-        drain_timeout: raw.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0),
-        on_timeout: raw.on_timeout.unwrap_or(OnTimeout::Abort),
+        drain_timeout,
+        on_timeout,
         restart,
         health,
         rollback,
@@ -343,102 +513,150 @@ fn backend_of(
     })
 }
 
+/// `gate = { allow = [...], deadline = "..." }`: `allow` is required (it may be empty).
+fn gate(found: &mut Found<'_, '_>, raw: Option<Checked<RawGate>>, key: &str) -> Option<Gate> {
+    let (raw, span) = found.spanned(raw, key)?;
+    found.remember(key, &span);
+    let allow_key = format!("{key}.allow");
+    let allow = match found.spanned(raw.allow, &allow_key) {
+        Some((list, _)) => found
+            .list(list, &allow_key)
+            .into_iter()
+            .map(|(_, source, _)| source.0)
+            .collect(),
+        None => {
+            if !found.has_error_at(&allow_key) {
+                found.error(
+                    Some(span),
+                    key,
+                    "missing field `allow`: list the sources a closed gate still accepts (the \
+                     load balancers, for their health checks), e.g. gate = { allow = \
+                     [\"192.0.2.10/32\"] }, or allow = [] for none",
+                );
+            }
+            Vec::new()
+        }
+    };
+    let deadline = found
+        .value(raw.deadline, &format!("{key}.deadline"))
+        .map(|deadline| deadline.0);
+    Some(Gate { allow, deadline })
+}
+
 /// A restart or rollback: exactly one of `systemd_unit` and `command`.
-fn step(
-    at: &Locator<'_>,
-    raw: Option<Spanned<RawStep>>,
-    key: String,
-) -> Result<Option<Step>, ConfigError> {
-    let Some(raw) = raw else { return Ok(None) };
-    let span = raw.span();
-    let raw = raw.into_inner();
-    let action = match (raw.systemd_unit, raw.command) {
-        (Some(unit), None) => Action::SystemdUnit(unit.0),
-        (None, Some(command)) => Action::Command(command.0),
-        (unit, command) => {
-            let given = if unit.is_some() && command.is_some() {
+fn step(found: &mut Found<'_, '_>, raw: Option<Checked<RawStep>>, key: String) -> Option<Step> {
+    let (raw, span) = found.spanned(raw, &key)?;
+    found.remember(key.clone(), &span);
+    let unit = found.value(raw.systemd_unit, &format!("{key}.systemd_unit"));
+    let command = found.value(raw.command, &format!("{key}.command"));
+    let timeout = found.value(raw.timeout, &format!("{key}.timeout"));
+    let unit_given = unit.is_some() || found.has_error_at(&format!("{key}.systemd_unit"));
+    let command_given = command.is_some() || found.has_error_at(&format!("{key}.command"));
+    let action = match (unit, command) {
+        (Some(unit), None) if !command_given => Action::SystemdUnit(unit.0),
+        (None, Some(command)) if !unit_given => Action::Command(command.0),
+        _ if unit_given != command_given => return None, // the wrong one is reported
+        _ => {
+            let given = if unit_given {
                 "both are given"
             } else {
                 "neither is given"
             };
-            return Err(at.error(
+            found.error(
                 Some(span),
                 key,
                 format!(
                     "give exactly one of `systemd_unit = \"name.service\"` or \
                      `command = [\"program\", \"arg\", ...]` ({given})"
                 ),
-            ));
+            );
+            return None;
         }
     };
-    Ok(Some(Step {
+    Some(Step {
         action,
-        timeout: raw.timeout.map_or(DEFAULT_STEP_TIMEOUT, |d| d.0),
-    }))
+        timeout: timeout.map_or(DEFAULT_STEP_TIMEOUT, |d| d.0),
+    })
 }
 
 /// A health check: `http` (with `expect`, `host`, `ca`) or `tcp`.
 fn health_check(
-    at: &Locator<'_>,
-    raw: Spanned<RawHealth>,
+    found: &mut Found<'_, '_>,
+    raw: Option<Checked<RawHealth>>,
     key: &str,
-) -> Result<HealthCheck, ConfigError> {
-    let span = raw.span();
-    let raw = raw.into_inner();
-    let only_http = |field: &str, value: Option<std::ops::Range<usize>>| match value {
-        Some(value) => Err(at.error(
-            Some(value),
-            format!("{key}.{field}"),
-            format!("`{field}` belongs to an `http` check: remove it, or check with `http`"),
-        )),
-        None => Ok(()),
-    };
-    let probe = match (raw.http, raw.tcp) {
-        (Some(url), None) => {
-            let url = url.into_inner().0;
-            if let Some(ca) = &raw.ca {
+) -> Option<HealthCheck> {
+    let (raw, span): (RawHealth, _) = found.spanned(raw, key)?;
+    let field = |name: &str| format!("{key}.{name}");
+    if let Some(ca) = &raw.ca {
+        found.remember(field("ca"), &ca.span);
+    }
+    let http_given = raw.http.is_some();
+    let tcp_given = raw.tcp.is_some();
+    let http = found.value(raw.http, &field("http"));
+    let tcp = found.value(raw.tcp, &field("tcp"));
+    let expect = found.spanned(raw.expect, &field("expect"));
+    let host = found.spanned(raw.host, &field("host"));
+    let ca = found.spanned(raw.ca, &field("ca"));
+    let timeout = found.value(raw.timeout, &field("timeout"));
+    let probe = match (http_given, tcp_given) {
+        (true, false) => {
+            let url = http?.0;
+            if let Some((_, ca_span)) = &ca {
                 if url.scheme() != "https" {
-                    return Err(at.error(
-                        Some(ca.span()),
-                        format!("{key}.ca"),
+                    found.error(
+                        Some(ca_span.clone()),
+                        field("ca"),
                         format!(
                             "`ca` needs an https:// URL, and `{url}` is plain HTTP: remove \
                              `ca`, or use https://"
                         ),
-                    ));
+                    );
+                    return None;
                 }
             }
             Probe::Http {
                 url,
-                host: raw.host.map(|host| host.into_inner().0),
-                ca: raw.ca.map(|ca| ca.into_inner().0),
-                expect: raw.expect.map_or(200, |status| status.into_inner().0),
+                host: host.map(|(host, _)| host.0),
+                ca: ca.map(|(ca, _)| ca.0),
+                expect: expect.map_or(200, |(status, _)| status.0),
             }
         }
-        (None, Some(address)) => {
-            only_http("expect", raw.expect.map(|value| value.span()))?;
-            only_http("host", raw.host.map(|value| value.span()))?;
-            only_http("ca", raw.ca.map(|value| value.span()))?;
-            Probe::Tcp(address.into_inner().0)
+        (false, true) => {
+            let mut only_http = |name: &str, value: Option<Range<usize>>| {
+                if let Some(value) = value {
+                    found.error(
+                        Some(value),
+                        field(name),
+                        format!(
+                            "`{name}` belongs to an `http` check: remove it, or check with `http`"
+                        ),
+                    );
+                }
+            };
+            only_http("expect", expect.map(|(_, span)| span));
+            only_http("host", host.map(|(_, span)| span));
+            only_http("ca", ca.map(|(_, span)| span));
+            Probe::Tcp(tcp?.0)
         }
-        (http, tcp) => {
-            let given = if http.is_some() && tcp.is_some() {
+        (http, _) => {
+            let given = if http {
                 "both are given"
             } else {
                 "neither is given"
             };
-            return Err(at.error(
+            found.error(
                 Some(span),
                 key,
                 format!(
                     "give exactly one of `http = \"http://host:port/path\"` (with optional \
                      `expect = 200`, `host`, `ca`) or `tcp = \"host:port\"` ({given})"
                 ),
-            ));
+            );
+            return None;
         }
     };
-    Ok(HealthCheck {
+    Some(HealthCheck {
         probe,
-        timeout: raw.timeout.map_or(DEFAULT_HEALTH_TIMEOUT, |d| d.0),
+        timeout: timeout.map_or(DEFAULT_HEALTH_TIMEOUT, |d| d.0),
     })
 }

@@ -32,7 +32,7 @@ impl Operations {
                 backend = name,
                 operation,
                 phase = phase.as_str(),
-                on_restart = ?self.config.on_restart,
+                on_restart = self.config.on_restart.as_str(),
                 "the previous agent stopped in the middle of an operation: reconciling"
             );
             self.log_load_balancers(index).await;

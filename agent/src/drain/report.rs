@@ -17,7 +17,8 @@ pub mod exit {
     /// In-flight work outlived drain_timeout with on_timeout = "abort": the server was put
     /// back in service.
     pub const DRAIN_TIMEOUT: u8 = 4;
-    /// The restarted service never became healthy (even after rollback): the server is left
+    /// The cycle failed and no rollback saved it: the restart command failed, or the
+    /// restarted service never became healthy (even after the rollback). The server is left
     /// in MAINT on every load balancer.
     pub const FAILED: u8 = 5;
     /// The restart failed its health check, the rollback made the service healthy again and
@@ -27,6 +28,10 @@ pub mod exit {
     /// message) did not confirm the return within its bound: do not drain the next node
     /// before checking it.
     pub const UNCONFIRMED: u8 = 7;
+    /// (8 is the CLI's: the agent went away mid-operation.)
+    /// The operation was cancelled (`resume`, or the agent stopping with
+    /// `on_shutdown = "abort"`): the server was put back in service.
+    pub const CANCELLED: u8 = 9;
 }
 
 /// How an operation ended.
@@ -62,7 +67,8 @@ impl Outcome {
     pub fn exit_code(self) -> u8 {
         match self {
             Outcome::Ok => exit::OK,
-            Outcome::Error | Outcome::Cancelled => exit::ERROR,
+            Outcome::Error => exit::ERROR,
+            Outcome::Cancelled => exit::CANCELLED,
             Outcome::Refused => exit::REFUSED,
             Outcome::DrainTimeout => exit::DRAIN_TIMEOUT,
             Outcome::RolledBack => exit::ROLLED_BACK,
@@ -282,6 +288,9 @@ impl Report {
                     .map(|e| format!(" ({e})"))
                     .unwrap_or_default()
             ));
+        }
+        if let Some(rollback) = &self.rollback {
+            out.push_str(&format!("  rollback: {rollback}\n"));
         }
         if let Some(reconciled) = &self.reconciled_before {
             out.push_str(&format!("  before this: {reconciled}\n"));

@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint on hyper: `/metrics` (OpenMetrics), `/live` and `/ready`.
+//! The admin HTTP endpoint on hyper: `/metrics` (Prometheus text, or OpenMetrics when asked),
+//! `/live` and `/ready`.
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
@@ -6,7 +7,7 @@ use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
-    header::{ALLOW, CONTENT_TYPE, HeaderValue},
+    header::{ACCEPT, ALLOW, CONTENT_TYPE, HeaderValue, VARY},
     server::conn::http1,
     service::service_fn,
 };
@@ -14,10 +15,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use super::Metrics;
+use super::{Metrics, exposition::Format};
 
-/// The OpenMetrics content type Prometheus asks for.
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// How long a client may take to send a request's head (slow or idle connections are closed).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -73,10 +72,19 @@ fn answer<B>(
     match request.uri().path() {
         "/metrics" => {
             refresh();
-            let mut response = Response::new(Full::new(Bytes::from(metrics.render())));
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static(OPENMETRICS));
+            let accept = request
+                .headers()
+                .get(ACCEPT)
+                .and_then(|value| value.to_str().ok());
+            let format = Format::negotiate(accept);
+            let body = format.render(metrics.render());
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            let headers = response.headers_mut();
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static(format.content_type()),
+            );
+            headers.insert(VARY, HeaderValue::from_static("accept"));
             response
         }
         "/live" => text(StatusCode::OK, "live\n".into()),
@@ -102,6 +110,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::exposition::{OPENMETRICS, PROMETHEUS_TEXT};
 
     async fn endpoint(metrics: Arc<Metrics>) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -113,7 +122,7 @@ mod tests {
     #[tokio::test]
     async fn two_requests_on_one_connection_get_two_answers() {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let base = endpoint(Arc::new(Metrics::new(1))).await;
+        let base = endpoint(Arc::new(Metrics::new(&["nova-api".into()], "ebpf"))).await;
         let mut stream = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
             .await
             .unwrap();
@@ -139,18 +148,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_endpoint_serves_openmetrics_live_and_ready() {
-        let metrics = Arc::new(Metrics::new(1));
+    async fn the_endpoint_serves_text_openmetrics_when_asked_live_and_ready() {
+        let metrics = Arc::new(Metrics::new(&["nova-api".into()], "ebpf"));
         let base = endpoint(metrics.clone()).await;
         let client = reqwest::Client::new();
         let get = |path: &str| client.get(format!("{base}{path}")).send();
 
         let scrape = get("/metrics").await.unwrap();
         assert_eq!(scrape.status(), 200);
+        assert_eq!(scrape.headers()[CONTENT_TYPE], PROMETHEUS_TEXT);
+        let body = scrape.text().await.unwrap();
+        assert!(
+            body.contains("# TYPE drain_agent_operations_total counter"),
+            "{body}"
+        );
+        assert!(!body.contains("# EOF"), "{body}");
+
+        let scrape = client
+            .get(format!("{base}/metrics"))
+            .header(ACCEPT, "application/openmetrics-text;version=1.0.0")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(scrape.headers()[CONTENT_TYPE], OPENMETRICS);
         let body = scrape.text().await.unwrap();
         assert!(
-            body.contains("# TYPE drain_agent_flow_table_capacity gauge"),
+            body.contains("# TYPE drain_agent_operations counter"),
             "{body}"
         );
         assert!(body.ends_with("# EOF\n"), "{body}");
