@@ -43,7 +43,7 @@ fn lab_install_tasks() -> PathBuf {
 /// The longest a playbook may run before it is stopped (it never needs this much).
 const PLAYBOOK_DEADLINE: Duration = Duration::from_secs(600);
 /// Length of one oha run; runs follow each other until the playbook is done.
-const LOAD_WINDOW: Duration = Duration::from_secs(10);
+const LOAD_WINDOW: Duration = Duration::from_secs(5);
 
 /// What to run.
 #[derive(Debug, Clone)]

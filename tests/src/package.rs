@@ -98,7 +98,9 @@ pub fn build(binary: &Path, out_dir: &Path) -> io::Result<PathBuf> {
 
     let deb = out_dir.join(format!("{NAME}_{version}_{arch}.deb"));
     let out = Command::new("dpkg-deb")
-        .args(["--root-owner-group", "--build"])
+        // gzip: a third larger than xz, but built in a third of the time (the lab builds the
+        // package on every run); dpkg and apt read both.
+        .args(["--root-owner-group", "-Zgzip", "--build"])
         .arg(&staging)
         .arg(&deb)
         .output()?;
