@@ -5,7 +5,6 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    sync::Mutex,
     time::SystemTime,
 };
 
@@ -17,10 +16,6 @@ use drain_agent_tests::{
     topology::Topology,
 };
 use serde_json::Value;
-
-/// The two upgrades run one after the other: side by side on two cores, their load and their
-/// Ansible runs would slow each other's cycles.
-static ONE_FLEET_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Removes the package on drop, also when the test fails half-way.
 struct Installed;
@@ -90,11 +85,16 @@ fn the_package_installs_with_dpkg_its_unit_verifies_and_dpkg_removes_it() {
     // load balancers (documentation addresses) are unreachable at once and never contacted.
     // (A veth pair, both ends inside: this kernel has no dummy driver.)
     let node = Netns::create(format!("da-pkg-{}", std::process::id()));
-    node.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth1"]);
+    node.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
     node.ip(&["link", "set", "eth0", "up"]);
     let example = node
         .command(package::BINARY)
-        .args(["check-config", "/usr/share/doc/drain-agent/examples/config.toml"])
+        .args([
+            "check-config",
+            "/usr/share/doc/drain-agent/examples/config.toml",
+        ])
         .output()
         .expect("drain-agent check-config");
     let said = String::from_utf8_lossy(&example.stdout).into_owned()
@@ -192,9 +192,6 @@ impl Footprint {
 
 /// Builds the tier, runs the fleet, tears everything down, and checks that nothing is left.
 fn run_fleet(nodes: usize, break_node: Option<&str>) -> Value {
-    let _one = ONE_FLEET_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let names = host_names(nodes);
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let topology = Topology::new(&names);
