@@ -14,10 +14,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -369,26 +366,14 @@ pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
         return failed_before_upgrade(options, deploy_code, started);
     }
 
-    let client = tier.topology.host("client");
     let url = format!("http://{VIP}:{FRONTEND_PORT}/mix");
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let (netns, dir, url, stop) = (
-            client.netns.name().to_string(),
-            options.results.join("load"),
-            url.clone(),
-            stop.clone(),
-        );
-        let rate = options.rate;
-        std::thread::spawn(move || {
-            load::drive_windows(&netns, &dir, &url, rate, 128, LOAD_WINDOW, started, &stop)
-        })
-    };
-    let probes = Arc::new(Mutex::new(Vec::new()));
-    let probe_thread =
-        demo::spawn_probe(client.netns.name(), started, stop.clone(), probes.clone());
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let sampler = demo::spawn_sampler(tier, started, stop.clone(), samples.clone());
+    let watch = demo::Watch::start(
+        tier,
+        &url,
+        options.results.join("load"),
+        (options.rate, 128, LOAD_WINDOW),
+        started,
+    );
     std::thread::sleep(Duration::from_secs(3));
 
     eprintln!(
@@ -403,10 +388,8 @@ pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
     );
     let playbook_ended_ms = started.elapsed().as_millis() as u64;
     std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    let windows = load.join().expect("the load generator");
-    probe_thread.join().expect("probe thread");
-    sampler.join().expect("sampler thread");
+    let (windows, probes, samples) = watch.finish();
+    let windows = windows.expect("the load generator");
 
     let break_index = options
         .break_node
@@ -486,26 +469,13 @@ pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
         "final_versions": final_versions,
         "serving": serving,
         "failover": Value::Null,
-        "versions_seen": demo::versions_seen(&probes.lock().unwrap()),
+        "versions_seen": demo::versions_seen(&probes),
         "probe": {
-            "requests": probes.lock().unwrap().len(),
-            "failed": probes.lock().unwrap().iter().filter(|p| p.status != Some(200)).count(),
+            "requests": probes.len(),
+            "failed": probes.iter().filter(|p| p.status != Some(200)).count(),
         },
     });
-    std::fs::write(
-        options.results.join("report.json"),
-        serde_json::to_string_pretty(&report).unwrap(),
-    )
-    .expect("write report.json");
-    std::fs::write(
-        options.results.join("timeline.svg"),
-        crate::timeline::render(
-            &report,
-            &demo::samples_json(&samples.lock().unwrap()),
-            &demo::probes_json(&probes.lock().unwrap()),
-        ),
-    )
-    .expect("write timeline.svg");
+    demo::write_report(&options.results, &report, &samples, &probes);
     report
 }
 
@@ -556,21 +526,10 @@ fn node_entry(
         .and_then(|at| humantime::parse_rfc3339(at).ok())
         .and_then(|at| at.duration_since(started_at).ok())
         .map(|since| since.as_millis() as u64);
-    json!({
-        "name": name,
-        "touched": true,
-        "last_operation": last_operation,
-        "cycle_started_ms": cycle_started_ms,
-        "exit_code": kept["exit_code"],
-        "in_flight_at_drain_start": report["at_drain_start"]["in_flight"],
-        "idle_at_drain_start": report["at_drain_start"]["idle"],
-        "drain_ms": report["drained_ms"],
-        "restart_ms": report["restart_ms"],
-        "time_to_healthy_ms": report["time_to_healthy_ms"],
-        "cut_in_flight": report["kernel"]["cut_in_flight"],
-        "resets_by_node": report["kernel"]["resets_by_node"],
-        "report": report,
-    })
+    let mut entry = demo::node_entry(name, cycle_started_ms, kept["exit_code"].clone(), report);
+    entry["touched"] = json!(true);
+    entry["last_operation"] = json!(last_operation);
+    entry
 }
 
 /// Whether both load balancers have the node UP and it answers (waits a little: the last

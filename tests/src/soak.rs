@@ -20,10 +20,6 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
@@ -130,35 +126,14 @@ pub fn run(tier: &mut ApiTier, options: &SoakOptions) -> Value {
     std::fs::create_dir_all(&options.results).expect("create the results folder");
     widen_port_ranges(tier);
     let started = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let client = tier.topology.host("client");
     let url = format!("http://{VIP}:{FRONTEND_PORT}/mix");
-    let load = {
-        let (netns, dir, url, stop) = (
-            client.netns.name().to_string(),
-            options.results.join("load"),
-            url.clone(),
-            stop.clone(),
-        );
-        let (rate, connections, window) = (options.rate, options.connections, options.window);
-        std::thread::spawn(move || {
-            load::drive_windows(
-                &netns,
-                &dir,
-                &url,
-                rate,
-                connections,
-                window,
-                started,
-                &stop,
-            )
-        })
-    };
-    let probes = Arc::new(Mutex::new(Vec::new()));
-    let probe_thread =
-        demo::spawn_probe(client.netns.name(), started, stop.clone(), probes.clone());
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let sampler = demo::spawn_sampler(tier, started, stop.clone(), samples.clone());
+    let watch = demo::Watch::start(
+        tier,
+        &url,
+        options.results.join("load"),
+        (options.rate, options.connections, options.window),
+        started,
+    );
     std::thread::sleep(Duration::from_secs(2));
 
     let mut soak = Soak {
@@ -191,18 +166,13 @@ pub fn run(tier: &mut ApiTier, options: &SoakOptions) -> Value {
         .map(|node| (node.clone(), json!(demo::version_of(soak.tier, node))))
         .collect();
 
-    stop.store(true, Ordering::Relaxed);
-    let windows = load.join();
-    probe_thread.join().expect("probe thread");
-    sampler.join().expect("sampler thread");
+    let (windows, probes, samples) = watch.finish();
     soak.reap_retired();
     let windows = windows.unwrap_or_else(|_| {
         soak.problems
             .push("the load generator failed: see load/window-*/oha.log".into());
         Vec::new()
     });
-    let probes = probes.lock().unwrap().clone();
-    let samples = samples.lock().unwrap().clone();
     let report = soak.report(&url, &windows, &probes, final_versions);
     write_results(soak.tier, &options.results, &report, &samples, &probes);
     report
