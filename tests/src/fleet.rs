@@ -576,6 +576,9 @@ pub fn recap(output: &str) -> Value {
 
 /// The demo's summary, and what the play did.
 pub fn summary(report: &Value) -> String {
+    if let Some(message) = report["message"].as_str() {
+        return format!("\n{message}\n");
+    }
     let mut out = demo::summary(report);
     let playbook = &report["playbook"];
     out.push_str(&format!(
@@ -611,4 +614,27 @@ pub fn summary(report: &Value) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_recap_gives_each_hosts_counters_and_ignores_what_comes_before() {
+        let output = "TASK [x] ***\nnode1 : ok=3 changed=1\n\nPLAY RECAP *****\n\
+            node1                      : ok=12   changed=3    unreachable=0    failed=0    skipped=1    rescued=0    ignored=0   \n\
+            node2                      : ok=12   changed=3    unreachable=0    failed=1    skipped=0    rescued=0    ignored=0   \n";
+        let recap = recap(output);
+        assert_eq!(recap["node1"]["ok"], 12);
+        assert_eq!(recap["node1"]["failed"], 0);
+        assert_eq!(recap["node2"]["failed"], 1);
+        assert_eq!(recap["node2"]["skipped"], 0);
+        assert_eq!(recap.as_object().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn no_recap_gives_no_hosts() {
+        assert_eq!(recap("ERROR! the playbook could not be found\n"), json!({}));
+    }
 }

@@ -234,3 +234,34 @@ fn installed_size_kib(dir: &Path) -> io::Result<u64> {
     }
     Ok(bytes(dir)?.div_ceil(1024))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_unit_runs_the_packaged_binary_and_says_how_to_start_it() {
+        let unit =
+            std::fs::read_to_string(repository().join("deploy/drain-agent.service")).unwrap();
+        let packaged = packaged_unit(&unit);
+        assert!(!packaged.contains("/usr/local/bin"), "{packaged}");
+        assert!(packaged.contains(&format!(
+            "ExecStart={BINARY} run --config /etc/drain-agent/config.toml"
+        )));
+        assert!(packaged.contains(&format!("ExecStartPre={BINARY} check-config")));
+        assert!(
+            packaged
+                .starts_with("# drain-agent on an API node, installed by the drain-agent package")
+        );
+        assert!(packaged.contains("\n[Unit]\n") && packaged.contains("\n[Install]\n"));
+    }
+
+    #[test]
+    fn the_version_is_the_agents() {
+        let version = version();
+        assert!(
+            version.split('.').count() == 3 && version.split('.').all(|n| n.parse::<u32>().is_ok()),
+            "{version}"
+        );
+    }
+}
