@@ -130,9 +130,15 @@ impl Ssh {
     }
 
     /// Runs `ansible-playbook -i INVENTORY PLAYBOOK` from the client host (the operator's
-    /// machine), echoing its output as it comes and saving it to `log`; returns the exit code
-    /// and the output.
-    pub fn playbook(&self, tier: &ApiTier, playbook: &str, log: &Path) -> (Option<i32>, String) {
+    /// machine), saving its output to `log` (and echoing it as it comes with `echo`); returns
+    /// the exit code and the output.
+    pub fn playbook(
+        &self,
+        tier: &ApiTier,
+        playbook: &str,
+        log: &Path,
+        echo: bool,
+    ) -> (Option<i32>, String) {
         let ansible = self.dir.join("ansible");
         let ssh = self.dir.join("ssh");
         let mut command = tier.topology.host("client").netns.command("sh");
@@ -171,7 +177,9 @@ impl Ssh {
             let output = output.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    eprintln!("{line}");
+                    if echo {
+                        eprintln!("{line}");
+                    }
                     let _ = writeln!(file, "{line}");
                     let mut output = output.lock().unwrap();
                     output.push_str(&line);
@@ -360,8 +368,12 @@ pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
         options.break_node.as_deref(),
     );
     eprintln!("fleet: sshd runs on every node; installing the agents with the role (site.yml)");
-    let (deploy_code, _) =
-        ssh.playbook(tier, "site.yml", &options.results.join("ansible-site.log"));
+    let (deploy_code, _) = ssh.playbook(
+        tier,
+        "site.yml",
+        &options.results.join("ansible-site.log"),
+        true,
+    );
     if deploy_code != Some(0) {
         return failed_before_upgrade(options, deploy_code, started);
     }
@@ -385,6 +397,7 @@ pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
         tier,
         "rolling-upgrade.yml",
         &options.results.join("ansible-rolling-upgrade.log"),
+        true,
     );
     let playbook_ended_ms = started.elapsed().as_millis() as u64;
     std::thread::sleep(Duration::from_secs(2));
@@ -444,8 +457,21 @@ pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
     let serving_ok = serving.values().all(|v| *v == true);
     let load_ok =
         load["failed"] == 0 && load["non_2xx"] == 0 && load["requests"].as_u64() > Some(0);
+    // The role again on the same nodes changes nothing: what an operator may re-run any time.
+    let (rerun_code, rerun_output) = ssh.playbook(
+        tier,
+        "site.yml",
+        &options.results.join("ansible-site-again.log"),
+        false,
+    );
+    let rerun_recap = self::recap(&rerun_output);
+    let idempotent = rerun_code == Some(0)
+        && tier.nodes.iter().all(|node| {
+            rerun_recap[node]["changed"] == 0 && rerun_recap[node]["ok"].as_u64() > Some(0)
+        });
     let report = json!({
-        "ok": expected_exit_ok && recap_ok && untouched_ok && versions_ok && serving_ok && load_ok,
+        "ok": expected_exit_ok && recap_ok && untouched_ok && versions_ok && serving_ok && load_ok
+            && idempotent,
         "title": format!("Rolling upgrade by Ansible under load{}", options.break_node.as_ref().map_or(String::new(), |node| format!(", {node} broken"))),
         "duration_ms": started.elapsed().as_millis() as u64,
         "playbook": {
@@ -462,7 +488,9 @@ pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
             "versions_as_expected": versions_ok,
             "every_node_serving": serving_ok,
             "no_failed_request": load_ok,
+            "site_yml_again_changes_nothing": idempotent,
         },
+        "site_yml_again": {"exit_code": rerun_code, "recap": rerun_recap},
         "load": with_demo_latency(load, &url, options.rate),
         "nodes": nodes,
         "expected_versions": expected_versions,

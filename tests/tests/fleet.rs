@@ -275,6 +275,11 @@ fn a_rolling_upgrade_by_ansible_under_load_upgrades_every_node_without_a_failed_
         assert_eq!(node["cut_in_flight"], 0, "{node}");
     }
     assert_no_failed_request(&report);
+    assert_eq!(
+        report["checks"]["site_yml_again_changes_nothing"], true,
+        "the role changed something on a second run: {}",
+        report["site_yml_again"]
+    );
     assert_eq!(report["ok"], true, "{}", report["checks"]);
 }
 
