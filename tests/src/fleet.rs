@@ -636,7 +636,7 @@ pub fn summary(report: &Value) -> String {
     }
     for (check, passed) in report["checks"].as_object().into_iter().flatten() {
         out.push_str(&format!(
-            "{:<24} {}\n",
+            "{:<31} {}\n",
             check,
             if *passed == true { "ok" } else { "FAILED" }
         ));
