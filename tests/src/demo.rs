@@ -276,6 +276,7 @@ pub(crate) fn node_entry(
         "time_to_healthy_ms": report["time_to_healthy_ms"],
         "cut_in_flight": report["kernel"]["cut_in_flight"],
         "resets_by_node": report["kernel"]["resets_by_node"],
+        "gate_refused": report["gate"]["refused"],
         "report": report,
     })
 }
