@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::{
     http::Connection,
-    load::{Connections, Load},
+    load::{Connections, Load, Window},
     tier::{ApiTier, VIP},
     topology::FRONTEND_PORT,
     wait_until,
@@ -120,20 +120,12 @@ pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
             report["total_ms"].as_u64().unwrap_or(0) as f64 / 1000.0,
             report["message"].as_str().unwrap_or("")
         );
-        nodes.push(json!({
-            "name": node,
-            "cycle_started_ms": cycle_started_ms,
-            "exit_code": outcome.code,
-            "in_flight_at_drain_start": report["at_drain_start"]["in_flight"],
-            "idle_at_drain_start": report["at_drain_start"]["idle"],
-            "drain_ms": report["drained_ms"],
-            "restart_ms": report["restart_ms"],
-            "time_to_healthy_ms": report["time_to_healthy_ms"],
-            "cut_in_flight": report["kernel"]["cut_in_flight"],
-            "resets_by_node": report["kernel"]["resets_by_node"],
-            "gate_refused": report["gate"]["refused"],
-            "report": report,
-        }));
+        nodes.push(node_entry(
+            node,
+            Some(cycle_started_ms),
+            json!(outcome.code),
+            &report,
+        ));
         if !all_ok {
             break;
         }
@@ -175,17 +167,118 @@ pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
             "failed": probes.iter().filter(|p| p.status != Some(200)).count(),
         },
     });
+    write_report(&options.results, &report, &samples, &probes);
+    report
+}
+
+/// Writes report.json and the timeline picture (timeline.svg) into `results`.
+pub(crate) fn write_report(results: &Path, report: &Value, samples: &[LbSample], probes: &[Probe]) {
     std::fs::write(
-        options.results.join("report.json"),
-        serde_json::to_string_pretty(&report).unwrap(),
+        results.join("report.json"),
+        serde_json::to_string_pretty(report).unwrap(),
     )
     .expect("write report.json");
     std::fs::write(
-        options.results.join("timeline.svg"),
-        crate::timeline::render(&report, &samples_json(&samples), &probes_json(&probes)),
+        results.join("timeline.svg"),
+        crate::timeline::render(report, &samples_json(samples), &probes_json(probes)),
     )
     .expect("write timeline.svg");
-    report
+}
+
+/// What runs beside a rolling upgrade until it is done: the load in back-to-back oha windows
+/// through the VIP, our own version probe, and the load balancers' sampler.
+pub(crate) struct Watch {
+    stop: Arc<AtomicBool>,
+    load: JoinHandle<Vec<Window>>,
+    probe: JoinHandle<()>,
+    sampler: JoinHandle<()>,
+    probes: Arc<Mutex<Vec<Probe>>>,
+    samples: Arc<Mutex<Vec<LbSample>>>,
+}
+
+/// What a [`Watch`] saw: the load's windows (`Err` if the load generator failed), the probes
+/// and the samples.
+pub(crate) type Watched = (std::thread::Result<Vec<Window>>, Vec<Probe>, Vec<LbSample>);
+
+impl Watch {
+    /// Starts them: `rate` requests per second to `url` from the client host, new connections
+    /// each (at most `connections` at once), in oha runs of `window`; outputs under `dir`.
+    pub(crate) fn start(
+        tier: &ApiTier,
+        url: &str,
+        dir: PathBuf,
+        (rate, connections, window): (u32, u32, Duration),
+        started: Instant,
+    ) -> Watch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = tier.topology.host("client");
+        let load = {
+            let (netns, url, stop) = (
+                client.netns.name().to_string(),
+                url.to_string(),
+                stop.clone(),
+            );
+            std::thread::spawn(move || {
+                crate::load::drive_windows(
+                    &netns,
+                    &dir,
+                    &url,
+                    rate,
+                    connections,
+                    window,
+                    started,
+                    &stop,
+                )
+            })
+        };
+        let probes = Arc::new(Mutex::new(Vec::new()));
+        let probe = spawn_probe(client.netns.name(), started, stop.clone(), probes.clone());
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let sampler = spawn_sampler(tier, started, stop.clone(), samples.clone());
+        Watch {
+            stop,
+            load,
+            probe,
+            sampler,
+            probes,
+            samples,
+        }
+    }
+
+    /// Stops them (the last oha window runs to its end) and returns what they saw.
+    pub(crate) fn finish(self) -> Watched {
+        self.stop.store(true, Ordering::Relaxed);
+        let windows = self.load.join();
+        self.probe.join().expect("probe thread");
+        self.sampler.join().expect("sampler thread");
+        let probes = self.probes.lock().unwrap().clone();
+        let samples = self.samples.lock().unwrap().clone();
+        (windows, probes, samples)
+    }
+}
+
+/// A node's line in a rolling upgrade's report, from its cycle report (`drain-agent cycle
+/// --json`): what the summary and the timeline read.
+pub(crate) fn node_entry(
+    name: &str,
+    cycle_started_ms: Option<u64>,
+    exit_code: Value,
+    report: &Value,
+) -> Value {
+    json!({
+        "name": name,
+        "cycle_started_ms": cycle_started_ms,
+        "exit_code": exit_code,
+        "in_flight_at_drain_start": report["at_drain_start"]["in_flight"],
+        "idle_at_drain_start": report["at_drain_start"]["idle"],
+        "drain_ms": report["drained_ms"],
+        "restart_ms": report["restart_ms"],
+        "time_to_healthy_ms": report["time_to_healthy_ms"],
+        "cut_in_flight": report["kernel"]["cut_in_flight"],
+        "resets_by_node": report["kernel"]["resets_by_node"],
+        "gate_refused": report["gate"]["refused"],
+        "report": report,
+    })
 }
 
 /// Gracefully stops HAProxy on the VIP holder (SIGUSR1: with `grace`, listeners stay open

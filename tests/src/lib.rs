@@ -5,9 +5,11 @@
 //! panics. Tests panic with context instead of returning errors, so a failure points at a line.
 
 pub mod demo;
+pub mod fleet;
 pub mod http;
 pub mod lab;
 pub mod load;
+pub mod package;
 pub mod soak;
 pub mod tier;
 pub mod timeline;

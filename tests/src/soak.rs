@@ -20,10 +20,6 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
@@ -32,7 +28,7 @@ use serde_json::{Value, json};
 use crate::{
     CliOutcome, Process,
     demo::{self, Probe},
-    load::{Connections, Load, LoadResult},
+    load,
     tier::{ApiTier, VIP},
     topology::{BACKEND, FRONTEND_PORT, Haproxy},
 };
@@ -130,35 +126,14 @@ pub fn run(tier: &mut ApiTier, options: &SoakOptions) -> Value {
     std::fs::create_dir_all(&options.results).expect("create the results folder");
     widen_port_ranges(tier);
     let started = Instant::now();
-    let stop = Arc::new(AtomicBool::new(false));
-    let client = tier.topology.host("client");
     let url = format!("http://{VIP}:{FRONTEND_PORT}/mix");
-    let load = {
-        let (netns, dir, url, stop) = (
-            client.netns.name().to_string(),
-            options.results.join("load"),
-            url.clone(),
-            stop.clone(),
-        );
-        let (rate, connections, window) = (options.rate, options.connections, options.window);
-        std::thread::spawn(move || {
-            drive_load(
-                &netns,
-                &dir,
-                &url,
-                rate,
-                connections,
-                window,
-                started,
-                &stop,
-            )
-        })
-    };
-    let probes = Arc::new(Mutex::new(Vec::new()));
-    let probe_thread =
-        demo::spawn_probe(client.netns.name(), started, stop.clone(), probes.clone());
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let sampler = demo::spawn_sampler(tier, started, stop.clone(), samples.clone());
+    let watch = demo::Watch::start(
+        tier,
+        &url,
+        options.results.join("load"),
+        (options.rate, options.connections, options.window),
+        started,
+    );
     std::thread::sleep(Duration::from_secs(2));
 
     let mut soak = Soak {
@@ -191,18 +166,13 @@ pub fn run(tier: &mut ApiTier, options: &SoakOptions) -> Value {
         .map(|node| (node.clone(), json!(demo::version_of(soak.tier, node))))
         .collect();
 
-    stop.store(true, Ordering::Relaxed);
-    let windows = load.join();
-    probe_thread.join().expect("probe thread");
-    sampler.join().expect("sampler thread");
+    let (windows, probes, samples) = watch.finish();
     soak.reap_retired();
     let windows = windows.unwrap_or_else(|_| {
         soak.problems
             .push("the load generator failed: see load/window-*/oha.log".into());
         Vec::new()
     });
-    let probes = probes.lock().unwrap().clone();
-    let samples = samples.lock().unwrap().clone();
     let report = soak.report(&url, &windows, &probes, final_versions);
     write_results(soak.tier, &options.results, &report, &samples, &probes);
     report
@@ -223,68 +193,6 @@ fn widen_port_ranges(tier: &ApiTier) {
             );
         }
     }
-}
-
-/// What one oha run counted.
-#[derive(Debug)]
-struct Window {
-    index: usize,
-    started_ms: u64,
-    result: LoadResult,
-}
-
-/// oha runs of `window` each, every one started when the previous one's deadline passes (the
-/// previous one still waits for its last answers), until `stop`; the last one runs to its end.
-#[allow(clippy::too_many_arguments)]
-fn drive_load(
-    netns: &str,
-    dir: &Path,
-    url: &str,
-    rate: u32,
-    connections: u32,
-    window: Duration,
-    started: Instant,
-    stop: &AtomicBool,
-) -> Vec<Window> {
-    let mut windows = Vec::new();
-    let mut running: Option<(usize, u64, Load)> = None;
-    let mut next = Instant::now();
-    for index in 0.. {
-        let window_dir = dir.join(format!("window-{index:04}"));
-        std::fs::create_dir_all(&window_dir).expect("create the load folder");
-        let load = Load::start_in(
-            netns,
-            &window_dir,
-            url,
-            rate,
-            window,
-            Connections::PerRequest(connections),
-        );
-        let started_ms = started.elapsed().as_millis() as u64;
-        if let Some((index, started_ms, previous)) = running.replace((index, started_ms, load)) {
-            let result = previous.finish(window + Duration::from_secs(60));
-            windows.push(Window {
-                index,
-                started_ms,
-                result,
-            });
-        }
-        next += window;
-        while Instant::now() < next && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if stop.load(Ordering::Relaxed) {
-            break;
-        }
-    }
-    if let Some((index, started_ms, last)) = running {
-        windows.push(Window {
-            index,
-            started_ms,
-            result: last.finish(window + Duration::from_secs(60)),
-        });
-    }
-    windows
 }
 
 struct Soak<'a> {
@@ -752,49 +660,16 @@ impl Soak<'_> {
     fn report(
         &self,
         url: &str,
-        windows: &[Window],
+        windows: &[load::Window],
         probes: &[Probe],
         final_versions: serde_json::Map<String, Value>,
     ) -> Value {
-        let mut requests = 0;
-        let mut ok_2xx = 0;
-        let mut non_2xx = 0;
-        let mut failed = 0;
-        let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-        let mut statuses: BTreeMap<String, u64> = BTreeMap::new();
-        let mut p50s = Vec::new();
-        let mut p99_max: f64 = 0.0;
-        let mut window_list = Vec::new();
-        for window in windows {
-            let result = &window.result;
-            requests += result.total;
-            ok_2xx += result.ok_2xx;
-            non_2xx += result.non_2xx;
-            failed += result.errors;
-            for (map, field) in [
-                (&mut errors, "errorDistribution"),
-                (&mut statuses, "statusCodeDistribution"),
-            ] {
-                for (key, count) in result.summary[field].as_object().into_iter().flatten() {
-                    *map.entry(key.clone()).or_default() += count.as_u64().unwrap_or(0);
-                }
-            }
-            let latency = &result.summary["latencyPercentiles"];
-            let p50 = latency["p50"].as_f64().map(|s| s * 1000.0);
-            let p99 = latency["p99"].as_f64().map(|s| s * 1000.0);
-            p50s.extend(p50);
-            p99_max = p99_max.max(p99.unwrap_or(0.0));
-            window_list.push(json!({
-                "window": window.index,
-                "started_ms": window.started_ms,
-                "requests": result.total,
-                "failed": result.errors,
-                "non_2xx": result.non_2xx,
-                "latency_p50_ms": p50,
-                "latency_p99_ms": p99,
-            }));
-        }
-        p50s.sort_by(f64::total_cmp);
+        let load = load::windows_summary(windows);
+        let (requests, failed, non_2xx) = (
+            load["requests"].as_u64().unwrap_or(0),
+            load["failed"].as_u64().unwrap_or(0),
+            load["non_2xx"].as_u64().unwrap_or(0),
+        );
         let probe_failed = probes.iter().filter(|p| p.status != Some(200)).count();
 
         let mut by_kind: BTreeMap<&str, Value> = BTreeMap::new();
@@ -894,17 +769,7 @@ impl Soak<'_> {
                 "url": url,
                 "new_connection_per_request": true,
             },
-            "load": {
-                "requests": requests,
-                "succeeded_2xx": ok_2xx,
-                "failed": failed,
-                "non_2xx": non_2xx,
-                "errors": errors,
-                "status_codes": statuses,
-                "latency_p50_ms_median_of_windows": p50s.get(p50s.len() / 2),
-                "latency_p99_ms_worst_window": p99_max,
-                "windows": window_list,
-            },
+            "load": load,
             "probe": {"requests": probes.len(), "failed": probe_failed},
             "faults": by_kind,
             "fault_events": self.faults,

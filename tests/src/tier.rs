@@ -37,6 +37,8 @@ pub struct TierOptions {
     /// Give every agent a `rollback` (serve-api.sh rollback: the version that ran before the
     /// last restart, started again).
     pub rollback: bool,
+    /// Start no agents: the fleet installs and starts them with the Ansible role.
+    pub without_agents: bool,
 }
 
 /// A running tier.
@@ -70,6 +72,7 @@ impl ApiTier {
         }
         let agents = node_hosts
             .iter()
+            .filter(|_| !options.without_agents)
             .map(|node| {
                 let mut extra = "drain_timeout = \"30s\"\n".to_string();
                 // The kernel gate, as an operator would set it: the load balancers (their

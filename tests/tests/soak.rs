@@ -28,6 +28,7 @@ fn three_rolling_upgrades_with_random_faults_lose_no_request_and_end_on_the_new_
         &TierOptions {
             nopreempt: true,
             rollback: true,
+            ..TierOptions::default()
         },
     );
     let results = TempDir::new("soak-results");

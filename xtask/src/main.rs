@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fleet;
 mod setup;
 mod soak;
 
@@ -73,6 +74,24 @@ enum Task {
         /// Length of one oha run, in seconds; runs follow each other back to back.
         #[arg(long, default_value_t = 10)]
         window_seconds: u64,
+    },
+    /// Build the Debian package (target/debian/drain-agent_VERSION_ARCH.deb): the binary, the
+    /// systemd unit, an example config and the docs.
+    Package,
+    /// The demo's tier with sshd on every API node: the Ansible role installs the agents and
+    /// rolling-upgrade.yml upgrades the nodes over SSH under load (root). Writes
+    /// results/fleet-STAMP/.
+    Fleet {
+        /// API nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Requests per second against the VIP.
+        #[arg(long, default_value_t = 350)]
+        rate: u32,
+        /// Give this node (e.g. node2) a new version that fails its health check: the play
+        /// must stop there, leave later nodes untouched, and exit non-zero.
+        #[arg(long = "break", value_name = "NODE")]
+        break_node: Option<String>,
     },
     /// Measure drain detection, the TC programs' cost per packet and the status cost (root).
     Bench,
@@ -153,6 +172,24 @@ fn main() -> Result<()> {
                     window_seconds,
                 },
             )
+        }
+        Task::Package => {
+            setup::ensure()?;
+            let binary = build(&root)?;
+            fleet::package(&root, &binary)
+        }
+        Task::Fleet {
+            nodes,
+            rate,
+            break_node,
+        } => {
+            if let Err(err) = fleet::check_args(nodes, break_node.as_deref()) {
+                eprintln!("error: {err:#}");
+                std::process::exit(2);
+            }
+            setup::ensure()?;
+            build(&root)?;
+            fleet::run(&root, nodes, rate, break_node)
         }
         Task::Bench => {
             setup::ensure()?;

@@ -32,6 +32,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "systemd",
     // Records the agent's system calls, checked against the unit's SystemCallFilter.
     "strace",
+    // The fleet: the role and playbooks run by Debian's Ansible (ansible-core 2.14 in
+    // Debian 12, ansible-lint 6.13) over SSH to sshd in each API node's namespace.
+    "ansible-core",
+    "ansible-lint",
+    "openssh-server",
+    "openssh-client",
 ];
 
 /// The third-party load generator (per-request status and error accounting, JSON output).

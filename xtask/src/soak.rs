@@ -73,6 +73,7 @@ pub fn run(root: &Path, args: &Args) -> Result<()> {
         &TierOptions {
             nopreempt: true,
             rollback: true,
+            ..TierOptions::default()
         },
     );
     let report = soak::run(
