@@ -16,8 +16,11 @@ use network_types::{
 
 use crate::maps::BACKEND_BY_PORT;
 
-const ETH_P_IP: [u8; 2] = 0x0800u16.to_be_bytes();
-const ETH_P_IPV6: [u8; 2] = 0x86ddu16.to_be_bytes();
+/// EtherTypes as loaded from the header (network byte order in a native u16).
+const ETH_P_IP: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6: u16 = 0x86ddu16.to_be();
+/// The fragment offset bits of the IPv4 flags/offset field, as loaded (network order).
+const FRAGMENT_OFFSET_MASK: u16 = 0x1fffu16.to_be();
 const IPPROTO_TCP: u8 = 6;
 /// Offset of the EtherType in the Ethernet header.
 const ETHER_TYPE_AT: usize = 12;
@@ -25,11 +28,6 @@ const ETHER_TYPE_AT: usize = 12;
 const IPV4_HEADER_MAX: usize = 60;
 /// Every byte the parser may read: Ethernet, the longest IP header, the fixed TCP header.
 pub const HEADERS_MAX: usize = EthHdr::LEN + IPV4_HEADER_MAX + TcpHdr::LEN;
-
-// The header types are read through references into the packet, which need not be aligned:
-// only byte-array fields (alignment 1) make that sound.
-const _: () =
-    assert!(align_of::<Ipv4Hdr>() == 1 && align_of::<Ipv6Hdr>() == 1 && align_of::<TcpHdr>() == 1);
 
 /// Which way a packet travels relative to the node's server socket.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -92,44 +90,56 @@ pub enum Skip {
 /// and one array lookup.
 #[inline(always)]
 pub fn parse(frame: Frame, direction: Direction) -> Result<Segment, Skip> {
-    let ether_type: &[u8; 2] = at(frame, ETHER_TYPE_AT)?;
-    // The TCP header's offset, the IP payload length (TCP header + data; 0 when the header
-    // does not say: BIG TCP/jumbograms, then the frame length is used) and the addresses.
-    let (tcp_at, ip_payload_len, source_addr, dest_addr) = if *ether_type == ETH_P_IP {
-        let ip: &Ipv4Hdr = at(frame, EthHdr::LEN)?;
+    let data = frame.data;
+    // Address words of the flow key, IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`); the TCP
+    // header's offset; the IP payload length (TCP header + data; 0 when the header does not
+    // say: BIG TCP/jumbograms, then the frame length is used).
+    let (source_addr, dest_addr, tcp_at, ip_payload_len): ([u32; 4], [u32; 4], usize, u32);
+    readable(frame, EthHdr::LEN)?;
+    // SAFETY (every `load` below): the bytes were checked readable just before (`readable`).
+    let ether_type: u16 = unsafe { load(data + ETHER_TYPE_AT) };
+    if ether_type == ETH_P_IP {
+        readable(frame, EthHdr::LEN + Ipv4Hdr::LEN)?;
+        let ip = data + EthHdr::LEN;
+        let (version_ihl, protocol, fragment): (u8, u8, u16) =
+            unsafe { (load(ip), load(ip + 9), load(ip + 6)) };
         // Non-first fragments carry no TCP header.
-        if ip.proto != IPPROTO_TCP || ip.frag_offset() != 0 {
+        if protocol != IPPROTO_TCP || fragment & FRAGMENT_OFFSET_MASK != 0 {
             return Err(Skip::NotWatched);
         }
-        let header_len = usize::from(ip.ihl()); // in bytes, at most 60
+        let header_len = usize::from(version_ihl & 0x0f) * 4; // at most 60
         if header_len < Ipv4Hdr::LEN {
             return Err(Skip::NotWatched);
         }
-        (
-            EthHdr::LEN + header_len,
-            u32::from(ip.tot_len()).saturating_sub(header_len as u32),
-            v4_mapped(ip.src_addr),
-            v4_mapped(ip.dst_addr),
-        )
-    } else if *ether_type == ETH_P_IPV6 {
-        let ip: &Ipv6Hdr = at(frame, EthHdr::LEN)?;
-        if ip.next_hdr != IPPROTO_TCP {
+        let total_len = u16::from_be(unsafe { load(ip + 2) });
+        source_addr = v4_mapped(unsafe { load(ip + 12) });
+        dest_addr = v4_mapped(unsafe { load(ip + 16) });
+        tcp_at = EthHdr::LEN + header_len;
+        ip_payload_len = u32::from(total_len).saturating_sub(header_len as u32);
+    } else if ether_type == ETH_P_IPV6 {
+        readable(frame, EthHdr::LEN + Ipv6Hdr::LEN)?;
+        let ip = data + EthHdr::LEN;
+        let next_header: u8 = unsafe { load(ip + 6) };
+        if next_header != IPPROTO_TCP {
             return Err(Skip::NotWatched);
         }
-        (
-            EthHdr::LEN + Ipv6Hdr::LEN,
-            u32::from(u16::from_be_bytes(ip.payload_len)),
-            ip.src_addr,
-            ip.dst_addr,
-        )
+        source_addr = unsafe { load(ip + 8) };
+        dest_addr = unsafe { load(ip + 24) };
+        tcp_at = EthHdr::LEN + Ipv6Hdr::LEN;
+        ip_payload_len = u32::from(u16::from_be(unsafe { load(ip + 4) }));
     } else {
         return Err(Skip::NotWatched);
-    };
+    }
 
-    let tcp: &TcpHdr = at(frame, tcp_at)?;
+    // Checked through the very pointer the loads use: the verifier tracks the readable range
+    // per pointer, and the TCP header's offset is variable.
+    let tcp = data + tcp_at;
+    if tcp + TcpHdr::LEN > frame.data_end {
+        return Err(Skip::Truncated);
+    }
     // Ports first: one lookup rejects a packet of an unwatched port before anything else.
-    let source = u16::from_be_bytes(tcp.source);
-    let dest = u16::from_be_bytes(tcp.dest);
+    let (source, dest): (u16, u16) = unsafe { (load(tcp), load(tcp + 2)) };
+    let (source, dest) = (u16::from_be(source), u16::from_be(dest));
     let (server_port, client_port, client_addr, server_addr) = match direction {
         Direction::ToServer => (dest, source, source_addr, dest_addr),
         Direction::FromServer => (source, dest, dest_addr, source_addr),
@@ -139,11 +149,15 @@ pub fn parse(frame: Frame, direction: Direction) -> Result<Segment, Skip> {
         _ => return Err(Skip::NotWatched),
     };
 
-    // SAFETY: `at` checked that the whole fixed header (20 bytes) is readable; bytes 12 and
-    // 13 hold the data offset and CWR..FIN (the bitfield accessors would cost more).
-    let (offset_byte, flags) = unsafe {
-        let header = (tcp as *const TcpHdr).cast::<u8>();
-        (*header.add(12), *header.add(13))
+    // Byte 12 holds the data offset, byte 13 CWR..FIN.
+    let (seq, ack, offset_byte, flags, window): (u32, u32, u8, u8, u16) = unsafe {
+        (
+            load(tcp + 4),
+            load(tcp + 8),
+            load(tcp + 12),
+            load(tcp + 13),
+            load(tcp + 14),
+        )
     };
     let tcp_header_len = u32::from(offset_byte >> 4) * 4;
     let segment_len = if ip_payload_len != 0 {
@@ -152,17 +166,12 @@ pub fn parse(frame: Frame, direction: Direction) -> Result<Segment, Skip> {
         frame.len.saturating_sub(tcp_at as u32)
     };
     Ok(Segment {
-        key: FlowKey {
-            client_addr,
-            server_addr,
-            client_port,
-            server_port,
-        },
+        key: flow_key(client_addr, server_addr, client_port, server_port),
         backend,
-        seq: u32::from_be_bytes(tcp.seq),
-        ack: u32::from_be_bytes(tcp.ack_seq),
+        seq: u32::from_be(seq),
+        ack: u32::from_be(ack),
         flags,
-        window: u16::from_be_bytes(tcp.window),
+        window: u16::from_be(window),
         // From the IP header, not the frame: Ethernet padding on short frames is not data.
         payload_len: segment_len.saturating_sub(tcp_header_len),
     })
@@ -197,21 +206,50 @@ fn tc_frame(ctx: &TcContext) -> Frame {
     }
 }
 
-/// A `T` at `offset` in the frame, if all of it is directly readable.
+/// Fails unless the frame's first `len` bytes are directly readable: the check the verifier
+/// requires before any load from the packet.
 #[inline(always)]
-fn at<T>(frame: Frame, offset: usize) -> Result<&'static T, Skip> {
-    let start = frame.data + offset;
-    if start + size_of::<T>() > frame.data_end {
+fn readable(frame: Frame, len: usize) -> Result<(), Skip> {
+    if frame.data + len > frame.data_end {
         return Err(Skip::Truncated);
     }
-    // SAFETY: the bytes lie inside the packet (checked just above, the check the verifier
-    // requires) and stay valid for this program run; `T` has alignment 1 (asserted above).
-    Ok(unsafe { &*(start as *const T) })
+    Ok(())
 }
 
+/// One load of a `T` from the packet, as the header's bytes sit in memory (network order).
+///
+/// # Safety
+/// `at .. at + size_of::<T>()` lies inside the frame's readable bytes. The load is a plain
+/// (aligned-typed) one on purpose: LLVM's BPF backend splits an unaligned-typed load into
+/// single bytes, several times the instructions. Packet headers sit at any 2-byte boundary,
+/// and the verifier accepts such loads from packets wherever the architecture has efficient
+/// unaligned access (x86-64, arm64), as for every C program that reads `iph->saddr`; on a
+/// strict-alignment architecture it refuses the program at load time, never at run time.
 #[inline(always)]
-fn v4_mapped(addr: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
-    ]
+unsafe fn load<T: Copy>(at: usize) -> T {
+    // SAFETY: the caller's; see above for the alignment.
+    unsafe { core::ptr::read_volatile(at as *const T) }
+}
+
+/// An IPv4 address (4 bytes as in the header) as the words of `::ffff:a.b.c.d`.
+#[inline(always)]
+fn v4_mapped(addr: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), addr]
+}
+
+/// The flow key from address words (bytes in network order, as loaded) and host-order ports,
+/// built a word at a time.
+#[inline(always)]
+fn flow_key(client: [u32; 4], server: [u32; 4], client_port: u16, server_port: u16) -> FlowKey {
+    let [a, b, c, d] = client;
+    let [e, f, g, h] = server;
+    let ports = u32::from_ne_bytes({
+        let [c0, c1] = client_port.to_ne_bytes();
+        let [s0, s1] = server_port.to_ne_bytes();
+        [c0, c1, s0, s1]
+    });
+    // SAFETY: FlowKey is repr(C): two 16-byte addresses, then the client's and the server's
+    // u16 port, 36 bytes without padding (layout test in drain-agent-common); any bytes are a
+    // valid FlowKey.
+    unsafe { core::mem::transmute::<[u32; 9], FlowKey>([a, b, c, d, e, f, g, h, ports]) }
 }

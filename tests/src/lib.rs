@@ -144,6 +144,11 @@ impl Process {
         self.child.id()
     }
 
+    /// Its standard output, when it was spawned with `Stdio::piped()`.
+    pub fn stdout(&mut self) -> Option<&mut std::process::ChildStdout> {
+        self.child.stdout.as_mut()
+    }
+
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

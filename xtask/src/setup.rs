@@ -36,7 +36,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
 const OHA_VERSION: &str = "1.16.0";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+pub const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Installs whatever is missing; a no-op on a machine that has everything.
 pub fn ensure() -> Result<()> {
