@@ -315,7 +315,6 @@ impl EbpfTracker {
             adjustment.unknown += 1;
             seeded += 1;
         }
-        drop(flows);
         self.release_seeded_if_empty();
         seeded
     }

@@ -273,7 +273,11 @@ fn oha_max(lab: &Lab, port: u16, window: Duration) -> Result<f64> {
         .sum();
     // Requests cut off by the end of the window are not the server's failures.
     let errors = errors.saturating_sub(u64::from(CLIENT_CONNECTIONS));
-    ensure!(errors == 0, "oha saw failed requests: {}", summary["errorDistribution"]);
+    ensure!(
+        errors == 0,
+        "oha saw failed requests: {}",
+        summary["errorDistribution"]
+    );
     summary["summary"]["requestsPerSec"]
         .as_f64()
         .context("oha's summary has no requestsPerSec")
@@ -351,9 +355,8 @@ fn tc_cost(lab: &Lab, agent: &Agent) -> Result<Vec<Figure>> {
         (FAST, "watched port", 2.0),
         (UNWATCHED, "unwatched port", 1.3),
     ] {
-        let runs = program_cost::during(&stats, &ids, || {
-            oha_max(lab, port, COST_WINDOW).map(drop)
-        })?;
+        let runs =
+            program_cost::during(&stats, &ids, || oha_max(lab, port, COST_WINDOW).map(drop))?;
         let (drain, empty) = (runs[0].plus(runs[1]), runs[2].plus(runs[3]));
         ensure!(
             drain.count > 1000 && drain.count == empty.count,
@@ -440,7 +443,10 @@ fn drain_detection(lab: &Lab, agent: &Agent) -> Result<Figure> {
         };
         lags.push(done.saturating_sub(zero) as f64);
         client_seen.push(drained.saturating_duration_since(answered).as_secs_f64() * 1000.0);
-        ensure!(agent.cli(&["resume", "api"]).code == Some(0), "resume failed");
+        ensure!(
+            agent.cli(&["resume", "api"]).code == Some(0),
+            "resume failed"
+        );
     }
     lags.sort_by(f64::total_cmp);
     client_seen.sort_by(f64::total_cmp);

@@ -81,7 +81,11 @@ impl Baseline {
             .status()
             .with_context(|| format!("starting {} (run `cargo xtask setup`)", llvm_mc.display()))?;
         if !status.success() {
-            bail!("{} could not assemble {}", llvm_mc.display(), source.display());
+            bail!(
+                "{} could not assemble {}",
+                llvm_mc.display(),
+                source.display()
+            );
         }
         let bytes = std::fs::read(&object)?;
         let mut ebpf = Ebpf::load(&bytes).context("loading the bench's empty programs")?;
@@ -205,9 +209,17 @@ impl Runs {
 }
 
 /// Runs `traffic` and returns what each program in `ids` ran meanwhile.
-pub fn during(stats: &RunTimeStats, ids: &[u32], traffic: impl FnOnce() -> Result<()>) -> Result<Vec<Runs>> {
+pub fn during(
+    stats: &RunTimeStats,
+    ids: &[u32],
+    traffic: impl FnOnce() -> Result<()>,
+) -> Result<Vec<Runs>> {
     let before = stats.read(ids)?;
     traffic()?;
     let after = stats.read(ids)?;
-    Ok(after.into_iter().zip(before).map(|(a, b)| a.since(b)).collect())
+    Ok(after
+        .into_iter()
+        .zip(before)
+        .map(|(a, b)| a.since(b))
+        .collect())
 }

@@ -72,7 +72,10 @@ pub fn status_at_scale(lab: &Lab, agent: &Agent, port: u16) -> Result<Vec<Figure
         "net.core.somaxconn=65535",
         "net.ipv4.tcp_max_syn_backlog=65535",
     ] {
-        must("ip", &["netns", "exec", lab.node.name(), "sysctl", "-qw", sysctl]);
+        must(
+            "ip",
+            &["netns", "exec", lab.node.name(), "sysctl", "-qw", sysctl],
+        );
     }
     let dir = lab.dir.path();
     std::fs::write(dir.join("hold-server.py"), SERVER)?;
@@ -95,7 +98,7 @@ pub fn status_at_scale(lab: &Lab, agent: &Agent, port: u16) -> Result<Vec<Figure
     }
     let opened = Instant::now();
     let per_client = total.div_ceil(PROCESSES);
-    let mut clients = Vec::new();
+    let mut clients: Vec<Process> = Vec::new();
     let client_prefix = CLIENT_V4.rsplit_once('.').expect("IPv4").0;
     for index in 0..PROCESSES {
         let source = format!("{client_prefix}.{}", 101 + index);
@@ -105,15 +108,39 @@ pub fn status_at_scale(lab: &Lab, agent: &Agent, port: u16) -> Result<Vec<Figure
         let mut command = lab.client.command("python3");
         command
             .arg(dir.join("hold-client.py"))
-            .args([source.as_str(), NODE_V4, &port.to_string(), &count.to_string()])
+            .args([
+                source.as_str(),
+                NODE_V4,
+                &port.to_string(),
+                &count.to_string(),
+            ])
             .stdout(Stdio::piped());
         clients.push(Process::spawn("hold-client", &mut command));
     }
-    wait_until(
-        Duration::from_secs(180),
-        "the held connections to be established and tracked",
-        || agent.count("scale", "established") >= total as u64,
-    );
+    // Until all are counted, or no progress for 30 s (then say where it stopped).
+    let mut last = (0, Instant::now());
+    loop {
+        let established = agent.count("scale", "established");
+        if established >= total as u64 {
+            break;
+        }
+        if established > last.0 {
+            last = (established, Instant::now());
+        }
+        if last.1.elapsed() > Duration::from_secs(30) {
+            let running = clients
+                .iter_mut()
+                .map(|client| usize::from(client.running()))
+                .sum::<usize>();
+            let sockets = lab.node.command("ss").arg("-s").output()?;
+            anyhow::bail!(
+                "stuck at {established} of {total} connections counted; {running} of {PROCESSES} \
+                 client processes running; node sockets:\n{}",
+                String::from_utf8_lossy(&sockets.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let open_seconds = opened.elapsed().as_secs_f64();
     let backend = agent.backend("scale");
     println!(
@@ -128,7 +155,10 @@ pub fn status_at_scale(lab: &Lab, agent: &Agent, port: u16) -> Result<Vec<Figure
         let started = Instant::now();
         let status = status_over_socket(&agent.socket)?;
         status_ms.push(started.elapsed().as_secs_f64() * 1000.0);
-        ensure!(status["backends"].is_array(), "status without backends: {status}");
+        ensure!(
+            status["backends"].is_array(),
+            "status without backends: {status}"
+        );
     }
     status_ms.sort_by(f64::total_cmp);
     let status_p50 = status_ms[status_ms.len() / 2];
@@ -141,7 +171,10 @@ pub fn status_at_scale(lab: &Lab, agent: &Agent, port: u16) -> Result<Vec<Figure
                     .args(["status", "--json", "--control-socket"])
                     .arg(&agent.socket)
                     .output();
-                ensure!(out.is_ok_and(|out| out.status.success()), "drain-agent status failed");
+                ensure!(
+                    out.is_ok_and(|out| out.status.success()),
+                    "drain-agent status failed"
+                );
                 Ok(started.elapsed().as_secs_f64() * 1000.0)
             })
             .collect::<Result<Vec<_>>>()?,
@@ -245,7 +278,10 @@ pub fn status_at_scale(lab: &Lab, agent: &Agent, port: u16) -> Result<Vec<Figure
             name: format!("agent RSS with {thousands}k tracked connections"),
             value: rss_at_scale as f64 / 1024.0,
             unit: "MiB",
-            baseline: Some(("the same agent before they opened".into(), rss_before as f64 / 1024.0)),
+            baseline: Some((
+                "the same agent before they opened".into(),
+                rss_before as f64 / 1024.0,
+            )),
             target: "≤ 20 MiB".into(),
             met: Some(rss_at_scale as f64 / 1024.0 <= 20.0),
         },
@@ -303,9 +339,10 @@ fn map_memory(pid: u32, at_least: usize) -> Result<MapMemory> {
                 .find_map(|line| line.strip_prefix(name))
                 .and_then(|value| {
                     let value = value.trim();
-                    value
-                        .strip_prefix("0x")
-                        .map_or_else(|| value.parse().ok(), |hex| u64::from_str_radix(hex, 16).ok())
+                    value.strip_prefix("0x").map_or_else(
+                        || value.parse().ok(),
+                        |hex| u64::from_str_radix(hex, 16).ok(),
+                    )
                 })
         };
         let (Some(map_type), Some(memlock)) = (field("map_type:"), field("memlock:")) else {
