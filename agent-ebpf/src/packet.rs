@@ -91,10 +91,10 @@ pub enum Skip {
 #[inline(always)]
 pub fn parse(frame: Frame, direction: Direction) -> Result<Segment, Skip> {
     let data = frame.data;
-    // Address words of the flow key, IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`); the TCP
-    // header's offset; the IP payload length (TCP header + data; 0 when the header does not
-    // say: BIG TCP/jumbograms, then the frame length is used).
-    let (source_addr, dest_addr, tcp_at, ip_payload_len): ([u32; 4], [u32; 4], usize, u32);
+    // The TCP header's offset and the IP payload length (TCP header + data; 0 when the header
+    // does not say: BIG TCP/jumbograms, then the frame length is used). The addresses are read
+    // only once the port is known to be watched.
+    let (ipv6, tcp_at, ip_payload_len): (bool, usize, u32);
     readable(frame, EthHdr::LEN)?;
     // SAFETY (every `load` below): the bytes were checked readable just before (`readable`).
     let ether_type: u16 = unsafe { load(data + ETHER_TYPE_AT) };
@@ -112,8 +112,7 @@ pub fn parse(frame: Frame, direction: Direction) -> Result<Segment, Skip> {
             return Err(Skip::NotWatched);
         }
         let total_len = u16::from_be(unsafe { load(ip + 2) });
-        source_addr = v4_mapped(unsafe { load(ip + 12) });
-        dest_addr = v4_mapped(unsafe { load(ip + 16) });
+        ipv6 = false;
         tcp_at = EthHdr::LEN + header_len;
         ip_payload_len = u32::from(total_len).saturating_sub(header_len as u32);
     } else if ether_type == ETH_P_IPV6 {
@@ -123,8 +122,7 @@ pub fn parse(frame: Frame, direction: Direction) -> Result<Segment, Skip> {
         if next_header != IPPROTO_TCP {
             return Err(Skip::NotWatched);
         }
-        source_addr = unsafe { load(ip + 8) };
-        dest_addr = unsafe { load(ip + 24) };
+        ipv6 = true;
         tcp_at = EthHdr::LEN + Ipv6Hdr::LEN;
         ip_payload_len = u32::from(u16::from_be(unsafe { load(ip + 4) }));
     } else {
@@ -140,13 +138,25 @@ pub fn parse(frame: Frame, direction: Direction) -> Result<Segment, Skip> {
     // Ports first: one lookup rejects a packet of an unwatched port before anything else.
     let (source, dest): (u16, u16) = unsafe { (load(tcp), load(tcp + 2)) };
     let (source, dest) = (u16::from_be(source), u16::from_be(dest));
-    let (server_port, client_port, client_addr, server_addr) = match direction {
-        Direction::ToServer => (dest, source, source_addr, dest_addr),
-        Direction::FromServer => (source, dest, dest_addr, source_addr),
+    let (server_port, client_port) = match direction {
+        Direction::ToServer => (dest, source),
+        Direction::FromServer => (source, dest),
     };
     let backend = match BACKEND_BY_PORT.get(u32::from(server_port)) {
         Some(&backend) if backend != 0 => backend - 1,
         _ => return Err(Skip::NotWatched),
+    };
+
+    // Address words of the flow key, IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`).
+    let ip = data + EthHdr::LEN;
+    let (source_addr, dest_addr): ([u32; 4], [u32; 4]) = if ipv6 {
+        unsafe { (load(ip + 8), load(ip + 24)) }
+    } else {
+        unsafe { (v4_mapped(load(ip + 12)), v4_mapped(load(ip + 16))) }
+    };
+    let (client_addr, server_addr) = match direction {
+        Direction::ToServer => (source_addr, dest_addr),
+        Direction::FromServer => (dest_addr, source_addr),
     };
 
     // Byte 12 holds the data offset, byte 13 CWR..FIN.
@@ -227,8 +237,9 @@ fn readable(frame: Frame, len: usize) -> Result<(), Skip> {
 /// strict-alignment architecture it refuses the program at load time, never at run time.
 #[inline(always)]
 unsafe fn load<T: Copy>(at: usize) -> T {
-    // SAFETY: the caller's; see above for the alignment.
-    unsafe { core::ptr::read_volatile(at as *const T) }
+    // SAFETY: the caller's; see above for the alignment. Not volatile: the compiler may then
+    // move a load to where its value is needed (past the port check).
+    unsafe { core::ptr::read(at as *const T) }
 }
 
 /// An IPv4 address (4 bytes as in the header) as the words of `::ffff:a.b.c.d`.
