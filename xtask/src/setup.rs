@@ -9,7 +9,8 @@ use crate::run;
 
 /// Debian packages the build and the tests use.
 const DEBIAN_PACKAGES: &[&str] = &[
-    // bpf-linker links against LLVM 22 (the nightly's LLVM).
+    // bpf-linker links against LLVM 22 (the nightly's LLVM); its llvm-mc assembles the
+    // bench's empty baseline programs.
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
