@@ -211,6 +211,15 @@ impl Netns {
         must("ip", &full)
     }
 
+    /// Sets a sysctl of this namespace (`net.*` settings are per namespace), e.g.
+    /// `net.core.somaxconn=65535`.
+    pub fn sysctl(&self, setting: &str) {
+        must(
+            "ip",
+            &["netns", "exec", &self.name, "sysctl", "-qw", setting],
+        );
+    }
+
     /// A veth pair: `local` in this namespace, `eth0` in `peer`.
     pub fn add_veth(&self, local: &str, peer: &Netns) {
         self.ip(&[

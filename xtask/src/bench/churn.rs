@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::Result;
-use drain_agent_tests::{Agent, Lab, must, wait_until};
+use drain_agent_tests::{Agent, Lab, wait_until};
 
 use super::Figure;
 
@@ -17,10 +17,7 @@ const CHURN_CLIENTS: usize = 8;
 
 pub fn run(lab: &Lab, agent: &Agent, port: u16) -> Result<Figure> {
     use std::io::{Read as _, Write as _};
-    let total: usize = std::env::var("DRAIN_AGENT_CHURN")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(CHURN_CONNECTIONS);
+    let total = super::count_from_env("DRAIN_AGENT_CHURN", CHURN_CONNECTIONS);
     // The client closes first, so TIME_WAIT stays on its side, where `tcp_tw_reuse` lets a
     // new connection take the port again (a node-side TIME_WAIT would make reused tuples
     // wait for SYN retransmissions).
@@ -28,10 +25,7 @@ pub fn run(lab: &Lab, agent: &Agent, port: u16) -> Result<Figure> {
         "net.ipv4.tcp_tw_reuse=1",
         "net.ipv4.ip_local_port_range=1024 65535",
     ] {
-        must(
-            "ip",
-            &["netns", "exec", lab.client.name(), "sysctl", "-qw", sysctl],
-        );
+        lab.client.sysctl(sysctl);
     }
     let listener = lab.node.run(move || TcpListener::bind(("::", port)))?;
     std::thread::spawn(move || {

@@ -281,6 +281,14 @@ fn oha_max(lab: &Lab, port: u16, window: Duration) -> Result<f64> {
         .context("oha's summary has no requestsPerSec")
 }
 
+/// A count the environment may override (a shorter run), else `default`.
+fn count_from_env(variable: &str, default: usize) -> usize {
+    std::env::var(variable)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]

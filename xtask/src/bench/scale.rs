@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use drain_agent_tests::{Agent, CLIENT_V4, Lab, NODE_V4, Process, agent_binary, must, wait_until};
+use drain_agent_tests::{Agent, CLIENT_V4, Lab, NODE_V4, Process, agent_binary, wait_until};
 
 use super::{Figure, median, status_over_socket};
 
@@ -63,19 +63,13 @@ while True:
 "#;
 
 pub fn status_at_scale(lab: &Lab, agent: &Agent, port: u16) -> Result<Vec<Figure>> {
-    let total: usize = std::env::var("DRAIN_AGENT_SCALE")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(CONNECTIONS);
+    let total = super::count_from_env("DRAIN_AGENT_SCALE", CONNECTIONS);
     let rss_before = rss_kib(agent.process.pid())?;
     for sysctl in [
         "net.core.somaxconn=65535",
         "net.ipv4.tcp_max_syn_backlog=65535",
     ] {
-        must(
-            "ip",
-            &["netns", "exec", lab.node.name(), "sysctl", "-qw", sysctl],
-        );
+        lab.node.sysctl(sysctl);
     }
     let dir = lab.dir.path();
     std::fs::write(dir.join("hold-server.py"), SERVER)?;
