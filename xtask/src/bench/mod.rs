@@ -6,8 +6,9 @@
 //! 1. Throughput: most requests/s through the node with the agent and without it (HAProxy
 //!    answering a static response, oha keep-alive), alternating.
 //! 2. Hot path: ns per packet of the TC programs against empty TC programs on the same
-//!    interface, same packets, same window — watched port and unwatched port. The XDP gate's
-//!    row is wired the same way once the gate exists (`xdp_gate_cost`).
+//!    interface, same packets, same window — watched port and unwatched port; the XDP gate
+//!    against an empty XDP program on the same traffic in back-to-back windows, once the gate
+//!    exists (`xdp_gate_cost`).
 //! 3. Drain detection: from the kernel seeing the last response acknowledged to the drain
 //!    declared, against the quiet period.
 //! 4. Scale: 100,000 established tracked connections: `status` against reading
@@ -29,7 +30,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use drain_agent_tests::{Agent, Lab, Process, http::Connection, load::oha_binary, wait_until};
 use serde_json::{Value, json};
 
-use program_cost::{Baseline, EMPTY_TC_EGRESS, EMPTY_TC_INGRESS, RunTimeStats, Runs};
+use program_cost::{Baseline, EMPTY_TC_EGRESS, EMPTY_TC_INGRESS, EMPTY_XDP, RunTimeStats, Runs};
 
 /// The test API (gunicorn): its `/slow` endpoint holds a request for the detection figure.
 const API: u16 = 8080;
@@ -149,10 +150,14 @@ pub fn run(json_path: Option<&Path>, only: &[Section]) -> Result<()> {
     } else {
         start_agent(&lab)
     };
-    if wanted(Section::Cost) {
+    let agent = if wanted(Section::Cost) {
         figures.extend(tc_cost(&lab, &agent)?);
-        figures.extend(xdp_gate_cost(&lab, &agent)?);
-    }
+        let (agent, xdp) = xdp_gate_cost(&lab, agent)?;
+        figures.extend(xdp);
+        agent
+    } else {
+        agent
+    };
     if wanted(Section::Detection) {
         figures.push(drain_detection(&lab, &agent)?);
     }
@@ -446,18 +451,74 @@ fn cost_figure(name: &str, program: Runs, empty: Runs, baseline: &str, goal: f64
     }
 }
 
-/// XDP GATE ROW — wired by the lead once the gate (issue 9) is in the shipped object.
+/// XDP GATE ROW — the gate (issue 9) is not in the shipped object yet; once it is, wiring the
+/// row is `gate_program_id` (how `status` names the gate's attachment) and, if the agent
+/// attaches it in a fixed mode, `GATE_MODE`.
 ///
 /// An interface runs one XDP program (per mode), so the gate and the empty XDP program cannot
-/// run side by side as the TC programs do: the row measures the same traffic twice, in
-/// back-to-back windows on the node's eth0 — `Baseline::attach_xdp("eth0", mode)` from a
-/// thread in `lab.node` with the agent's gate detached, then the gate (its id from
-/// `status.attachments`) — each through `program_cost::during` with `oha_max(lab, FAST, ..)`
-/// (keep-alive, so nearly every packet is a non-SYN), and `cost_figure(.., 1.3)`. Until then
-/// the row is reported as not measured.
-fn xdp_gate_cost(_lab: &Lab, _agent: &Agent) -> Result<Vec<Figure>> {
-    println!("XDP gate cost: not measured (no XDP program in the shipped object yet)");
-    Ok(Vec::new())
+/// run side by side as the TC programs do. The row measures the same traffic (oha keep-alive
+/// to the watched port: nearly every packet a non-SYN) in two back-to-back windows on the
+/// node's eth0: the empty XDP program alone (the agent stopped, since its gate holds the
+/// hook), then the agent started again with its gate.
+fn xdp_gate_cost(lab: &Lab, agent: Agent) -> Result<(Agent, Vec<Figure>)> {
+    if gate_program_id(&agent).is_none() {
+        println!("XDP gate cost: not measured (no XDP program in the shipped object yet)");
+        return Ok((agent, Vec::new()));
+    }
+    let stats = RunTimeStats::enable()?;
+    drop(agent);
+    let empty = empty_xdp_cost(lab, &stats)?;
+    let agent = start_agent(lab);
+    let gate = gate_program_id(&agent).context("the restarted agent attached no XDP gate")?;
+    let [gate_runs] = program_cost::during(&stats, &[gate], || {
+        oha_max(lab, FAST, COST_WINDOW).map(drop)
+    })?[..] else {
+        bail!("one program measured, one result expected");
+    };
+    println!(
+        "XDP cost: gate {:.1} ns/packet ({} packets), empty XDP program {:.1} ns/packet ({} packets)",
+        gate_runs.per_run_ns(),
+        gate_runs.count,
+        empty.per_run_ns(),
+        empty.count
+    );
+    let figure = cost_figure(
+        "XDP gate cost per packet (non-SYN traffic)",
+        gate_runs,
+        empty,
+        "empty XDP program, same interface and traffic, window before",
+        1.3,
+    );
+    Ok((agent, vec![figure]))
+}
+
+/// The mode the empty XDP program is attached in: the gate's, for the same path through the
+/// driver (veth runs native XDP).
+const GATE_MODE: aya::programs::XdpMode = aya::programs::XdpMode::Default;
+
+/// The id of the agent's XDP program on eth0, from `status`.
+fn gate_program_id(agent: &Agent) -> Option<u32> {
+    let status = agent.status();
+    status["attachments"]
+        .as_array()?
+        .iter()
+        .find(|a| a["interface"] == "eth0" && a["direction"] == "xdp")
+        .and_then(|a| a["program_id"].as_u64())
+        .map(|id| id as u32)
+}
+
+/// The empty XDP program alone on the node's eth0 for one window of the cost traffic.
+fn empty_xdp_cost(lab: &Lab, stats: &RunTimeStats) -> Result<Runs> {
+    let dir = lab.dir.path().to_path_buf();
+    let baseline = lab.node.run(move || -> Result<Baseline> {
+        let mut baseline = Baseline::load(&dir)?;
+        baseline.attach_xdp("eth0", GATE_MODE)?;
+        Ok(baseline)
+    })?;
+    let runs = program_cost::during(stats, &[baseline.id(EMPTY_XDP)?], || {
+        oha_max(lab, FAST, COST_WINDOW).map(drop)
+    })?;
+    Ok(runs[0])
 }
 
 /// From the kernel's idle moment (the client's ACK of the last response byte, seen at

@@ -115,7 +115,6 @@ impl Baseline {
     /// Attaches the empty XDP program to `interface` (of the calling thread's network
     /// namespace). An interface runs one XDP program per mode, so the program measured against
     /// it must run on the same traffic in another window, not alongside.
-    #[allow(dead_code)] // the XDP row: see `bench::xdp_gate_cost`
     pub fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<()> {
         let xdp: &mut Xdp = program(&mut self.ebpf, EMPTY_XDP)?.try_into()?;
         xdp.attach(interface, mode)
