@@ -27,6 +27,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use aya::programs::XdpMode;
 use drain_agent_tests::{Agent, Lab, Process, http::Connection, load::oha_binary, wait_until};
 use serde_json::{Value, json};
 
@@ -451,9 +452,10 @@ fn cost_figure(name: &str, program: Runs, empty: Runs, baseline: &str, goal: f64
     }
 }
 
-/// XDP GATE ROW — the gate (issue 9) is not in the shipped object yet; once it is, wiring the
-/// row is `gate_program_id` (how `status` names the gate's attachment) and, if the agent
-/// attaches it in a fixed mode, `GATE_MODE`.
+/// XDP GATE ROW: the gate (issue 9) against the empty XDP program. It switches itself on when
+/// `status` lists the gate's attachment on eth0 (`"direction": "gate"`, as the agent's
+/// kernel/gate.rs names it), and attaches the empty program in the gate's own mode
+/// (`"mode": "native"` or `"generic"`: on veth the gate takes generic).
 ///
 /// An interface runs one XDP program (per mode), so the gate and the empty XDP program cannot
 /// run side by side as the TC programs do. The row measures the same traffic (oha keep-alive
@@ -461,22 +463,23 @@ fn cost_figure(name: &str, program: Runs, empty: Runs, baseline: &str, goal: f64
 /// node's eth0: the empty XDP program alone (the agent stopped, since its gate holds the
 /// hook), then the agent started again with its gate.
 fn xdp_gate_cost(lab: &Lab, agent: Agent) -> Result<(Agent, Vec<Figure>)> {
-    if gate_program_id(&agent).is_none() {
-        println!("XDP gate cost: not measured (no XDP program in the shipped object yet)");
+    let Some((_, mode)) = gate_attachment(&agent) else {
+        println!("XDP gate cost: not measured (no XDP gate in the shipped object)");
         return Ok((agent, Vec::new()));
-    }
+    };
     let stats = RunTimeStats::enable()?;
     drop(agent);
-    let empty = empty_xdp_cost(lab, &stats)?;
+    let empty = empty_xdp_cost(lab, &stats, mode)?;
     let agent = start_agent(lab);
-    let gate = gate_program_id(&agent).context("the restarted agent attached no XDP gate")?;
+    let (gate, _) = gate_attachment(&agent).context("the restarted agent attached no gate")?;
     let [gate_runs] = program_cost::during(&stats, &[gate], || {
         oha_max(lab, FAST, COST_WINDOW).map(drop)
     })?[..] else {
         bail!("one program measured, one result expected");
     };
     println!(
-        "XDP cost: gate {:.1} ns/packet ({} packets), empty XDP program {:.1} ns/packet ({} packets)",
+        "XDP cost ({mode:?} mode): gate {:.1} ns/packet ({} packets), empty XDP program {:.1} \
+         ns/packet ({} packets)",
         gate_runs.per_run_ns(),
         gate_runs.count,
         empty.per_run_ns(),
@@ -486,33 +489,33 @@ fn xdp_gate_cost(lab: &Lab, agent: Agent) -> Result<(Agent, Vec<Figure>)> {
         "XDP gate cost per packet (non-SYN traffic)",
         gate_runs,
         empty,
-        "empty XDP program, same interface and traffic, window before",
+        "empty XDP program, same interface, mode and traffic, window before",
         1.3,
     );
     Ok((agent, vec![figure]))
 }
 
-/// The mode the empty XDP program is attached in: the gate's, for the same path through the
-/// driver (veth runs native XDP).
-const GATE_MODE: aya::programs::XdpMode = aya::programs::XdpMode::Default;
-
-/// The id of the agent's XDP program on eth0, from `status`.
-fn gate_program_id(agent: &Agent) -> Option<u32> {
+/// The agent's XDP gate on eth0, from `status`: its program id and attach mode.
+fn gate_attachment(agent: &Agent) -> Option<(u32, XdpMode)> {
     let status = agent.status();
-    status["attachments"]
+    let gate = status["attachments"]
         .as_array()?
         .iter()
-        .find(|a| a["interface"] == "eth0" && a["direction"] == "xdp")
-        .and_then(|a| a["program_id"].as_u64())
-        .map(|id| id as u32)
+        .find(|a| a["interface"] == "eth0" && a["direction"] == "gate")?;
+    let mode = match gate["mode"].as_str() {
+        Some("native") => XdpMode::Driver,
+        Some("generic") => XdpMode::Skb,
+        _ => XdpMode::Default,
+    };
+    Some((gate["program_id"].as_u64()? as u32, mode))
 }
 
 /// The empty XDP program alone on the node's eth0 for one window of the cost traffic.
-fn empty_xdp_cost(lab: &Lab, stats: &RunTimeStats) -> Result<Runs> {
+fn empty_xdp_cost(lab: &Lab, stats: &RunTimeStats, mode: XdpMode) -> Result<Runs> {
     let dir = lab.dir.path().to_path_buf();
     let baseline = lab.node.run(move || -> Result<Baseline> {
         let mut baseline = Baseline::load(&dir)?;
-        baseline.attach_xdp("eth0", GATE_MODE)?;
+        baseline.attach_xdp("eth0", mode)?;
         Ok(baseline)
     })?;
     let runs = program_cost::during(stats, &[baseline.id(EMPTY_XDP)?], || {
