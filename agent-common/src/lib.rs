@@ -19,6 +19,10 @@ pub mod names {
     /// `HashMap<FlowKey, Flow>`: connections older than the agent, seeded by userspace from
     /// the socket table at start; only userspace deletes from it.
     pub const SEEDED_FLOWS: &str = "SEEDED_FLOWS";
+    /// `Array<u32>` of one entry: 1 while `SEEDED_FLOWS` may hold entries (set by userspace
+    /// before it seeds, cleared once it deleted the last one), so that the TC programs look
+    /// there only then.
+    pub const SEEDED_FLOWS_IN_USE: &str = "SEEDED_FLOWS_IN_USE";
     /// `LruHashMap<FlowKey, u64>`: flows just ended as `vanished` (CLOCK_MONOTONIC ns), so that
     /// a RST the node sends right after its state change re-counts them as `reset_by_server`.
     pub const JUST_ENDED: &str = "JUST_ENDED";

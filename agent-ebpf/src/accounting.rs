@@ -12,7 +12,7 @@ use drain_agent_common::{
     },
 };
 
-use crate::maps::{BACKEND_COUNTERS, FLOWS, SEEDED_FLOWS};
+use crate::maps::{BACKEND_COUNTERS, FLOWS, SEEDED_FLOWS, SEEDED_FLOWS_IN_USE};
 
 /// How a flow ended, for the totals.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -23,14 +23,18 @@ pub enum Ending {
     Vanished,
 }
 
-/// The flow of `key`: first the kernel-established ones, then (on a miss only) the seeded
-/// ones. The bool says whether it is seeded.
+/// The flow of `key`: first the kernel-established ones, then (on a miss only, and only while
+/// userspace has seeded entries) the seeded ones. The bool says whether it is seeded.
 #[inline(always)]
 pub fn lookup(key: &FlowKey) -> Option<(&'static mut Flow, bool)> {
     if let Some(flow) = FLOWS.get_ptr_mut(key) {
         // SAFETY: the pointer comes from a successful lookup and stays valid for this
         // program run (hash map elements are freed after an RCU grace period).
         return Some((unsafe { &mut *flow }, false));
+    }
+    // An array lookup the verifier inlines: no second hash lookup while nothing is seeded.
+    if SEEDED_FLOWS_IN_USE.get(0).is_none_or(|&in_use| in_use == 0) {
+        return None;
     }
     SEEDED_FLOWS
         .get_ptr_mut(key)

@@ -28,7 +28,7 @@ use aya_ebpf::{
 /// Client → node. `TC_ACT_UNSPEC` hands the packet to the next program (or the stack) untouched.
 #[classifier]
 pub fn drain_ingress(ctx: TcContext) -> i32 {
-    if let Some(segment) = packet::parse(&ctx, packet::Direction::ToServer) {
+    if let Some(segment) = packet::tc_segment(&ctx, packet::Direction::ToServer) {
         tracking::from_client(&segment);
     }
     TC_ACT_UNSPEC
@@ -37,7 +37,7 @@ pub fn drain_ingress(ctx: TcContext) -> i32 {
 /// Node → client.
 #[classifier]
 pub fn drain_egress(ctx: TcContext) -> i32 {
-    if let Some(segment) = packet::parse(&ctx, packet::Direction::FromServer) {
+    if let Some(segment) = packet::tc_segment(&ctx, packet::Direction::FromServer) {
         tracking::from_server(&segment);
     }
     TC_ACT_UNSPEC

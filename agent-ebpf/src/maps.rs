@@ -32,6 +32,12 @@ pub static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(DEFAULT_FLO
 pub static SEEDED_FLOWS: HashMap<FlowKey, Flow> =
     HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_PREALLOC);
 
+/// 1 while `SEEDED_FLOWS` may hold entries (userspace sets it before it seeds and clears it
+/// once it deleted the last one): until then a segment without an entry in `FLOWS` costs one
+/// hash lookup, not two.
+#[map]
+pub static SEEDED_FLOWS_IN_USE: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Flows the state callback just ended as `vanished` → when (CLOCK_MONOTONIC ns). The kernel
 /// changes the state to `TCP_CLOSE` before it sends the RST of an abort (close with unread
 /// data, SO_LINGER 0), so the egress program re-counts such an ending as `reset_by_server`

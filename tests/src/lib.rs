@@ -159,6 +159,11 @@ impl Process {
         self.child.id()
     }
 
+    /// Its standard output, when it was spawned with `Stdio::piped()`.
+    pub fn stdout(&mut self) -> Option<&mut std::process::ChildStdout> {
+        self.child.stdout.as_mut()
+    }
+
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -219,6 +224,15 @@ impl Netns {
         let mut full = vec!["-n", self.name.as_str()];
         full.extend_from_slice(args);
         must("ip", &full)
+    }
+
+    /// Sets a sysctl of this namespace (`net.*` settings are per namespace), e.g.
+    /// `net.core.somaxconn=65535`.
+    pub fn sysctl(&self, setting: &str) {
+        must(
+            "ip",
+            &["netns", "exec", &self.name, "sysctl", "-qw", setting],
+        );
     }
 
     /// A veth pair: `local` in this namespace, `eth0` in `peer`.

@@ -182,15 +182,12 @@ pub fn run(tier: &mut ApiTier, options: &SoakOptions) -> Value {
 /// default range, and TIME_WAIT ports reused (per network namespace).
 fn widen_port_ranges(tier: &ApiTier) {
     for host in ["client", "lb1", "lb2"] {
-        let netns = tier.topology.host(host).netns.name();
+        let netns = &tier.topology.host(host).netns;
         for setting in [
             "net.ipv4.ip_local_port_range=1024 65535",
             "net.ipv4.tcp_tw_reuse=1",
         ] {
-            crate::must(
-                "ip",
-                &["netns", "exec", netns, "sysctl", "-q", "-w", setting],
-            );
+            netns.sysctl(setting);
         }
     }
 }

@@ -284,6 +284,119 @@ fn half_closed_request_stays_in_flight_until_answered() {
     assert_eq!(agent.count(BACKEND, "closed"), 1);
 }
 
+/// The kernel programs read the TCP header where the IPv4 header's length says it starts:
+/// a client whose segments carry IP options (a 24-byte IPv4 header) is tracked like any other.
+#[test]
+fn segments_with_ipv4_options_are_tracked_past_the_longer_header() {
+    let (lab, _api, agent) = lab_with_agent();
+    let capture = lab.node.run(|| PacketCapture::open("eth0"));
+    let mut connection = lab.connect(Lab::node_addr(false, API));
+    // Three NOPs and an end-of-options: the smallest options there are (4 bytes, IHL 6).
+    set_ip_options(connection.stream(), &[1, 1, 1, 0]);
+    connection.send("/slow?ms=1500").unwrap();
+    assert!(
+        capture.saw_ipv4_options_to(API, Duration::from_secs(2)),
+        "no segment with IP options reached the node: the test would prove nothing"
+    );
+    wait_for(&agent, "in_flight", 1, Duration::from_secs(1));
+    assert_eq!(connection.read_response().unwrap().status, 200);
+    wait_for(&agent, "in_flight", 0, QUIET + MARGIN);
+    let backend = agent.backend(BACKEND);
+    assert_eq!(backend["idle"], 1, "{backend}");
+    assert_eq!(backend["established"], 1, "{backend}");
+}
+
+fn set_ip_options(stream: &std::net::TcpStream, options: &[u8]) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a valid socket, and a buffer of the given length.
+    let result = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_OPTIONS,
+            options.as_ptr().cast(),
+            options.len() as libc::socklen_t,
+        )
+    };
+    assert_eq!(result, 0, "IP_OPTIONS: {}", std::io::Error::last_os_error());
+}
+
+/// A packet socket on one interface: the frames as the TC programs see them.
+struct PacketCapture(std::os::fd::OwnedFd);
+
+impl PacketCapture {
+    fn open(interface: &str) -> PacketCapture {
+        use std::os::fd::FromRawFd as _;
+        let protocol = (libc::ETH_P_IP as u16).to_be();
+        // SAFETY: plain system calls; the fd is owned from here on.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: fd was just created and is owned by nothing else.
+        let capture = PacketCapture(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        let name = std::ffi::CString::new(interface).unwrap();
+        // SAFETY: a NUL-terminated name.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert_ne!(index, 0, "no interface {interface}");
+        // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
+        let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        address.sll_family = libc::AF_PACKET as u16;
+        address.sll_protocol = protocol;
+        address.sll_ifindex = index as i32;
+        // SAFETY: a valid socket and a sockaddr_ll of the right size.
+        let bound = unsafe {
+            libc::bind(
+                fd,
+                (&address as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            bound,
+            0,
+            "bind to {interface}: {}",
+            std::io::Error::last_os_error()
+        );
+        capture
+    }
+
+    /// Whether an IPv4 TCP segment to `port` with a header longer than 20 bytes arrives
+    /// within `timeout`.
+    fn saw_ipv4_options_to(&self, port: u16, timeout: Duration) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let deadline = Instant::now() + timeout;
+        let mut frame = [0u8; 2048];
+        while Instant::now() < deadline {
+            // SAFETY: a valid socket and buffer; non-blocking, so it never hangs the test.
+            let len = unsafe {
+                libc::recv(
+                    self.0.as_raw_fd(),
+                    frame.as_mut_ptr().cast(),
+                    frame.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if len < 0 {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            // A packet socket of SOCK_RAW type gives the whole frame, Ethernet header first.
+            let ip = &frame[14..len as usize];
+            let header_len = usize::from(ip[0] & 0x0f) * 4;
+            if ip[9] == 6 && header_len > 20 && ip.len() >= header_len + 4 {
+                let dest = u16::from_be_bytes([ip[header_len + 2], ip[header_len + 3]]);
+                if dest == port {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
 #[test]
 fn killing_the_agent_detaches_the_programs_and_the_node_keeps_serving() {
     let (lab, _api, mut agent) = lab_with_agent();

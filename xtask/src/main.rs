@@ -93,8 +93,17 @@ enum Task {
         #[arg(long = "break", value_name = "NODE")]
         break_node: Option<String>,
     },
-    /// Measure drain detection, the TC programs' cost per packet and the status cost (root).
-    Bench,
+    /// Measure every speed figure of docs/performance.md, each beside a baseline from the same
+    /// run (root): throughput with and without the agent, the kernel programs' cost per packet
+    /// against empty programs, drain detection, status and memory at 100,000 connections, churn.
+    Bench {
+        /// Also write the figures as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Run only these parts (comma-separated); all of them by default.
+        #[arg(long, value_delimiter = ',', value_name = "PART")]
+        only: Vec<bench::Section>,
+    },
     /// Keep the demo's environment running to explore it: `lab up`, `lab status`, `lab down`.
     Lab {
         #[command(subcommand)]
@@ -191,10 +200,10 @@ fn main() -> Result<()> {
             build(&root)?;
             fleet::run(&root, nodes, rate, break_node)
         }
-        Task::Bench => {
+        Task::Bench { json, only } => {
             setup::ensure()?;
             build(&root)?;
-            bench::run()
+            bench::run(json.as_deref(), &only)
         }
         Task::Lab { action } => {
             let lab = drain_agent_tests::lab::LabName::default_lab();

@@ -9,7 +9,8 @@ use crate::run;
 
 /// Debian packages the build and the tests use.
 const DEBIAN_PACKAGES: &[&str] = &[
-    // bpf-linker links against LLVM 22 (the nightly's LLVM).
+    // bpf-linker links against LLVM 22 (the nightly's LLVM); its llvm-mc assembles the
+    // bench's empty baseline programs.
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -44,7 +45,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
 const OHA_VERSION: &str = "1.16.0";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
-const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+pub const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 /// Installs whatever is missing; a no-op on a machine that has everything.
 pub fn ensure() -> Result<()> {

@@ -582,7 +582,7 @@ impl Run {
                     }
                 }
             }
-            tokio::time::sleep(KERNEL_POLL).await;
+            tokio::time::sleep(self.next_kernel_look(&sample)).await;
         }
 
         self.enter(Phase::Drained, None);
@@ -597,6 +597,22 @@ impl Run {
     /// there is none. Three sources, strongest first: the kernel's count (every connection
     /// seen and quiet), the load balancers' sessions (0 on every one of them means no request
     /// rides on connections the kernel cannot judge), and no connection at all.
+    /// How long until the drain looks at the kernel again: the regular poll, or less when
+    /// nothing is in flight and the quiet period ends sooner, so that the drain is declared as
+    /// the quiet period ends rather than up to a poll later.
+    fn next_kernel_look(&self, sample: &Result<BackendSample, String>) -> Duration {
+        match sample {
+            Ok(BackendSample {
+                in_flight: Some(0),
+                since_last_idle: Some(since),
+                ..
+            }) if *since < self.config.quiet_period => {
+                (self.config.quiet_period - *since).min(KERNEL_POLL)
+            }
+            _ => KERNEL_POLL,
+        }
+    }
+
     fn evidence(
         &self,
         sample: &Result<BackendSample, String>,

@@ -291,6 +291,9 @@ impl EbpfTracker {
             Ok(flows) => flows.keys().filter_map(Result::ok).collect(),
             Err(_) => return 0,
         };
+        // Before the first insert: the TC programs look in SEEDED_FLOWS only while it is in
+        // use, and a segment of a just-seeded connection must find it.
+        self.mark_seeded_in_use(true);
         let Ok(flows) = map_mut(&mut self.ebpf, names::SEEDED_FLOWS) else {
             return 0;
         };
@@ -340,7 +343,34 @@ impl EbpfTracker {
             adjustment.unknown += 1;
             seeded += 1;
         }
+        self.release_seeded_if_empty();
         seeded
+    }
+
+    /// Tells the TC programs whether `SEEDED_FLOWS` may hold entries: while it does not, a
+    /// segment without an entry in `FLOWS` (a handshake, the last ACK after a close) costs one
+    /// hash lookup, not two. Only userspace inserts there, so it always knows.
+    fn mark_seeded_in_use(&mut self, in_use: bool) {
+        let result = map_mut(&mut self.ebpf, names::SEEDED_FLOWS_IN_USE).and_then(|map| {
+            Array::<&mut MapData, u32>::try_from(map)
+                .and_then(|mut flag| flag.set(0, u32::from(in_use), 0))
+                .map_err(load_error)
+        });
+        if let Err(err) = result {
+            // A one-entry array of this object: failing means the object itself is broken.
+            warn!(%err, "cannot update the seeded-flows flag");
+        }
+    }
+
+    /// Clears the flag once every seeded entry is deleted.
+    fn release_seeded_if_empty(&mut self) {
+        if self
+            .adjustments
+            .iter()
+            .all(|adjustment| adjustment.tracked == 0)
+        {
+            self.mark_seeded_in_use(false);
+        }
     }
 
     /// Sums the per-CPU counters of every backend: O(backends × CPUs), never the flow table.
@@ -503,6 +533,7 @@ impl EbpfTracker {
             let remote = sockets::from_flow_bytes(key.client_addr, key.client_port);
             warn!(%local, %remote, "removed a connection older than the agent whose socket is gone");
         }
+        self.release_seeded_if_empty();
         Ok(removed)
     }
 }
