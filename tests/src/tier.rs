@@ -155,6 +155,9 @@ pub fn holds_vip(netns: &str) -> bool {
 /// The tier's HAProxy: the test config plus a graceful stop. With `grace`, listeners stay
 /// open after SIGUSR1 while keepalived notices the stop through the monitor endpoint (1 s) and
 /// the backup takes the VIP (VRRP's master-down interval, about 3.6 s at advert_int 1).
+/// `hard-stop-after` bounds the stopping process's life, as HAProxy's documentation advises:
+/// whatever connection is still open 40 s after the stop (longer than any request the tier
+/// serves) is closed.
 pub fn tier_haproxy_config(lb: &Host, nodes: &[&Host]) -> String {
     // Bind the VIP as in the seed; `transparent` (IP_TRANSPARENT, like ip_nonlocal_bind)
     // also lets this HAProxy finish the answers it owes after keepalived moved the VIP away.
@@ -167,7 +170,7 @@ pub fn tier_haproxy_config(lb: &Host, nodes: &[&Host]) -> String {
         .replacen(
             "global\n",
             &format!(
-                "global\n    grace 8s\n    pidfile {}/haproxy.pid\n",
+                "global\n    grace 8s\n    hard-stop-after 40s\n    pidfile {}/haproxy.pid\n",
                 lb.dir.display()
             ),
             1,
