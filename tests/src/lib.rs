@@ -33,7 +33,19 @@ pub const CLIENT_V4: &str = "198.18.0.1";
 pub const NODE_V6: &str = "2001:db8:da::2";
 pub const CLIENT_V6: &str = "2001:db8:da::1";
 
-static NEXT_LAB: AtomicUsize = AtomicUsize::new(0);
+/// "PID-N", unique within and across test processes: every namespace and directory a test
+/// creates is named with one. One counter for all of them, because `Netns::create` removes a
+/// namespace of the same name first (a crashed run's leftover), so two counters that both
+/// start at 0 let one test delete another's namespace (`da-client-PID-0` of a lab and of a
+/// topology).
+pub fn unique_id() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
 
 /// Fails the test unless it runs as root: these tests load BPF programs and create namespaces.
 /// They never skip, in CI or elsewhere: a skipped privileged test would hide a regression.
@@ -118,11 +130,7 @@ impl TempDir {
     }
 
     pub fn new(tag: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!(
-            "drain-agent-{tag}-{}-{}",
-            std::process::id(),
-            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
-        ));
+        let path = std::env::temp_dir().join(format!("drain-agent-{tag}-{}", unique_id()));
         std::fs::create_dir_all(&path).expect("create temp dir");
         TempDir(path)
     }
@@ -320,11 +328,7 @@ pub struct Lab {
 impl Lab {
     pub fn new() -> Lab {
         require_root();
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            NEXT_LAB.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = unique_id();
         let client = Netns::create(format!("da-client-{id}"));
         let node = Netns::create(format!("da-node-{id}"));
         client.add_veth("eth0", &node);

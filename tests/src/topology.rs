@@ -5,13 +5,10 @@ use std::{
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
 
 use crate::{Agent, Netns, Process, TempDir, http, require_root, wait_until};
-
-static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// Port the test API listens on in every node.
 pub const API_PORT: u16 = 8774;
@@ -53,11 +50,7 @@ impl Topology {
     /// unique to this process, so tests can build topologies in parallel.
     pub fn new(names: &[&str]) -> Topology {
         require_root();
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
+        let id = crate::unique_id();
         Topology::build(&format!("da-{{}}-{id}"), TempDir::new("topology"), names)
     }
 
