@@ -59,7 +59,8 @@ pub const PAYLOAD_SEEN: u64 = 16;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
-    /// Index of the backend the server port belongs to.
+    /// Where the flow is counted: `steer::counter_slot` of the backend the server port
+    /// belongs to and of the instance (version) whose listener took the connection.
     pub backend: u32,
     /// `FLOW_ESTABLISHED`.
     pub state: u32,

@@ -7,6 +7,7 @@
 pub mod counters;
 pub mod flow;
 pub mod gate;
+pub mod steer;
 
 /// Names of the maps and programs in the eBPF object. The eBPF crate's `#[map]` statics carry
 /// the same names (the macro takes a literal), and userspace looks them up through these.
@@ -26,7 +27,7 @@ pub mod names {
     /// `LruHashMap<FlowKey, u64>`: flows just ended as `vanished` (CLOCK_MONOTONIC ns), so that
     /// a RST the node sends right after its state change re-counts them as `reset_by_server`.
     pub const JUST_ENDED: &str = "JUST_ENDED";
-    /// `PerCpuArray<BackendCounters>` indexed by backend index.
+    /// `PerCpuArray<BackendCounters>` indexed by `steer::counter_slot` (backend and instance).
     pub const BACKEND_COUNTERS: &str = "BACKEND_COUNTERS";
     /// `Array<Gate>` indexed by backend index: until when new connections are refused.
     pub const GATES: &str = "GATES";
@@ -41,6 +42,15 @@ pub mod names {
     /// XDP program on the interfaces of backends with a gate: refuses new connections to a
     /// closed gate's ports with a RST.
     pub const GATE_PROGRAM: &str = "drain_gate";
+    /// `Array<Steering>` indexed by backend index: where new connections go during a handover.
+    pub const STEERING: &str = "STEERING";
+    /// `SockHash<u32>`: the listening sockets of both instances (`steer::socket_key`).
+    pub const STEER_SOCKETS: &str = "STEER_SOCKETS";
+    /// `LruHashMap<FlowKey, u32>`: the instance slot the `sk_lookup` program gave a SYN, read
+    /// (and removed) when the handshake completes, so the flow is counted where it went.
+    pub const STEERED: &str = "STEERED";
+    /// `sk_lookup` program on the agent's network namespace: the handover's steering.
+    pub const STEER_PROGRAM: &str = "drain_steer";
     /// `sock_ops` program on the cgroup-v2 root: where connections start and end.
     pub const SOCK_OPS_PROGRAM: &str = "drain_sock_ops";
     /// Global (`u64`) the loader sets to the agent's network namespace cookie: the `sock_ops`

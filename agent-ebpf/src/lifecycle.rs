@@ -14,14 +14,17 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     programs::SockOpsContext,
 };
-use drain_agent_common::flow::{
-    COUNTED_IDLE, COUNTED_IN_FLIGHT, FLOW_ESTABLISHED, Flow, FlowKey, ORIGIN_HANDSHAKE,
-    RST_FROM_CLIENT, RST_FROM_SERVER, carries_work,
+use drain_agent_common::{
+    flow::{
+        COUNTED_IDLE, COUNTED_IN_FLIGHT, FLOW_ESTABLISHED, Flow, FlowKey, ORIGIN_HANDSHAKE,
+        RST_FROM_CLIENT, RST_FROM_SERVER, carries_work,
+    },
+    steer::counter_slot,
 };
 
 use crate::{
     accounting::{Ending, account_end, add, claim, counters},
-    maps::{BACKEND_BY_PORT, FLOWS, JUST_ENDED, SEEDED_FLOWS},
+    maps::{BACKEND_BY_PORT, FLOWS, JUST_ENDED, SEEDED_FLOWS, STEERED, STEERING},
 };
 
 /// The agent's network namespace cookie, set by the loader. Every namespace's sockets pass
@@ -57,10 +60,10 @@ fn established(ctx: &SockOpsContext) {
     if backend == 0 || !our_netns(ctx) {
         return;
     }
-    let backend = backend - 1;
     let Some(key) = flow_key(ops, port) else {
         return;
     };
+    let slot = instance_slot(backend - 1, &key);
     // SAFETY: as above.
     let (rcv_nxt, snd_nxt, snd_una) = unsafe {
         (
@@ -74,7 +77,7 @@ fn established(ctx: &SockOpsContext) {
     // not include it yet.
     let payload = handshake_payload(ops);
     let mut flow = Flow {
-        backend,
+        backend: slot,
         state: FLOW_ESTABLISHED,
         origin: ORIGIN_HANDSHAKE,
         request_pending: u32::from(payload != 0),
@@ -112,7 +115,7 @@ fn established(ctx: &SockOpsContext) {
         }
     }
 
-    let Some(counters) = counters(backend) else {
+    let Some(counters) = counters(slot) else {
         return;
     };
     // Counted before the insert: a segment on another CPU may settle the new entry at once,
@@ -182,6 +185,25 @@ fn closed(ctx: &SockOpsContext, old_state: u32) {
         Ending::Vanished
     };
     end(&key, flow, ending);
+}
+
+/// The counters a new connection of `backend` is counted under: those of the instance the
+/// handover's steering gave its SYN to, and otherwise those of the instance serving.
+#[inline(always)]
+fn instance_slot(backend: u32, key: &FlowKey) -> u32 {
+    let Some(steering) = STEERING.get(backend) else {
+        return backend;
+    };
+    let mut instance = steering.clients;
+    // Only during a handover: one hash lookup per new connection, never per packet.
+    if steering.active != 0
+        && let Some(steered) = STEERED.get_ptr(key)
+    {
+        // SAFETY: valid for this program run (see accounting::lookup).
+        instance = unsafe { *steered };
+        let _ = STEERED.remove(key);
+    }
+    counter_slot(backend, instance)
 }
 
 /// Ends a kernel-established flow exactly once: claim it, copy what the accounting needs,
@@ -290,7 +312,7 @@ unsafe fn field(at: *const u32) -> u32 {
 
 /// Network-order u32 words (as stored in `bpf_sock_ops`) → address bytes.
 #[inline(always)]
-fn v6(words: [u32; 4]) -> [u8; 16] {
+pub fn v6(words: [u32; 4]) -> [u8; 16] {
     let [a, b, c, d] = words.map(u32::to_ne_bytes);
     [
         a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
@@ -298,8 +320,9 @@ fn v6(words: [u32; 4]) -> [u8; 16] {
     ]
 }
 
+/// A network-order IPv4 address → IPv4-mapped address bytes.
 #[inline(always)]
-fn v4_mapped(addr: u32) -> [u8; 16] {
+pub fn v4_mapped(addr: u32) -> [u8; 16] {
     let a = addr.to_ne_bytes();
     [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],

@@ -4,7 +4,9 @@
 //! established, in-flight and idle connections. They only observe: every packet continues
 //! unchanged, every socket operation proceeds. The one program that steers is the gate (XDP),
 //! attached only where a backend configures one: while a backend drains, it refuses new
-//! connections to its ports with a RST, until a deadline it checks itself.
+//! connections to its ports with a RST, until a deadline it checks itself. The other is the
+//! handover's `sk_lookup` program: while a backend hands over to a new version of its service
+//! on the same port, it sends new connections to the new version's listener.
 #![no_std]
 #![no_main]
 // The BPF target offers no compare-and-swap through core::sync::atomic (it lacks 32-bit
@@ -17,12 +19,13 @@ mod gate;
 mod lifecycle;
 mod maps;
 mod packet;
+mod steer;
 mod tracking;
 
 use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
-    macros::{classifier, sock_ops, xdp},
-    programs::{SockOpsContext, TcContext, XdpContext},
+    macros::{classifier, sk_lookup, sock_ops, xdp},
+    programs::{SkLookupContext, SockOpsContext, TcContext, XdpContext},
 };
 
 /// Client → node. `TC_ACT_UNSPEC` hands the packet to the next program (or the stack) untouched.
@@ -47,6 +50,13 @@ pub fn drain_egress(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn drain_gate(ctx: XdpContext) -> u32 {
     gate::handle(&ctx)
+}
+
+/// The handover's steering: assigns a new connection to the instance it belongs to while a
+/// backend hands over; `SK_PASS` either way (without an assignment the kernel's own lookup).
+#[sk_lookup]
+pub fn drain_steer(ctx: SkLookupContext) -> u32 {
+    steer::handle(&ctx)
 }
 
 /// Connection lifecycle on every TCP socket of the node (cgroup-v2 root). Returns 1: never

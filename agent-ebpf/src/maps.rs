@@ -3,13 +3,14 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use drain_agent_common::{
     DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS,
     counters::BackendCounters,
     flow::{Flow, FlowKey},
     gate::{AllowedSource, Gate, GateCounters, MAX_ALLOWED_SOURCES},
+    steer::{INSTANCES, Steering},
 };
 
 /// Local port → backend index + 1 (0: not watched). An array so that rejecting a packet of an
@@ -45,10 +46,12 @@ pub static SEEDED_FLOWS_IN_USE: Array<u32> = Array::with_max_entries(1, 0);
 #[map]
 pub static JUST_ENDED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(4096, 0);
 
-/// Per-backend aggregates, per CPU so that the hot path needs no atomics on shared counters.
+/// Per-backend aggregates, per CPU so that the hot path needs no atomics on shared counters;
+/// one entry per backend and instance slot (`steer::counter_slot`): a backend's totals are
+/// the sum of its two, and during a handover each version has its own.
 #[map]
 pub static BACKEND_COUNTERS: PerCpuArray<BackendCounters> =
-    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+    PerCpuArray::with_max_entries(MAX_BACKENDS * INSTANCES, 0);
 
 /// Per backend, until when its gate refuses new connections (0: open). Written by userspace.
 #[map]
@@ -68,3 +71,15 @@ pub static GATE_COUNTERS: PerCpuArray<GateCounters> =
 /// When this CPU last logged a refusal (CLOCK_MONOTONIC ns): the log's rate limit.
 #[map]
 pub static GATE_LOGGED_AT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+/// Per backend, where new connections go during a handover. Written by userspace.
+#[map]
+pub static STEERING: Array<Steering> = Array::with_max_entries(MAX_BACKENDS, 0);
+/// The listening sockets of both instances of the backends that hand over, by
+/// `steer::socket_key`. Userspace inserts them; the kernel removes a socket that closes.
+#[map]
+pub static STEER_SOCKETS: SockHash<u32> = SockHash::with_max_entries(1024, 0);
+/// The instance slot the steering gave a new connection, until its handshake completes.
+/// LRU: a SYN that never completes must not fill it; losing an entry counts that one
+/// connection under the serving slot.
+#[map]
+pub static STEERED: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(16384, 0);

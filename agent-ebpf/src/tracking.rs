@@ -56,7 +56,7 @@ pub fn from_client(segment: &Segment) {
         if seeded {
             end_seeded(flow, Ending::ResetByClient);
         } else {
-            settle(segment.backend, flow);
+            settle(flow.backend, flow);
         }
         return;
     }
@@ -94,7 +94,7 @@ pub fn from_client(segment: &Segment) {
             return;
         }
     }
-    settle(segment.backend, flow);
+    settle(flow.backend, flow);
 }
 
 /// A segment from the node: its own, trusted.
@@ -145,7 +145,7 @@ pub fn from_server(segment: &Segment) {
             return;
         }
     }
-    settle(segment.backend, flow);
+    settle(flow.backend, flow);
 }
 
 /// A client ACK counts only for bytes the node sent (plus its FIN): the kernel ignores an ACK
@@ -178,6 +178,8 @@ fn recount_abort(segment: &Segment) {
     if JUST_ENDED.remove(segment.key).is_err() {
         return;
     }
+    // The backend's first slot: the flow (and its instance) is gone, and the backend's
+    // totals are the sum over its slots.
     if let Some(counters) = counters(segment.backend) {
         // A vanished connection and a node reset are both cuts when in flight: the cut
         // count stays as it is.

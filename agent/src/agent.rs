@@ -55,6 +55,30 @@ impl KernelView for Kernel {
         }
         .map_err(|err| err.to_string())
     }
+
+    fn steer(
+        &self,
+        backend: usize,
+        steering: drain_agent_common::steer::Steering,
+    ) -> Result<bool, String> {
+        let mut tracker = self.tracker.lock().expect("tracker lock");
+        tracker
+            .steer(backend, steering)
+            .map_err(|err| err.to_string())
+    }
+
+    fn steer_socket(
+        &self,
+        port: u16,
+        ipv6: bool,
+        instance: u32,
+        socket: Option<&std::os::fd::OwnedFd>,
+    ) -> Result<(), String> {
+        let mut tracker = self.tracker.lock().expect("tracker lock");
+        tracker
+            .steer_socket(port, ipv6, instance, socket)
+            .map_err(|err| err.to_string())
+    }
 }
 
 /// The last finished operation of a backend, for `status`.
@@ -557,6 +581,7 @@ impl Agent {
                 Request::Drain { backend, .. } => ("drain", backend.as_str()),
                 Request::Resume { backend } => ("resume", backend.as_str()),
                 Request::Cycle { backend } => ("cycle", backend.as_str()),
+                Request::Handover { backend } => ("handover", backend.as_str()),
                 Request::Status | Request::Wait { .. } => ("status", ""),
             };
             warn!(
@@ -566,7 +591,7 @@ impl Agent {
             let _ = sender.try_send(Response::Refused {
                 exit_code: crate::drain::report::exit::REFUSED,
                 message: format!(
-                    "refused: uid {} may read status but not drain, cycle or resume; only root{group} may",
+                    "refused: uid {} may read status but not drain, cycle, hand over or resume; only root{group} may",
                     peer.uid
                 ),
             });
@@ -611,6 +636,9 @@ impl Agent {
                 }
                 Request::Cycle { backend } => {
                     self.operate(&backend, Kind::Cycle, true, sender).await;
+                }
+                Request::Handover { backend } => {
+                    self.operate(&backend, Kind::Handover, true, sender).await;
                 }
                 Request::Wait { backend } => self.wait(&backend, sender).await,
             }

@@ -119,6 +119,19 @@ pub enum Command {
         #[command(flatten)]
         target: AgentAddress,
     },
+    /// Hand a backend over to a new version on this node: start it beside the running one
+    /// (same port, SO_REUSEPORT), verify it, send it every new connection, stop the old one
+    /// once it has no request in flight. The node stays in rotation (docs/handover.md).
+    #[command(after_help = EXIT_CODES)]
+    Handover {
+        backend: String,
+        /// Print one JSON object (the report, or what happened instead) instead of progress
+        /// and a summary.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: AgentAddress,
+    },
     /// Follow a backend's running drain or cycle to its end and exit with its code, e.g.
     /// after Ctrl-C; when none runs, print the report of its last one.
     #[command(after_help = EXIT_CODES)]
@@ -257,6 +270,11 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
             json,
             target,
         } => json_on_failure(json, operate(&target, &Request::Cycle { backend }, json)),
+        Command::Handover {
+            backend,
+            json,
+            target,
+        } => json_on_failure(json, operate(&target, &Request::Handover { backend }, json)),
         Command::Wait {
             backend,
             json,
@@ -446,6 +464,7 @@ fn operate(target: &AgentAddress, request: &Request, json: bool) -> Result<(), F
 fn interrupted_sentence(request: &Request, answered: bool) -> String {
     let (Request::Drain { backend, .. }
     | Request::Cycle { backend }
+    | Request::Handover { backend }
     | Request::Resume { backend }
     | Request::Wait { backend }) = request
     else {
@@ -506,6 +525,7 @@ fn operation_name(request: &Request) -> &'static str {
         Request::Drain { .. } => "drain",
         Request::Resume { .. } => "resume",
         Request::Cycle { .. } => "cycle",
+        Request::Handover { .. } => "handover",
         Request::Wait { .. } => "wait",
     }
 }

@@ -36,6 +36,8 @@ pub enum Request {
     Resume { backend: String },
     /// Drain, restart, verify and put back.
     Cycle { backend: String },
+    /// Start the next version beside the running one and hand new connections to it.
+    Handover { backend: String },
     /// Follow the backend's running drain or cycle to its end (or get its last report).
     Wait { backend: String },
 }

@@ -3,7 +3,7 @@
 
 use std::{
     error::Error as _,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -55,6 +55,15 @@ pub enum ProbeError {
 /// Probes until [`HEALTHY_IN_A_ROW`] pass in a row or the check's timeout runs out; the error
 /// says what the last probe saw, and whether the service flapped.
 pub async fn wait_healthy(check: &HealthCheck) -> Result<Duration, String> {
+    wait_healthy_from(check, None).await
+}
+
+/// Like [`wait_healthy`], with every probe's connection made from `source` (a handover's
+/// probes of the new version come from an address of their own, docs/handover.md).
+pub async fn wait_healthy_from(
+    check: &HealthCheck,
+    source: Option<IpAddr>,
+) -> Result<Duration, String> {
     let started = Instant::now();
     let mut last = String::from("no probe ran");
     let mut in_a_row = 0;
@@ -65,7 +74,7 @@ pub async fn wait_healthy(check: &HealthCheck) -> Result<Duration, String> {
     while started.elapsed() < check.timeout {
         let attempt = async {
             if prober.is_none() {
-                prober = Some(Prober::new(&check.probe).await?);
+                prober = Some(Prober::new(&check.probe, source).await?);
             }
             prober.as_ref().expect("just built").probe().await
         };
@@ -121,12 +130,12 @@ pub fn describe(probe: &Probe) -> String {
 
 /// One probe, with a client of its own.
 pub async fn probe(probe: &Probe) -> Result<(), ProbeError> {
-    Prober::new(probe).await?.probe().await
+    Prober::new(probe, None).await?.probe().await
 }
 
 /// A probe ready to run again and again.
 enum Prober {
-    Tcp(String),
+    Tcp(String, Option<IpAddr>),
     Http {
         client: Client,
         url: Url,
@@ -135,9 +144,9 @@ enum Prober {
 }
 
 impl Prober {
-    async fn new(probe: &Probe) -> Result<Prober, ProbeError> {
+    async fn new(probe: &Probe, source: Option<IpAddr>) -> Result<Prober, ProbeError> {
         let (url, host, ca, expect) = match probe {
-            Probe::Tcp(address) => return Ok(Prober::Tcp(address.clone())),
+            Probe::Tcp(address) => return Ok(Prober::Tcp(address.clone(), source)),
             Probe::Http {
                 url,
                 host,
@@ -155,7 +164,8 @@ impl Prober {
             .redirect(redirect::Policy::none())
             .no_proxy()
             // A fresh connection per probe: what proves the restarted service accepts.
-            .pool_max_idle_per_host(0);
+            .pool_max_idle_per_host(0)
+            .local_address(source);
         if let Some(path) = ca {
             // A few kilobytes, read once per check.
             let pem = std::fs::read(path).map_err(|source| ProbeError::ReadCa {
@@ -189,10 +199,34 @@ impl Prober {
 
     async fn probe(&self) -> Result<(), ProbeError> {
         match self {
-            Prober::Tcp(address) => TcpStream::connect(address.as_str())
+            Prober::Tcp(address, None) => TcpStream::connect(address.as_str())
                 .await
                 .map(drop)
                 .map_err(ProbeError::Connect),
+            Prober::Tcp(address, Some(source)) => {
+                let target = tokio::net::lookup_host(address.as_str())
+                    .await
+                    .map_err(ProbeError::Connect)?
+                    .find(|target| target.is_ipv4() == source.is_ipv4())
+                    .ok_or_else(|| {
+                        ProbeError::Connect(std::io::Error::other(format!(
+                            "{address} has no address of the probe source's family"
+                        )))
+                    })?;
+                let socket = match source {
+                    IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                    IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+                }
+                .map_err(ProbeError::Connect)?;
+                socket
+                    .bind(SocketAddr::new(*source, 0))
+                    .map_err(ProbeError::Connect)?;
+                socket
+                    .connect(target)
+                    .await
+                    .map(drop)
+                    .map_err(ProbeError::Connect)
+            }
             Prober::Http {
                 client,
                 url,
@@ -441,8 +475,9 @@ mod tests {
             expect: 200,
         };
         probe(&probe_as(Some("api.internal"))).await.unwrap();
-        let Prober::Http { client, url, .. } =
-            Prober::new(&probe_as(Some("api.internal"))).await.unwrap()
+        let Prober::Http { client, url, .. } = Prober::new(&probe_as(Some("api.internal")), None)
+            .await
+            .unwrap()
         else {
             panic!("an HTTP prober");
         };

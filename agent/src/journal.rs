@@ -69,8 +69,28 @@ pub struct BackendRecord {
     /// for what is left if the backend is still drained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate_closed_until_unix_ms: Option<u64>,
+    /// The same-host handover under way: an agent started after a crash finishes it (the
+    /// new version took over) or undoes it (it had not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<HandoverRecord>,
     /// Milliseconds since the Unix epoch of the last change.
     pub updated_unix_ms: u64,
+}
+
+/// Where a handover was, and the two versions' processes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandoverRecord {
+    /// `false` while the new version is started and verified (nothing but the agent's
+    /// probes reach it); `true` once new connections go to it.
+    pub switched: bool,
+    /// The processes holding the old version's listeners.
+    pub old_pids: Vec<i32>,
+    /// The new version's, once it listens.
+    #[serde(default)]
+    pub new_pids: Vec<i32>,
+    /// With `units`: the old version's unit and the new one's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units: Option<(String, String)>,
 }
 
 /// The whole journal.
@@ -209,6 +229,12 @@ mod tests {
                 reason: None,
                 step_process_group: Some(4242),
                 gate_closed_until_unix_ms: Some(2),
+                handover: Some(HandoverRecord {
+                    switched: true,
+                    old_pids: vec![10, 11],
+                    new_pids: vec![12],
+                    units: None,
+                }),
                 updated_unix_ms: 1,
             },
         );

@@ -56,6 +56,15 @@ pub async fn run(step: &Step) -> Result<(), StepError> {
 /// [`run`], telling `started` the process group of the command once it runs (its pid: it
 /// leads a group of its own), so that it can be journaled.
 pub async fn run_with(step: &Step, started: impl FnOnce(Option<i32>)) -> Result<(), StepError> {
+    run_with_env(step, &[], started).await
+}
+
+/// Like [`run_with`], with extra environment variables for the command.
+pub async fn run_with_env(
+    step: &Step,
+    env: &[(&str, String)],
+    started: impl FnOnce(Option<i32>),
+) -> Result<(), StepError> {
     let command_line = describe(&step.action);
     let mut command = match &step.action {
         Action::SystemdUnit(unit) => {
@@ -77,6 +86,7 @@ pub async fn run_with(step: &Step, started: impl FnOnce(Option<i32>)) -> Result<
         }
     };
     command
+        .envs(env.iter().map(|(name, value)| (name, value)))
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

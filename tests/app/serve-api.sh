@@ -1,11 +1,13 @@
 #!/bin/sh
 # Runs the test API under gunicorn as a daemon, the way a service manager would.
-#   serve-api.sh start|stop|restart|rollback STATE_DIR PORT
+#   serve-api.sh start|stop|restart|rollback|start-beside STATE_DIR PORT
 # The version it serves comes from STATE_DIR/version (default 1.0); a restart waits for the
 # old master to exit (graceful: in-flight requests finish) before starting the new one.
 # STATE_DIR/restart-delay, if present, holds extra seconds the restart takes.
 # STATE_DIR/running-version is the version started last; a restart keeps the one it replaces
 # in STATE_DIR/previous-version, and rollback makes that the version again and restarts.
+# Every instance listens with SO_REUSEPORT; start-beside starts one more next to the running
+# one (a handover's new version, with a pidfile of its own) and returns once it listens.
 set -eu
 action=$1 dir=$2 port=$3
 pidfile="$dir/gunicorn.pid"
@@ -25,13 +27,14 @@ stop() {
 }
 
 start() {
+    pidfile=${1:-$pidfile}
     if [ -f "$dir/restart-delay" ]; then sleep "$(cat "$dir/restart-delay")"; fi
     version=$(cat "$dir/version" 2>/dev/null || echo 1.0)
     echo "$version" > "$dir/running-version"
     API_VERSION=$version \
     /usr/bin/python3 -m gunicorn --daemon --pid "$pidfile" \
         --worker-class gthread --workers 2 --threads 32 --keep-alive 300 \
-        --graceful-timeout 30 --backlog 4096 --bind "[::]:$port" \
+        --graceful-timeout 30 --backlog 4096 --reuse-port --bind "[::]:$port" \
         --chdir "$app_dir" --log-file "$dir/gunicorn.log" api:app
     # gunicorn --daemon returns before the workers listen; wait for the pidfile.
     i=0
@@ -40,6 +43,7 @@ start() {
 
 case "$action" in
     start) start ;;
+    start-beside) start "$dir/gunicorn-$(date +%s%N).pid" ;;
     stop) stop ;;
     restart)
         if [ -f "$dir/running-version" ]; then cp "$dir/running-version" "$dir/previous-version"; fi
@@ -47,5 +51,5 @@ case "$action" in
     rollback)
         if [ -f "$dir/previous-version" ]; then cp "$dir/previous-version" "$dir/version"; fi
         stop; start ;;
-    *) echo "usage: $0 start|stop|restart|rollback STATE_DIR PORT" >&2; exit 2 ;;
+    *) echo "usage: $0 start|stop|restart|rollback|start-beside STATE_DIR PORT" >&2; exit 2 ;;
 esac

@@ -100,6 +100,17 @@ pub fn serve_api_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("app/serve-api.sh")
 }
 
+/// A backend's `handover` whose `start` runs the node's next version beside the running one
+/// (serve-api.sh start-beside, with the version in the node's `version` file); the old one is
+/// stopped by the agent's default, SIGTERM to its gunicorn master. `{node_dir}` is replaced
+/// by [`start_node_agent`].
+pub fn handover_config() -> String {
+    format!(
+        "handover = {{ start = [\"{script}\", \"start-beside\", \"{{node_dir}}\", \"{API_PORT}\"], timeout = \"20s\" }}",
+        script = serve_api_script().display()
+    )
+}
+
 /// Starts the API on a node with `version` and waits until it answers.
 pub fn start_api(node: &Host, version: &str) {
     std::fs::write(node.dir.join("version"), version).unwrap();
@@ -299,6 +310,7 @@ pub fn start_node_agent(node: &Host, lbs: &[&Host], extra_backend: &str, extra_t
             dir = node.dir.display(),
         ));
     }
+    let extra_backend = extra_backend.replace("{node_dir}", &node.dir.display().to_string());
     config.push_str(&format!(
         "health = {{ http = \"http://127.0.0.1:{API_PORT}/healthz\", expect = 200, timeout = \"10s\" }}\n{extra_backend}\n",
     ));

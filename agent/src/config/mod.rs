@@ -229,7 +229,36 @@ pub struct Backend {
     /// The kernel gate: while the backend drains, new connections from other sources are
     /// refused with a RST (docs/gate.md).
     pub gate: Option<Gate>,
+    /// The same-host handover: how the next version starts beside this one and how the
+    /// old one stops (docs/handover.md).
+    pub handover: Option<Handover>,
 }
+
+/// How a backend hands over to a new version of its service on the same node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handover {
+    pub how: HandoverHow,
+    /// Deadline of each start or stop command, and of the old version's exit after `stop`.
+    pub timeout: Duration,
+}
+
+/// The two forms of `handover`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandoverHow {
+    /// `start` launches the new version (listening on the same port with SO_REUSEPORT);
+    /// `stop` ends the old one gracefully, with `DRAIN_AGENT_PIDS` naming its processes
+    /// (without it: SIGTERM to the old version's main process).
+    Commands {
+        start: Vec<String>,
+        stop: Option<Vec<String>>,
+    },
+    /// Two systemd units (e.g. template instances `nova-api@blue`, `nova-api@green`): the
+    /// inactive one is started, the active one stopped once it is quiet.
+    Units([String; 2]),
+}
+
+/// Deadline of a handover's start and stop unless the backend says otherwise.
+pub const DEFAULT_HANDOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A backend's kernel gate.
 #[derive(Debug, Clone, PartialEq, Eq)]

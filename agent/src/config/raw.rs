@@ -63,6 +63,17 @@ pub struct RawBackend {
     pub health: Option<Checked<RawHealth>>,
     pub rollback: Option<Checked<RawStep>>,
     pub gate: Option<Checked<RawGate>>,
+    pub handover: Option<Checked<RawHandover>>,
+}
+
+/// `handover = { start = [...], stop = [...] }` or `handover = { units = ["a@blue",
+/// "a@green"] }`: how a new version is started next to the running one, and the old stopped.
+#[derive(Deserialize)]
+pub struct RawHandover {
+    pub start: Option<Checked<CommandLine>>,
+    pub stop: Option<Checked<CommandLine>>,
+    pub units: Option<Checked<Vec<Checked<UnitName>>>>,
+    pub timeout: Option<Checked<Interval>>,
 }
 
 /// `gate = { allow = [...] }`: its presence closes the kernel gate while the backend drains.

@@ -13,11 +13,12 @@ use drain_agent_common::{DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS, gate::MAX_ALLOWE
 use super::{
     Action, Backend, Config, ConfigError, DEFAULT_AGENT_CHECK_INTERVAL,
     DEFAULT_AGENT_CHECK_MAX_CONNECTIONS, DEFAULT_CONTROL_SOCKET, DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_FLOW_IDLE_CHECK, DEFAULT_HEALTH_TIMEOUT, DEFAULT_MIN_SERVING, DEFAULT_QUIET_PERIOD,
-    DEFAULT_RUNTIME_API_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STATE_DIR, DEFAULT_STEP_TIMEOUT,
-    Gate, HaproxyServer, HealthCheck, LoadBalancer, OnRestart, OnShutdown, OnTimeout, Probe, Step,
+    DEFAULT_FLOW_IDLE_CHECK, DEFAULT_HANDOVER_TIMEOUT, DEFAULT_HEALTH_TIMEOUT, DEFAULT_MIN_SERVING,
+    DEFAULT_QUIET_PERIOD, DEFAULT_RUNTIME_API_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STATE_DIR,
+    DEFAULT_STEP_TIMEOUT, Gate, Handover, HandoverHow, HaproxyServer, HealthCheck, LoadBalancer,
+    OnRestart, OnShutdown, OnTimeout, Probe, Step,
     error::{Locator, did_you_mean},
-    raw::{Checked, RawBackend, RawConfig, RawGate, RawHealth, RawStep},
+    raw::{Checked, RawBackend, RawConfig, RawGate, RawHandover, RawHealth, RawStep},
 };
 
 /// The problems found so far, and the lines later checks name.
@@ -496,6 +497,7 @@ fn backend_of(
     let rollback = step(found, raw.rollback, key("rollback"));
     let health = health_check(found, raw.health, &key("health"));
     let gate = gate(found, raw.gate, &key("gate"));
+    let handover = handover(found, raw.handover, &key("handover"), health.as_ref());
     if found.errors.len() > errors_before {
         return None;
     }
@@ -510,7 +512,104 @@ fn backend_of(
         health,
         rollback,
         gate,
+        handover,
     })
+}
+
+/// `handover = { start = [...], stop = [...], timeout }` or `{ units = [A, B], timeout }`.
+/// A handover verifies the new version with the backend's health check before any client is
+/// sent to it, so it needs one, reachable over IPv4 (the probes come from a loopback
+/// address of their own, which is how the kernel tells them from clients).
+fn handover(
+    found: &mut Found<'_, '_>,
+    raw: Option<Checked<RawHandover>>,
+    key: &str,
+    health: Option<&HealthCheck>,
+) -> Option<Handover> {
+    let (raw, span) = found.spanned(raw, key)?;
+    found.remember(key, &span);
+    let field = |name: &str| format!("{key}.{name}");
+    let start_given = raw.start.is_some();
+    let units_given = raw.units.is_some();
+    let stop_given = raw.stop.is_some();
+    let start = found.value(raw.start, &field("start"));
+    let stop = found.value(raw.stop, &field("stop"));
+    let units = found
+        .spanned(raw.units, &field("units"))
+        .map(|(list, span)| {
+            let names: Vec<String> = found
+                .list(list, &field("units"))
+                .into_iter()
+                .map(|(_, unit, _)| unit.0)
+                .collect();
+            (names, span)
+        });
+    let timeout = found
+        .value(raw.timeout, &field("timeout"))
+        .map_or(DEFAULT_HANDOVER_TIMEOUT, |timeout| timeout.0);
+    let how = match (start_given, units_given) {
+        (true, false) => HandoverHow::Commands {
+            start: start?.0,
+            stop: stop.map(|stop| stop.0),
+        },
+        (false, true) => {
+            if stop_given {
+                found.error(
+                    Some(span.clone()),
+                    field("stop"),
+                    "`stop` belongs to the `start` form: with `units` the agent stops the old                      version's unit; remove `stop`",
+                );
+            }
+            let (names, units_span) = units?;
+            match <[String; 2]>::try_from(names) {
+                Ok(pair) if pair[0] != pair[1] => HandoverHow::Units(pair),
+                _ => {
+                    found.error(
+                        Some(units_span),
+                        field("units"),
+                        "`units` names two different units, one per version, e.g.                          [\"nova-api@blue\", \"nova-api@green\"]",
+                    );
+                    return None;
+                }
+            }
+        }
+        (both, _) => {
+            found.error(
+                Some(span),
+                key,
+                if both {
+                    "both `start` and `units` are given: use one, start = [...] (and stop =                      [...]) or units = [\"nova-api@blue\", \"nova-api@green\"]"
+                } else {
+                    "missing field `start` or `units`: write handover = { start = [...] } or                      handover = { units = [\"nova-api@blue\", \"nova-api@green\"] }"
+                },
+            );
+            return None;
+        }
+    };
+    match health.map(|health| &health.probe) {
+        None => found.error(
+            Some(span),
+            key,
+            "a handover verifies the new version before clients reach it: add health = {              http = \"http://127.0.0.1:PORT/...\" } (or tcp = \"127.0.0.1:PORT\")",
+        ),
+        Some(probe) if probe_is_ipv6(probe) => found.error(
+            Some(span),
+            key,
+            "a handover's health probes come from an IPv4 loopback address of their own (that              is how the kernel tells them from clients): check the service over IPv4, e.g.              http://127.0.0.1:PORT/...",
+        ),
+        Some(_) => {}
+    }
+    Some(Handover { how, timeout })
+}
+
+/// Whether a probe's target is an IPv6 address literal.
+fn probe_is_ipv6(probe: &Probe) -> bool {
+    match probe {
+        Probe::Http { url, .. } => url.host_str().is_some_and(|host| host.starts_with('[')),
+        Probe::Tcp(address) => address
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|address| address.is_ipv6()),
+    }
 }
 
 /// `gate = { allow = [...], deadline = "..." }`: `allow` is required (it may be empty).

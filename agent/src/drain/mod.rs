@@ -1,5 +1,7 @@
-//! Draining a backend and cycling it (drain → restart → verify → back in service).
+//! Draining a backend and cycling it (drain → restart → verify → back in service), and
+//! handing it over to a new version on the same node.
 
+pub mod handover;
 pub mod operation;
 pub mod phase;
 pub mod reconcile;

@@ -54,6 +54,8 @@ pub enum Kind {
     Drain,
     /// Drain, restart, verify, put back.
     Cycle,
+    /// Start the next version beside the running one and hand new connections to it.
+    Handover,
 }
 
 impl Kind {
@@ -61,6 +63,7 @@ impl Kind {
         match self {
             Kind::Drain => "drain",
             Kind::Cycle => "cycle",
+            Kind::Handover => "handover",
         }
     }
 }
@@ -72,6 +75,20 @@ pub trait KernelView: Send + Sync + 'static {
     /// Closes the backend's kernel gate for at most `closed_for`, or opens it (`None`).
     /// `Ok(false)`: the backend has no gate here (none configured, or procfs mode).
     fn set_gate(&self, backend: usize, closed_for: Option<Duration>) -> Result<bool, String>;
+    /// Writes the backend's handover steering. `Ok(false)`: this agent cannot steer (procfs).
+    fn steer(
+        &self,
+        backend: usize,
+        steering: drain_agent_common::steer::Steering,
+    ) -> Result<bool, String>;
+    /// Puts (`Some`) or takes (`None`) an instance's listener of `port` in the steering map.
+    fn steer_socket(
+        &self,
+        port: u16,
+        ipv6: bool,
+        instance: u32,
+        socket: Option<&std::os::fd::OwnedFd>,
+    ) -> Result<(), String>;
 }
 
 /// An operation that did not start; nothing was changed.
@@ -83,7 +100,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(exit_code: u8, message: impl Into<String>) -> Refusal {
+    pub(super) fn new(exit_code: u8, message: impl Into<String>) -> Refusal {
         Refusal {
             exit_code,
             message: message.into(),
@@ -162,7 +179,8 @@ impl Operations {
         }
         // The kernel gate alone also stops new connections (direct clients see "connection
         // refused" and retry elsewhere).
-        if backend.haproxy.is_none()
+        if kind != Kind::Handover
+            && backend.haproxy.is_none()
             && self.config.agent_check_listen.is_none()
             && backend.gate.is_none()
         {
@@ -181,7 +199,7 @@ impl Operations {
             .map_err(refusal_of_claim)?;
         let phase = self.board.get(index).phase;
         let allowed = match kind {
-            Kind::Drain => phase == Phase::Serving,
+            Kind::Drain | Kind::Handover => phase == Phase::Serving,
             Kind::Cycle => matches!(phase, Phase::Serving | Phase::Drained),
         };
         if !allowed {
@@ -194,6 +212,10 @@ impl Operations {
                     backend.name
                 ),
             ));
+        }
+        if kind == Kind::Handover {
+            // The node stays in rotation: no load balancer is asked anything.
+            return self.start_handover(index, backend, claim).await;
         }
         let lbs = self.preflight(&backend).await?;
 
@@ -423,6 +445,7 @@ impl Run {
                     .collect(),
                 drain_evidence: None,
                 reconciled_before: ops.reconciled.lock().expect("reconciled lock").take(),
+                handover: None,
                 kernel: None,
                 gate: backend.gate.as_ref().map(|_| GateReport {
                     deadline_s: backend.gate_deadline().as_secs(),
@@ -806,7 +829,9 @@ impl Run {
         );
         let problem = format!("internal error in drain-agent ({message})");
         match phase {
-            Phase::Serving | Phase::Draining | Phase::Drained if self.kind == Kind::Drain => {
+            Phase::Serving | Phase::HandingOver | Phase::Draining | Phase::Drained
+                if self.kind == Kind::Drain =>
+            {
                 if phase == Phase::Drained {
                     return self.finish(
                         Outcome::Error,
@@ -821,7 +846,7 @@ impl Run {
                 let sentence = self.back_in_service_sentence();
                 self.finish(Outcome::Error, format!("{problem}; {sentence}"))
             }
-            Phase::Serving | Phase::Draining => {
+            Phase::Serving | Phase::HandingOver | Phase::Draining => {
                 self.restore_service().await;
                 let sentence = self.back_in_service_sentence();
                 self.finish(Outcome::Error, format!("{problem}; {sentence}"))
@@ -1045,6 +1070,7 @@ impl Run {
             idle: sample.idle(),
             lb_sessions,
             elapsed_ms: millis(self.started.elapsed()),
+            handover: None,
         }
     }
 
@@ -1056,7 +1082,7 @@ impl Run {
         // help it), closed from the drain's confirmation until it serves again. Draining
         // closes it itself, once the load balancers confirmed.
         match phase {
-            Phase::Serving | Phase::Failed => self.open_gate(),
+            Phase::Serving | Phase::HandingOver | Phase::Failed => self.open_gate(),
             Phase::Drained | Phase::Restarting | Phase::Verifying => self.close_gate(),
             Phase::Draining => {}
         }

@@ -7,7 +7,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::journal::{BackendRecord, Journal, JournalError, Record, unix_ms};
+use crate::journal::{BackendRecord, HandoverRecord, Journal, JournalError, Record, unix_ms};
 
 /// Where a backend is in the drain cycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,6 +25,10 @@ pub enum Phase {
     Verifying,
     /// The cycle failed; the server stays in MAINT until an operator resumes it.
     Failed,
+    /// A same-host handover runs: a new version takes new connections while the old one
+    /// finishes its work; the node stays in rotation (docs/handover.md).
+    #[serde(rename = "handing-over")]
+    HandingOver,
 }
 
 impl Phase {
@@ -36,6 +40,7 @@ impl Phase {
             Phase::Restarting => "restarting",
             Phase::Verifying => "verifying",
             Phase::Failed => "failed",
+            Phase::HandingOver => "handing-over",
         }
     }
 
@@ -44,7 +49,7 @@ impl Phase {
     /// commands (stopped, reloaded, unreachable) converges on its next agent check.
     pub fn agent_check_answer(self) -> &'static str {
         match self {
-            Phase::Serving => "ready up 100%",
+            Phase::Serving | Phase::HandingOver => "ready up 100%",
             Phase::Draining => "drain",
             Phase::Drained | Phase::Restarting | Phase::Verifying | Phase::Failed => "maint",
         }
@@ -116,6 +121,8 @@ pub struct Board {
     interrupted_step_groups: Vec<Option<i32>>,
     /// Per backend, until when its gate is closed (Unix ms), as journaled.
     gates: Mutex<Vec<Option<u64>>>,
+    /// Per backend, the handover under way, as journaled.
+    handovers: Mutex<Vec<Option<HandoverRecord>>>,
     /// Journal writes that failed (each logged at error level).
     journal_errors: std::sync::atomic::AtomicU64,
 }
@@ -172,8 +179,18 @@ impl Board {
                     .and_then(|saved| saved.gate_closed_until_unix_ms)
             })
             .collect();
+        let handovers = names
+            .iter()
+            .map(|name| {
+                record
+                    .backends
+                    .get(name)
+                    .and_then(|saved| saved.handover.clone())
+            })
+            .collect();
         Board {
             phases: Mutex::new(phases),
+            handovers: Mutex::new(handovers),
             running: Mutex::new(None),
             step_groups: Mutex::new(vec![None; names.len()]),
             interrupted_step_groups,
@@ -222,6 +239,19 @@ impl Board {
             .flatten()
     }
 
+    /// Journals the handover under way on `backend` (`None` once it ended), before what it
+    /// describes takes effect.
+    pub fn set_handover(&self, backend: usize, handover: Option<HandoverRecord>) {
+        let phases = self.phases.lock().expect("phase lock");
+        self.handovers.lock().expect("handover lock")[backend] = handover;
+        let _ = self.persist_with_running(&phases);
+    }
+
+    /// The handover under way on `backend`, as journaled (by this agent or the previous).
+    pub fn handover(&self, backend: usize) -> Option<HandoverRecord> {
+        self.handovers.lock().expect("handover lock")[backend].clone()
+    }
+
     /// Journal writes that failed since the start.
     pub fn journal_errors(&self) -> u64 {
         self.journal_errors
@@ -240,6 +270,7 @@ impl Board {
         let mut record = Record::default();
         let step_groups = self.step_groups.lock().expect("step group lock").clone();
         let gates = self.gates.lock().expect("gate lock").clone();
+        let handovers = self.handovers.lock().expect("handover lock").clone();
         for (index, (name, state)) in self.names.iter().zip(phases).enumerate() {
             record.backends.insert(
                 name.clone(),
@@ -251,6 +282,7 @@ impl Board {
                     reason: state.reason.clone(),
                     step_process_group: step_groups.get(index).copied().flatten(),
                     gate_closed_until_unix_ms: gates.get(index).copied().flatten(),
+                    handover: handovers.get(index).cloned().flatten(),
                     updated_unix_ms: unix_ms(),
                 },
             );

@@ -35,6 +35,21 @@ impl Operations {
                 on_restart = self.config.on_restart.as_str(),
                 "the previous agent stopped in the middle of an operation: reconciling"
             );
+            if operation == "handover" {
+                let report = self.reconcile_handover(index).await;
+                warn!(
+                    backend = name,
+                    outcome = report.outcome.as_str(),
+                    message = report.message,
+                    "reconciled an interrupted handover"
+                );
+                *self.reconciled.lock().expect("reconciled lock") = Some(format!(
+                    "after an agent restart, the interrupted `handover {name}`: {}",
+                    report.message
+                ));
+                reports.push(report);
+                continue;
+            }
             self.log_load_balancers(index).await;
             if self.config.backends[index].gate.is_some() && phase != Phase::Serving {
                 // Its XDP link went with the previous agent's process, and the new programs
@@ -195,7 +210,10 @@ impl Operations {
                 .await
             }
             // on_restart = "finish": carry the operation on from where it stopped.
-            Phase::Serving | Phase::Draining => run.execute(Phase::Serving).await,
+            // (A handover's journal is reconciled by `reconcile_handover` first.)
+            Phase::Serving | Phase::HandingOver | Phase::Draining => {
+                run.execute(Phase::Serving).await
+            }
             Phase::Drained => run.execute(Phase::Drained).await,
         };
         drop(claim);

@@ -92,12 +92,37 @@ pub struct Progress {
     /// `None` while a load balancer cannot be read.
     pub lb_sessions: Option<u64>,
     pub elapsed_ms: u64,
+    /// During a handover: its step and the new version's numbers (the counts above are then
+    /// the old version's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<HandoverProgress>,
+}
+
+/// A handover's share of a progress line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HandoverProgress {
+    pub step: String,
+    pub new_established: Option<u64>,
+    pub new_in_flight: Option<u64>,
 }
 
 impl Progress {
     /// The one-line rendering for a terminal.
     pub fn render(&self) -> String {
         let show = |value: Option<u64>| value.map_or_else(|| "-".into(), |v| v.to_string());
+        if let Some(handover) = &self.handover {
+            return format!(
+                "{:<14} old: in-flight {:>4}  unknown {:>4}  idle {:>4}  new: in-flight {:>4}  \
+                 established {:>4}  {:>6.1}s",
+                handover.step,
+                show(self.in_flight),
+                show(self.unknown),
+                show(self.idle),
+                show(handover.new_in_flight),
+                show(handover.new_established),
+                self.elapsed_ms as f64 / 1000.0
+            );
+        }
         format!(
             "{:<10} in-flight {:>4}  unknown {:>4}  idle {:>4}  lb-sessions {:>4}  {:>6.1}s",
             self.phase.as_str(),
@@ -222,10 +247,40 @@ pub struct Report {
     /// What the agent found and did when it last started after a crash, if that has not been
     /// reported yet (a reconciliation).
     pub reconciled_before: Option<String>,
+    /// A same-host handover's steps and the two versions (docs/handover.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover: Option<super::handover::HandoverReport>,
     pub total_ms: u64,
 }
 
 impl Report {
+    /// A report with nothing recorded yet.
+    pub fn empty(backend: &str, operation: &str, phase: Phase) -> Report {
+        Report {
+            backend: backend.to_string(),
+            operation: operation.to_string(),
+            outcome: Outcome::Ok,
+            exit_code: exit::OK,
+            message: String::new(),
+            phase,
+            phases: Vec::new(),
+            at_drain_start: None,
+            in_flight_zero_ms: None,
+            drained_ms: None,
+            drain_evidence: None,
+            forced_with_in_flight: None,
+            restart_ms: None,
+            time_to_healthy_ms: None,
+            rollback: None,
+            load_balancers: Vec::new(),
+            kernel: None,
+            gate: None,
+            reconciled_before: None,
+            handover: None,
+            total_ms: 0,
+        }
+    }
+
     /// The human-readable summary `cycle`/`drain` print at the end.
     pub fn render(&self) -> String {
         let mut out = format!(
@@ -303,6 +358,9 @@ impl Report {
         }
         if let Some(gate) = &self.gate {
             out.push_str(&format!("  gate: {}\n", gate.render()));
+        }
+        if let Some(handover) = &self.handover {
+            out.push_str(&handover.render());
         }
         out
     }

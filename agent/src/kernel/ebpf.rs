@@ -17,16 +17,18 @@ use aya::{
     util::KernelVersion,
 };
 use drain_agent_common::{
+    MAX_BACKENDS,
     counters::BackendCounters,
     flow::{
         COUNTED_IN_FLIGHT, COUNTED_REMOVED, COUNTED_UNKNOWN, FLOW_ESTABLISHED, Flow, FlowKey,
         ORIGIN_SEEDED,
     },
     names,
+    steer::{INSTANCES, Steering, counter_slot},
 };
 use tracing::{debug, info, warn};
 
-use super::{BackendSample, TrackerError, gate, sockets};
+use super::{BackendSample, InstanceSample, TrackerError, gate, sockets, steer};
 use crate::{config::Config, status::Attachment};
 
 /// The eBPF object, built by build.rs from agent-ebpf.
@@ -40,7 +42,7 @@ const BPF_NOEXIST: u64 = 1;
 /// ends, so a crashed agent never leaves code in the node's data path.
 const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
 
-/// Userspace's share of a backend's gauges: connections it seeded into `SEEDED_FLOWS` at
+/// Userspace's share of a backend instance's gauges (indexed like `BACKEND_COUNTERS`): connections it seeded into `SEEDED_FLOWS` at
 /// start (positive) and seeded flows its garbage collector removed (negative). The kernel's counters
 /// are per-CPU and written without locks, so userspace keeps its share apart and adds it.
 #[derive(Debug, Default, Clone, Copy)]
@@ -51,6 +53,19 @@ struct Adjustment {
     unknown: i64,
     vanished: u64,
     cut_in_flight: u64,
+}
+
+impl Adjustment {
+    fn plus(self, other: Adjustment) -> Adjustment {
+        Adjustment {
+            tracked: self.tracked + other.tracked,
+            established: self.established + other.established,
+            in_flight: self.in_flight + other.in_flight,
+            unknown: self.unknown + other.unknown,
+            vanished: self.vanished + other.vanished,
+            cut_in_flight: self.cut_in_flight + other.cut_in_flight,
+        }
+    }
 }
 
 /// The loaded and attached kernel side. Dropping it detaches everything.
@@ -69,6 +84,8 @@ pub struct EbpfTracker {
     untracked_covered: Vec<u64>,
     /// Per backend, whether it has a gate.
     gates: Vec<bool>,
+    /// Per backend, its steering as last written (slot `clients` is the instance serving).
+    steering: Vec<Steering>,
     /// The kernel programs' log records, until the agent's runtime takes them.
     kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -127,16 +144,7 @@ impl EbpfTracker {
                 direction: "sock_ops",
                 source: Box::new(err),
             })?;
-            let program: &mut SockOps = ebpf
-                .program_mut(names::SOCK_OPS_PROGRAM)
-                .ok_or_else(|| TrackerError::Load {
-                    cause: format!(
-                        "program {} missing from the eBPF object",
-                        names::SOCK_OPS_PROGRAM
-                    ),
-                })?
-                .try_into()
-                .map_err(load_error)?;
+            let program: &mut SockOps = program_mut(&mut ebpf, names::SOCK_OPS_PROGRAM)?;
             program.load().map_err(load_error)?;
             let program_id = program.info().map_err(load_error)?.id();
             // A link (kernel >= 5.7) detaches when the agent's process ends. Cgroup links
@@ -162,13 +170,7 @@ impl EbpfTracker {
             (names::INGRESS_PROGRAM, TcAttachType::Ingress, "ingress"),
             (names::EGRESS_PROGRAM, TcAttachType::Egress, "egress"),
         ] {
-            let classifier: &mut SchedClassifier = ebpf
-                .program_mut(program)
-                .ok_or_else(|| TrackerError::Load {
-                    cause: format!("program {program} missing from the eBPF object"),
-                })?
-                .try_into()
-                .map_err(load_error)?;
+            let classifier: &mut SchedClassifier = program_mut(&mut ebpf, program)?;
             classifier.load().map_err(load_error)?;
             let program_id = classifier.info().map_err(load_error)?.id();
             for interface in &config.interfaces {
@@ -197,11 +199,15 @@ impl EbpfTracker {
         } else {
             None
         };
+        if steer::wanted(config) {
+            attachments.push(steer::attach(&mut ebpf)?);
+        }
         info!(
             interfaces = ?config.interfaces,
             backends = config.backends.len(),
             flow_table_size = config.flow_table_size,
             gate = gate::wanted(config),
+            handover = steer::wanted(config),
             "kernel programs attached"
         );
 
@@ -211,7 +217,8 @@ impl EbpfTracker {
             backends: config.backends.len(),
             flow_table_size: config.flow_table_size,
             flow_idle_check: config.flow_idle_check,
-            adjustments: vec![Adjustment::default(); config.backends.len()],
+            adjustments: vec![Adjustment::default(); (MAX_BACKENDS * INSTANCES) as usize],
+            steering: vec![Steering::default(); config.backends.len()],
             started: Instant::now(),
             backend_of_port: config
                 .backends
@@ -324,8 +331,11 @@ impl EbpfTracker {
             // Whatever its queues say now, the agent did not see its request begin: a
             // request already read and being computed shows empty queues. Unknown until its
             // traffic settles it (docs/accounting.md).
+            // Counted under the instance serving now: a connection older than the agent
+            // belongs to the version that was serving when the agent started.
+            let slot = counter_slot(backend as u32, self.steering[backend].clients);
             let flow = Flow {
-                backend: backend as u32,
+                backend: slot,
                 state: FLOW_ESTABLISHED,
                 origin: ORIGIN_SEEDED,
                 client_unsynced: 1,
@@ -337,7 +347,7 @@ impl EbpfTracker {
             if flows.insert(key, flow, BPF_NOEXIST).is_err() {
                 continue;
             }
-            let adjustment = &mut self.adjustments[backend];
+            let adjustment = &mut self.adjustments[slot as usize];
             adjustment.tracked += 1;
             adjustment.established += 1;
             adjustment.unknown += 1;
@@ -381,11 +391,28 @@ impl EbpfTracker {
         let now = monotonic_now();
         (0..self.backends)
             .map(|index| {
-                let per_cpu = counters
-                    .get(&(index as u32), 0)
-                    .map_err(read_error("the backend counters"))?;
-                let total = BackendCounters::sum(per_cpu.iter());
-                let adjustment = self.adjustments[index];
+                let mut total = BackendCounters::default();
+                let mut adjustment = Adjustment::default();
+                let mut instances = Vec::new();
+                for instance in 0..INSTANCES {
+                    let slot = counter_slot(index as u32, instance);
+                    let per_cpu = counters
+                        .get(&slot, 0)
+                        .map_err(read_error("the backend counters"))?;
+                    let counted = BackendCounters::sum(per_cpu.iter());
+                    let share = self.adjustments[slot as usize];
+                    instances.push(InstanceSample {
+                        established: counted.established.wrapping_add_signed(share.established),
+                        in_flight: counted.in_flight.wrapping_add_signed(share.in_flight),
+                        unknown: counted.unknown.wrapping_add_signed(share.unknown),
+                        accepted: counted.accepted,
+                        since_last_idle: (counted.last_idle_ns != 0).then(|| {
+                            Duration::from_nanos(now.saturating_sub(counted.last_idle_ns))
+                        }),
+                    });
+                    total = BackendCounters::sum([&total, &counted]);
+                    adjustment = adjustment.plus(share);
+                }
                 Ok(BackendSample {
                     untracked_pending: total.flow_table_full > self.untracked_covered[index],
                     unknown: Some(total.unknown.wrapping_add_signed(adjustment.unknown)),
@@ -406,6 +433,8 @@ impl EbpfTracker {
                     gate: self.gates[index]
                         .then(|| gate::sample(&self.ebpf, index))
                         .transpose()?,
+                    instances,
+                    serving_instance: self.steering[index].clients,
                 })
             })
             .collect()
@@ -432,6 +461,28 @@ impl EbpfTracker {
         }
         gate::open(&mut self.ebpf, index)?;
         Ok(true)
+    }
+
+    /// Writes backend `index`'s steering (what the `sk_lookup` program follows, and which
+    /// instance new connections are counted under).
+    pub fn steer(&mut self, index: usize, steering: Steering) -> Result<(), TrackerError> {
+        steer::set(&mut self.ebpf, index, steering)?;
+        self.steering[index] = steering;
+        Ok(())
+    }
+
+    /// Puts (`Some`) or takes (`None`) an instance's listener of `port` in the steering map.
+    pub fn steer_socket(
+        &mut self,
+        port: u16,
+        ipv6: bool,
+        instance: u32,
+        socket: Option<&std::os::fd::OwnedFd>,
+    ) -> Result<(), TrackerError> {
+        match socket {
+            Some(socket) => steer::add_socket(&mut self.ebpf, port, ipv6, instance, socket),
+            None => steer::remove_socket(&mut self.ebpf, port, ipv6, instance),
+        }
     }
 
     /// The kernel programs' log records, once (the agent's runtime reads them).
@@ -705,6 +756,22 @@ pub(super) fn map<'a>(
     ebpf.map(name).ok_or_else(|| TrackerError::Load {
         cause: format!("map {name} missing from the eBPF object"),
     })
+}
+
+/// A program of the object, as its type.
+pub(super) fn program_mut<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut T, TrackerError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| TrackerError::Load {
+            cause: format!("program {name} missing from the eBPF object"),
+        })?
+        .try_into()
+        .map_err(load_error)
 }
 
 pub(super) fn map_mut<'a>(

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use super::{
     TrackerError,
-    ebpf::{load_error, map, map_mut, monotonic_now, read_error},
+    ebpf::{load_error, map, map_mut, monotonic_now, program_mut, read_error},
 };
 use crate::{config::Config, status::Attachment};
 
@@ -54,16 +54,7 @@ pub fn attach(ebpf: &mut Ebpf, config: &Config) -> Result<Vec<Attachment>, Track
             }
         }
     }
-    let program: &mut Xdp = ebpf
-        .program_mut(names::GATE_PROGRAM)
-        .ok_or_else(|| TrackerError::Load {
-            cause: format!(
-                "program {} missing from the eBPF object",
-                names::GATE_PROGRAM
-            ),
-        })?
-        .try_into()
-        .map_err(load_error)?;
+    let program: &mut Xdp = program_mut(ebpf, names::GATE_PROGRAM)?;
     program.load().map_err(load_error)?;
     let program_id = program.info().map_err(load_error)?.id();
     let mut attachments = Vec::new();

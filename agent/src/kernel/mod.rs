@@ -2,8 +2,10 @@
 
 pub mod ebpf;
 pub mod gate;
+pub mod listeners;
 pub mod procfs;
 pub mod sockets;
+pub mod steer;
 
 use std::time::Duration;
 
@@ -53,6 +55,23 @@ pub struct BackendSample {
     pub untracked_pending: bool,
     /// The backend's kernel gate, when it has one (eBPF mode).
     pub gate: Option<gate::GateSample>,
+    /// Per instance slot (eBPF mode; empty in procfs mode): a handover's two versions, each
+    /// counted on its own (docs/handover.md).
+    pub instances: Vec<InstanceSample>,
+    /// The slot of the instance serving new connections.
+    pub serving_instance: u32,
+}
+
+/// One instance's (version's) share of a backend's connections.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceSample {
+    pub established: u64,
+    pub in_flight: u64,
+    pub unknown: u64,
+    /// Handshakes its listener completed (total).
+    pub accepted: u64,
+    /// Time since its last in-flight → idle transition.
+    pub since_last_idle: Option<Duration>,
 }
 
 impl BackendSample {
@@ -130,6 +149,32 @@ impl Tracker {
         match self {
             Tracker::Ebpf(tracker) => tracker.open_gate(index),
             Tracker::Procfs(_) => Ok(false),
+        }
+    }
+
+    /// Writes backend `index`'s steering. `Ok(false)`: procfs mode, which cannot steer.
+    pub fn steer(
+        &mut self,
+        index: usize,
+        steering: drain_agent_common::steer::Steering,
+    ) -> Result<bool, TrackerError> {
+        match self {
+            Tracker::Ebpf(tracker) => tracker.steer(index, steering).map(|()| true),
+            Tracker::Procfs(_) => Ok(false),
+        }
+    }
+
+    /// Puts or takes an instance's listener in the steering map (eBPF mode).
+    pub fn steer_socket(
+        &mut self,
+        port: u16,
+        ipv6: bool,
+        instance: u32,
+        socket: Option<&std::os::fd::OwnedFd>,
+    ) -> Result<(), TrackerError> {
+        match self {
+            Tracker::Ebpf(tracker) => tracker.steer_socket(port, ipv6, instance, socket),
+            Tracker::Procfs(_) => Ok(()),
         }
     }
 

@@ -1,0 +1,876 @@
+//! The same-host handover (docs/handover.md): a new version of the service starts beside the
+//! running one on the same port (SO_REUSEPORT), is verified by the agent's own probes before
+//! any client reaches it, takes every new connection from one SYN to the next (the
+//! `sk_lookup` program), and the old version is stopped once it has no request in flight.
+//! The node never leaves the load balancers' rotation.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::OwnedFd,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use drain_agent_common::steer::Steering;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{
+    operation::{Event, KernelView, Operations, Refusal},
+    phase::{Claim, Phase, millis},
+    report::{Counts, Outcome, PhaseTiming, Progress, Report, exit},
+};
+use crate::{
+    config::{Action, Backend, Handover, HandoverHow, Step},
+    health,
+    journal::HandoverRecord,
+    kernel::listeners::{self, Listener},
+    service,
+};
+
+/// Where the agent's probes of the new version come from: a loopback address of their own,
+/// which the `sk_lookup` program sends to the new version while clients still go to the old.
+pub const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 86);
+/// How often the listeners are looked for while the new version starts.
+const LISTEN_POLL: Duration = Duration::from_millis(100);
+/// How often the old version's numbers are read while it finishes.
+const QUIET_POLL: Duration = Duration::from_millis(20);
+/// How often progress lines are sent.
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+
+/// What a handover did, for its report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HandoverReport {
+    /// The processes of the version that served before (its listeners' holders).
+    pub old_pids: Vec<i32>,
+    /// The new version's, once it listened.
+    pub new_pids: Vec<i32>,
+    /// When the new version's listeners were all found (ms since the start).
+    pub new_listening_ms: Option<u64>,
+    /// When the agent's probes found the new version healthy.
+    pub new_healthy_ms: Option<u64>,
+    /// When new connections began to go to the new version.
+    pub switched_ms: Option<u64>,
+    /// When the old version had no request in flight for the quiet period.
+    pub old_quiet_ms: Option<u64>,
+    /// When the old version was told to stop.
+    pub old_stop_ms: Option<u64>,
+    /// When its last process exited.
+    pub old_exited_ms: Option<u64>,
+    /// The old version's connections when it was told to stop: all idle (keep-alive) unless
+    /// the quiet wait hit `drain_timeout`.
+    pub old_at_stop: Option<Counts>,
+    /// New connections each version accepted while the handover ran.
+    pub accepted_by_old: u64,
+    pub accepted_by_new: u64,
+}
+
+impl HandoverReport {
+    /// The report's lines about the two versions.
+    pub fn render(&self) -> String {
+        let at = |ms: Option<u64>| {
+            ms.map_or_else(|| "-".into(), |ms| format!("{:.3}s", ms as f64 / 1000.0))
+        };
+        let mut out = format!(
+            "  new version {:?}: listening {}, healthy {}, took new connections at {}\n",
+            self.new_pids,
+            at(self.new_listening_ms),
+            at(self.new_healthy_ms),
+            at(self.switched_ms)
+        );
+        out.push_str(&format!(
+            "  old version {:?}: quiet {}, stop {}, exited {}\n",
+            self.old_pids,
+            at(self.old_quiet_ms),
+            at(self.old_stop_ms),
+            at(self.old_exited_ms)
+        ));
+        if let Some(counts) = &self.old_at_stop {
+            out.push_str(&format!(
+                "  old version at stop: {} connections, {} in flight, {} unknown, {} idle \
+                 (keep-alive; closed by its stop)\n",
+                counts.established,
+                counts.in_flight.unwrap_or(0),
+                counts.unknown.unwrap_or(0),
+                counts.idle.unwrap_or(0)
+            ));
+        }
+        out.push_str(&format!(
+            "  new connections during the handover: {} to the old version, {} to the new\n",
+            self.accepted_by_old, self.accepted_by_new
+        ));
+        out
+    }
+}
+
+/// One version of the service: its instance slot, its listeners and who holds them.
+struct Version {
+    slot: u32,
+    /// Each listener and the agent's copy of it (for the steering map).
+    sockets: Vec<(Listener, OwnedFd)>,
+    pids: Vec<i32>,
+    /// The process that owns the listeners (the pre-fork master), signalled by a stop
+    /// without a command.
+    owner: Option<i32>,
+    unit: Option<String>,
+}
+
+/// Finds the processes holding `found` and takes a copy of each listener.
+fn version_of(slot: u32, found: Vec<Listener>, unit: Option<String>) -> Result<Version, String> {
+    let inodes: BTreeSet<u64> = found.iter().map(|listener| listener.inode).collect();
+    let holding = listeners::holders(&inodes);
+    let mut sockets = Vec::new();
+    let mut pids = BTreeSet::new();
+    let mut owner = None;
+    for listener in found {
+        let Some(holders) = holding.get(&listener.inode) else {
+            return Err(listeners::ListenerError::NoHolder {
+                local: listener.local,
+                inode: listener.inode,
+            }
+            .to_string());
+        };
+        pids.extend(holders.iter().map(|&(pid, _)| pid));
+        owner = owner.or_else(|| listeners::owner(holders));
+        let (pid, fd) = holders[0];
+        let socket = listeners::take(listener.local, pid, fd).map_err(|err| err.to_string())?;
+        sockets.push((listener, socket));
+    }
+    Ok(Version {
+        slot,
+        sockets,
+        pids: pids.into_iter().collect(),
+        owner,
+        unit,
+    })
+}
+
+impl Operations {
+    /// Checks that backend `index` can hand over, then runs the handover in the background.
+    pub(super) async fn start_handover(
+        self: &Arc<Self>,
+        index: usize,
+        backend: Backend,
+        claim: Claim,
+    ) -> Result<mpsc::Receiver<Event>, Refusal> {
+        let Some(handover) = backend.handover.clone() else {
+            return Err(Refusal::new(
+                exit::CONFIG,
+                format!(
+                    "backend `{}` has no `handover` in {}: add handover = {{ start = [...] }} or \
+                     handover = {{ units = [\"NAME@blue\", \"NAME@green\"] }} (docs/handover.md)",
+                    backend.name,
+                    self.config.path.display()
+                ),
+            ));
+        };
+        let sample = self.kernel.sample(index).map_err(|err| {
+            Refusal::new(
+                exit::ERROR,
+                format!("cannot read the kernel's numbers: {err}"),
+            )
+        })?;
+        if sample.instances.is_empty() {
+            return Err(Refusal::new(
+                exit::REFUSED,
+                "refused: a handover steers connections in the kernel, and this agent runs with \
+                 `--kernel procfs`; run it in eBPF mode",
+            ));
+        }
+        let old_slot = sample.serving_instance;
+        let found = listeners::on_ports(&backend.ports)
+            .map_err(|err| Refusal::new(exit::ERROR, err.to_string()))?;
+        let missing: Vec<u16> = backend
+            .ports
+            .iter()
+            .copied()
+            .filter(|port| !found.iter().any(|listener| listener.local.port() == *port))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Refusal::new(
+                exit::REFUSED,
+                format!(
+                    "refused: nothing listens on port(s) {missing:?} of backend `{}`: a handover \
+                     hands over from a running version (`drain-agent cycle` restarts a stopped one)",
+                    backend.name
+                ),
+            ));
+        }
+        let units = match &handover.how {
+            HandoverHow::Units(pair) => {
+                Some(units_in_order(pair).await.map_err(|message| {
+                    Refusal::new(exit::REFUSED, format!("refused: {message}"))
+                })?)
+            }
+            HandoverHow::Commands { .. } => None,
+        };
+        let old = version_of(old_slot, found, units.as_ref().map(|(old, _)| old.clone()))
+            .map_err(|err| Refusal::new(exit::ERROR, err))?;
+        if let Some((listener, _)) = old
+            .sockets
+            .iter()
+            .find(|(_, socket)| !listeners::reuses_port(socket))
+        {
+            return Err(Refusal::new(
+                exit::REFUSED,
+                format!(
+                    "refused: the running version's listener {} (pid {:?}) does not set \
+                     SO_REUSEPORT, so a new version cannot listen beside it: start the service \
+                     with it (gunicorn --reuse-port, nginx `listen ... reuseport`), then hand over",
+                    listener.local, old.pids
+                ),
+            ));
+        }
+        let (events, receiver) = mpsc::channel(64);
+        let mut run = HandoverRun {
+            ops: self.clone(),
+            index,
+            backend,
+            handover,
+            old,
+            new_unit: units.map(|(_, new)| new),
+            events,
+            started: Instant::now(),
+            phase_started: Instant::now(),
+            report: HandoverReport::default(),
+            phases: Vec::new(),
+            accepted_at_start: sample
+                .instances
+                .iter()
+                .map(|instance| instance.accepted)
+                .collect(),
+        };
+        run.report.old_pids = run.old.pids.clone();
+        tokio::spawn(async move {
+            let _claim = claim;
+            let report = run.execute().await;
+            info!(
+                backend = report.backend,
+                outcome = report.outcome.as_str(),
+                message = report.message,
+                "handover finished"
+            );
+            let _ = run.events.send(Event::Done(Box::new(report))).await;
+        });
+        Ok(receiver)
+    }
+}
+
+/// Of two units, the active one (old) and the other (new).
+async fn units_in_order(pair: &[String; 2]) -> Result<(String, String), String> {
+    let mut active = Vec::new();
+    for unit in pair {
+        let status = tokio::process::Command::new("systemctl")
+            .args(["is-active", "--quiet", unit])
+            .status()
+            .await
+            .map_err(|err| format!("cannot run systemctl: {err}"))?;
+        active.push(status.success());
+    }
+    match active[..] {
+        [true, false] => Ok((pair[0].clone(), pair[1].clone())),
+        [false, true] => Ok((pair[1].clone(), pair[0].clone())),
+        _ => Err(format!(
+            "of the units {} and {}, exactly one must be active (the version serving now); {}",
+            pair[0],
+            pair[1],
+            if active[0] { "both are" } else { "neither is" }
+        )),
+    }
+}
+
+/// A handover under way.
+struct HandoverRun {
+    ops: Arc<Operations>,
+    index: usize,
+    backend: Backend,
+    handover: Handover,
+    old: Version,
+    new_unit: Option<String>,
+    events: mpsc::Sender<Event>,
+    started: Instant,
+    phase_started: Instant,
+    report: HandoverReport,
+    phases: Vec<PhaseTiming>,
+    accepted_at_start: Vec<u64>,
+}
+
+/// Why a handover did not complete, and what was done about it.
+struct Failure {
+    outcome: Outcome,
+    message: String,
+}
+
+impl HandoverRun {
+    fn kernel(&self) -> &Arc<dyn KernelView> {
+        &self.ops.kernel
+    }
+
+    fn ms(&self) -> u64 {
+        millis(self.started.elapsed())
+    }
+
+    fn new_slot(&self) -> u32 {
+        1 - (self.old.slot & 1)
+    }
+
+    fn record(&self, switched: bool, new_pids: Vec<i32>) -> HandoverRecord {
+        HandoverRecord {
+            switched,
+            old_pids: self.old.pids.clone(),
+            new_pids,
+            units: self.old.unit.clone().zip(self.new_unit.clone()),
+        }
+    }
+
+    /// Writes the steering; failures are the handover's (it cannot steer).
+    fn steer(&self, clients: u32, probes: u32) -> Result<(), String> {
+        self.kernel()
+            .steer(
+                self.index,
+                Steering {
+                    active: 1,
+                    clients,
+                    probes,
+                    probe_v4: u32::from_ne_bytes(PROBE_SOURCE.octets()),
+                },
+            )
+            .map(drop)
+    }
+
+    /// Hands steering back to the kernel's own lookup, counting new connections under `slot`.
+    fn release(&self, slot: u32) {
+        let result = self.kernel().steer(
+            self.index,
+            Steering {
+                active: 0,
+                clients: slot,
+                probes: slot,
+                probe_v4: 0,
+            },
+        );
+        if let Err(err) = result {
+            warn!(%err, "cannot release the handover's steering");
+        }
+    }
+
+    fn put_sockets(&self, version: &Version) -> Result<(), String> {
+        for (listener, socket) in &version.sockets {
+            self.kernel().steer_socket(
+                listener.local.port(),
+                listener.ipv6(),
+                version.slot,
+                Some(socket),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn take_sockets(&self, version: &Version) {
+        for (listener, _) in &version.sockets {
+            let _ = self.kernel().steer_socket(
+                listener.local.port(),
+                listener.ipv6(),
+                version.slot,
+                None,
+            );
+        }
+    }
+
+    fn enter(&mut self, step: Phase) {
+        let now = Instant::now();
+        if let Some(last) = self.phases.last_mut() {
+            last.duration_ms = millis(now - self.phase_started);
+        }
+        self.phases.push(PhaseTiming {
+            phase: step,
+            started_ms: self.ms(),
+            duration_ms: 0,
+        });
+        self.phase_started = now;
+    }
+
+    async fn execute(&mut self) -> Report {
+        self.ops.board.set(self.index, Phase::HandingOver, None);
+        self.enter(Phase::HandingOver);
+        self.ops
+            .board
+            .set_handover(self.index, Some(self.record(false, Vec::new())));
+        let result = self.hand_over().await;
+        let (outcome, message) = match result {
+            Ok(message) => (Outcome::Ok, message),
+            Err(failure) => (failure.outcome, failure.message),
+        };
+        self.ops.board.set_handover(self.index, None);
+        self.ops.board.set(
+            self.index,
+            Phase::Serving,
+            (outcome != Outcome::Ok).then(|| message.clone()),
+        );
+        self.finish(outcome, message)
+    }
+
+    /// Pin, start, verify, switch, wait, stop.
+    async fn hand_over(&mut self) -> Result<String, Failure> {
+        let fail = |message: String| Failure {
+            outcome: Outcome::Error,
+            message,
+        };
+        // Clients keep going to the old version's listener while the new one starts in its
+        // SO_REUSEPORT group: without this, the group's hash would send them some of theirs.
+        let old_slot = self.old.slot;
+        let new_slot = self.new_slot();
+        self.put_sockets(&self.old).map_err(fail)?;
+        self.steer(old_slot, new_slot).map_err(|err| {
+            self.take_sockets(&self.old);
+            fail(err)
+        })?;
+
+        let new = match self.start_new().await {
+            Ok(new) => new,
+            Err(message) => return Err(self.undo(None, message).await),
+        };
+        self.report.new_pids = new.pids.clone();
+        self.ops
+            .board
+            .set_handover(self.index, Some(self.record(false, new.pids.clone())));
+        if let Err(err) = self.put_sockets(&new) {
+            return Err(self.undo(Some(&new), err).await);
+        }
+        let health = self
+            .backend
+            .health
+            .clone()
+            .expect("config validation requires a health check with a handover");
+        if let Err(err) = health::wait_healthy_from(&health, Some(IpAddr::V4(PROBE_SOURCE))).await {
+            let message = format!(
+                "the new version never got healthy: {err}; it was stopped, and the old one \
+                 served throughout"
+            );
+            return Err(self.undo(Some(&new), message).await);
+        }
+        self.report.new_healthy_ms = Some(self.ms());
+
+        // The switch: from the next SYN on, every new connection goes to the new version.
+        self.ops
+            .board
+            .set_handover(self.index, Some(self.record(true, new.pids.clone())));
+        if let Err(err) = self.steer(new_slot, new_slot) {
+            return Err(self.undo(Some(&new), err).await);
+        }
+        self.report.switched_ms = Some(self.ms());
+        info!(
+            backend = self.backend.name,
+            "new connections go to the new version"
+        );
+        // Once more through the service's own port, as a client reaches it now.
+        if let Err(err) = health::wait_healthy(&health).await {
+            let _ = self.steer(old_slot, new_slot);
+            let message = format!(
+                "the new version answered the agent's probes but failed the health check once \
+                 clients were sent to it: {err}; new connections went back to the old version \
+                 and the new one was stopped"
+            );
+            return Err(self.undo(Some(&new), message).await);
+        }
+        self.finish_old(new_slot).await
+    }
+
+    /// The old version: wait until it has nothing in flight, stop it, wait for its exit.
+    async fn finish_old(&mut self, new_slot: u32) -> Result<String, Failure> {
+        let forced = self.wait_old_quiet().await;
+        let old_at_stop = self
+            .kernel()
+            .sample(self.index)
+            .ok()
+            .and_then(|sample| sample.instances.get(self.old.slot as usize).cloned());
+        self.report.old_at_stop = old_at_stop.map(|old| Counts {
+            established: old.established,
+            in_flight: Some(old.in_flight),
+            unknown: Some(old.unknown),
+            idle: Some(
+                old.established
+                    .saturating_sub(old.in_flight)
+                    .saturating_sub(old.unknown),
+            ),
+        });
+        self.report.old_stop_ms = Some(self.ms());
+        let stopped = stop(
+            &self.handover,
+            &self.old.pids,
+            self.old.owner,
+            self.old.unit.clone(),
+        )
+        .await;
+        let exited = wait_exit(&self.old.pids, self.handover.timeout).await;
+        if exited {
+            self.report.old_exited_ms = Some(self.ms());
+        }
+        self.take_sockets(&self.old);
+        // The old listeners are closed: the kernel's lookup finds only the new version's.
+        self.release(new_slot);
+        self.note_accepted();
+        match (stopped, exited) {
+            (Err(err), _) => Err(Failure {
+                outcome: Outcome::Error,
+                message: format!(
+                    "the new version serves every new connection, but stopping the old one \
+                     failed: {err}"
+                ),
+            }),
+            (Ok(()), false) => Err(Failure {
+                outcome: Outcome::Error,
+                message: format!(
+                    "the new version serves every new connection, but the old one (pids {:?}) \
+                     had not exited {} after its stop",
+                    self.old.pids,
+                    humantime::format_duration(self.handover.timeout)
+                ),
+            }),
+            (Ok(()), true) => Ok(match forced {
+                None => format!(
+                    "handed over: the new version serves every new connection, and the old one \
+                     exited after its last request"
+                ),
+                Some(in_flight) => format!(
+                    "handed over, but the old version still had {in_flight} request(s) in flight \
+                     at drain_timeout ({}): it was stopped then (gracefully)",
+                    humantime::format_duration(self.backend.drain_timeout)
+                ),
+            }),
+        }
+    }
+
+    /// Starts the new version and waits until it listens on every port and family the old
+    /// one does.
+    async fn start_new(&mut self) -> Result<Version, String> {
+        let before: BTreeSet<u64> = self.old.sockets.iter().map(|(l, _)| l.inode).collect();
+        let wanted: BTreeSet<(u16, bool)> = self
+            .old
+            .sockets
+            .iter()
+            .map(|(listener, _)| (listener.local.port(), listener.ipv6()))
+            .collect();
+        let action = match (&self.handover.how, &self.new_unit) {
+            (HandoverHow::Commands { start, .. }, _) => Action::Command(start.clone()),
+            (HandoverHow::Units(_), Some(unit)) => {
+                Action::Command(vec!["systemctl".into(), "start".into(), unit.clone()])
+            }
+            (HandoverHow::Units(_), None) => return Err("no unit to start".into()),
+        };
+        let step = Step {
+            action,
+            timeout: self.handover.timeout,
+        };
+        service::run(&step)
+            .await
+            .map_err(|err| format!("starting the new version failed: {err}"))?;
+        let deadline = Instant::now() + self.handover.timeout;
+        loop {
+            let found = listeners::on_ports(&self.backend.ports).map_err(|err| err.to_string())?;
+            let fresh: Vec<Listener> = found
+                .into_iter()
+                .filter(|listener| !before.contains(&listener.inode))
+                .collect();
+            let covered: BTreeSet<(u16, bool)> = fresh
+                .iter()
+                .map(|listener| (listener.local.port(), listener.ipv6()))
+                .collect();
+            if wanted.is_subset(&covered) {
+                self.report.new_listening_ms = Some(self.ms());
+                return version_of(self.new_slot(), fresh, self.new_unit.clone());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the new version did not listen on {:?} within {} (it must listen on the \
+                     same port with SO_REUSEPORT; listening now: {:?})",
+                    wanted.difference(&covered).collect::<Vec<_>>(),
+                    humantime::format_duration(self.handover.timeout),
+                    covered
+                ));
+            }
+            self.progress("starting", None).await;
+            tokio::time::sleep(LISTEN_POLL).await;
+        }
+    }
+
+    /// Waits until the old version has had nothing in flight (nor unknown) for the quiet
+    /// period; idle keep-alive connections do not hold it. `Some(in flight)` when
+    /// `drain_timeout` ran out first.
+    async fn wait_old_quiet(&mut self) -> Option<u64> {
+        let deadline = Instant::now() + self.backend.drain_timeout;
+        let mut quiet_since: Option<Instant> = None;
+        let mut last_progress = Instant::now() - PROGRESS_EVERY;
+        loop {
+            let old = self
+                .kernel()
+                .sample(self.index)
+                .ok()
+                .and_then(|sample| sample.instances.get(self.old.slot as usize).cloned());
+            // A failed read is never quiet.
+            let busy = old
+                .as_ref()
+                .map_or(u64::MAX, |old| old.in_flight + old.unknown);
+            if busy == 0 {
+                let since = *quiet_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.ops.config.quiet_period {
+                    self.report.old_quiet_ms = Some(self.ms());
+                    return None;
+                }
+            } else {
+                quiet_since = None;
+            }
+            if Instant::now() >= deadline {
+                return Some(busy);
+            }
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                last_progress = Instant::now();
+                self.progress("old finishing", old).await;
+            }
+            tokio::time::sleep(QUIET_POLL).await;
+        }
+    }
+
+    /// The new version failed: clients go on to the old version (they never left it unless
+    /// the failure came after the switch), the new one is stopped, steering released once
+    /// its listeners are gone.
+    async fn undo(&mut self, new: Option<&Version>, message: String) -> Failure {
+        warn!(
+            backend = self.backend.name,
+            message, "handover failed; undoing it"
+        );
+        let _ = self.steer(self.old.slot, self.old.slot);
+        let mut message = message;
+        match new {
+            Some(new) => {
+                if let Err(err) = stop(&self.handover, &new.pids, new.owner, new.unit.clone()).await
+                {
+                    message.push_str(&format!("; stopping the new version failed: {err}"));
+                }
+                if !wait_exit(&new.pids, self.handover.timeout).await {
+                    message.push_str(&format!(
+                        "; the new version (pids {:?}) has not exited: it listens in the same \
+                         SO_REUSEPORT group, so without the agent's steering it would take a \
+                         share of new connections. Stop it",
+                        new.pids
+                    ));
+                }
+                self.take_sockets(new);
+            }
+            None => {
+                // Whatever the start command left listening is stopped too.
+                if let Some(unit) = &self.new_unit {
+                    let _ = stop(&self.handover, &[], None, Some(unit.clone())).await;
+                }
+            }
+        }
+        self.take_sockets(&self.old);
+        self.release(self.old.slot);
+        self.note_accepted();
+        Failure {
+            outcome: Outcome::Failed,
+            message,
+        }
+    }
+
+    fn note_accepted(&mut self) {
+        if let Ok(sample) = self.kernel().sample(self.index) {
+            let accepted = |slot: u32| {
+                let now = sample
+                    .instances
+                    .get(slot as usize)
+                    .map_or(0, |instance| instance.accepted);
+                now.saturating_sub(
+                    self.accepted_at_start
+                        .get(slot as usize)
+                        .copied()
+                        .unwrap_or(0),
+                )
+            };
+            self.report.accepted_by_old = accepted(self.old.slot);
+            self.report.accepted_by_new = accepted(self.new_slot());
+        }
+    }
+
+    async fn progress(&self, step: &str, old: Option<crate::kernel::InstanceSample>) {
+        let sample = self.kernel().sample(self.index).ok();
+        let new = sample
+            .as_ref()
+            .and_then(|sample| sample.instances.get(self.new_slot() as usize).cloned());
+        let _ = self.events.try_send(Event::Progress(Progress {
+            backend: self.backend.name.clone(),
+            phase: Phase::HandingOver,
+            in_flight: old.as_ref().map(|old| old.in_flight),
+            unknown: old.as_ref().map(|old| old.unknown),
+            idle: old.as_ref().map(|old| {
+                old.established
+                    .saturating_sub(old.in_flight)
+                    .saturating_sub(old.unknown)
+            }),
+            lb_sessions: None,
+            elapsed_ms: self.ms(),
+            handover: Some(super::report::HandoverProgress {
+                step: step.to_string(),
+                new_established: new.as_ref().map(|new| new.established),
+                new_in_flight: new.as_ref().map(|new| new.in_flight),
+            }),
+        }));
+    }
+
+    fn finish(&mut self, outcome: Outcome, message: String) -> Report {
+        if let Some(last) = self.phases.last_mut() {
+            last.duration_ms = millis(self.phase_started.elapsed());
+        }
+        let mut report = Report::empty(&self.backend.name, "handover", Phase::Serving);
+        report.outcome = outcome;
+        report.exit_code = outcome.exit_code();
+        report.message = message;
+        report.phases = std::mem::take(&mut self.phases);
+        report.handover = Some(self.report.clone());
+        report.total_ms = self.ms();
+        report
+    }
+}
+
+/// Stops a version: its unit, the `stop` command (with `DRAIN_AGENT_PIDS`), or SIGTERM to
+/// its owner.
+async fn stop(
+    handover: &Handover,
+    pids: &[i32],
+    owner: Option<i32>,
+    unit: Option<String>,
+) -> Result<(), String> {
+    let pid_list = pids
+        .iter()
+        .map(i32::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let command = match (&handover.how, unit) {
+        (HandoverHow::Units(_), Some(unit)) => {
+            Some(vec!["systemctl".to_string(), "stop".to_string(), unit])
+        }
+        (
+            HandoverHow::Commands {
+                stop: Some(stop), ..
+            },
+            _,
+        ) => Some(stop.clone()),
+        _ => None,
+    };
+    match command {
+        Some(argv) => {
+            let step = Step {
+                action: Action::Command(argv),
+                timeout: handover.timeout,
+            };
+            service::run_with_env(&step, &[("DRAIN_AGENT_PIDS", pid_list)], |_| {})
+                .await
+                .map_err(|err| err.to_string())
+        }
+        None => {
+            let Some(owner) = owner else {
+                return Err("no process to stop".into());
+            };
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(owner),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .map_err(|err| format!("SIGTERM to pid {owner}: {err}"))
+        }
+    }
+}
+
+impl Operations {
+    /// An agent started after a crash mid-handover: both versions listened meanwhile (the
+    /// steering went with the crashed agent). Before the switch the new version is stopped
+    /// (undone: no client was sent to it on purpose); after it, the old one is stopped
+    /// gracefully (finished: its server lets its requests in flight end).
+    pub(super) async fn reconcile_handover(self: &Arc<Self>, index: usize) -> Report {
+        let backend = self.config.backends[index].clone();
+        let record = self.board.handover(index);
+        let started = Instant::now();
+        let mut report = Report::empty(&backend.name, "handover", Phase::Serving);
+        let message = match (record, backend.handover.as_ref()) {
+            (None, _) => "it had changed nothing yet".to_string(),
+            (Some(_), None) => format!(
+                "the backend no longer has a `handover` in {}: both versions may still run; \
+                 stop the one you do not want",
+                self.config.path.display()
+            ),
+            (Some(record), Some(handover)) => {
+                let (pids, unit, which) = if record.switched {
+                    (
+                        record.old_pids.clone(),
+                        record.units.clone().map(|(old, _)| old),
+                        "old",
+                    )
+                } else {
+                    (
+                        record.new_pids.clone(),
+                        record.units.clone().map(|(_, new)| new),
+                        "new",
+                    )
+                };
+                let owner = owner_of(&pids);
+                let stopped = if pids.is_empty() && unit.is_none() {
+                    Ok(())
+                } else {
+                    stop(handover, &pids, owner, unit).await
+                };
+                let exited = wait_exit(&pids, handover.timeout).await;
+                let done = if record.switched {
+                    "finished: the new version serves every new connection"
+                } else {
+                    "undone: the old version serves, as it did throughout"
+                };
+                match (stopped, exited) {
+                    (Ok(()), true) => {
+                        format!("{done}; the {which} version (pids {pids:?}) was stopped")
+                    }
+                    (Err(err), _) => {
+                        report.outcome = Outcome::Error;
+                        format!(
+                            "{done}, but stopping the {which} version (pids {pids:?}) failed: {err}"
+                        )
+                    }
+                    (Ok(()), false) => {
+                        report.outcome = Outcome::Error;
+                        format!("{done}, but the {which} version (pids {pids:?}) has not exited")
+                    }
+                }
+            }
+        };
+        self.board.set_handover(index, None);
+        self.board.set(index, Phase::Serving, None);
+        report.exit_code = report.outcome.exit_code();
+        report.message = message;
+        report.total_ms = millis(started.elapsed());
+        report
+    }
+}
+
+/// Of a version's processes, the one whose parent is not among them.
+fn owner_of(pids: &[i32]) -> Option<i32> {
+    listeners::owner(&pids.iter().map(|&pid| (pid, 0)).collect::<Vec<_>>())
+}
+
+/// Waits until none of `pids` runs (zombies count as gone), at most `bound`.
+async fn wait_exit(pids: &[i32], bound: Duration) -> bool {
+    let deadline = Instant::now() + bound;
+    loop {
+        let running = pids.iter().any(|&pid| {
+            procfs::process::Process::new(pid)
+                .and_then(|process| process.stat())
+                .is_ok_and(|stat| stat.state != 'Z')
+        });
+        if !running {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,242 @@
+//! The same-host handover: a new version takes every new connection while the old one
+//! finishes its work, with and without a load balancer, a new version that never gets
+//! healthy, and the agent killed in the middle.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use drain_agent_tests::{
+    http::Connection,
+    load::{Connections, Load},
+    topology::{
+        API_PORT, FRONTEND_PORT, Host, Topology, handover_config, start_api, start_node_agent,
+    },
+    two_lbs::tier,
+    wait_until,
+};
+
+/// A client and one API node with an agent that hands over; the API serves 1.0.
+fn one_node() -> (Topology, drain_agent_tests::Agent) {
+    let topology = Topology::new(&["client", "node"]);
+    let node = topology.host("node");
+    start_api(node, "1.0");
+    let agent = start_node_agent(node, &[], &handover_config(), "");
+    (topology, agent)
+}
+
+/// Versions that `count` requests, each on a new connection, were answered with.
+fn versions_seen(client: &Host, target: SocketAddr, count: usize) -> Vec<String> {
+    client.netns.run(move || {
+        (0..count)
+            .map(|_| {
+                let mut connection = Connection::connect(target).unwrap();
+                connection.get("/").unwrap().version.unwrap_or_default()
+            })
+            .collect()
+    })
+}
+
+/// `/slow?ms=MS` on a connection of its own; the thread returns status and version.
+fn slow_request(
+    client: &Host,
+    target: SocketAddr,
+    ms: u64,
+) -> std::thread::JoinHandle<(u16, String)> {
+    let netns = client.netns.name().to_string();
+    std::thread::spawn(move || {
+        drain_agent_tests::enter_netns(&netns);
+        let mut connection = Connection::connect(target).unwrap();
+        let response = connection.get(&format!("/slow?ms={ms}")).unwrap();
+        (response.status, response.version.unwrap_or_default())
+    })
+}
+
+fn running(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .split_whitespace()
+            .nth(2)
+            .is_some_and(|state| state == "Z")
+    })
+}
+
+fn pids(report: &serde_json::Value, which: &str) -> Vec<i64> {
+    report["handover"][which]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {which} in {report}"))
+        .iter()
+        .filter_map(serde_json::Value::as_i64)
+        .collect()
+}
+
+#[test]
+fn without_a_load_balancer_the_new_version_takes_every_new_connection_and_a_slow_request_ends_on_the_old_one()
+ {
+    let (topology, agent) = one_node();
+    let node = topology.host("node");
+    let client = topology.host("client");
+    let target = node.addr(API_PORT);
+    let slow = slow_request(client, target, 4000);
+    let load = Load::start(
+        &client.netns,
+        client.dir.as_path(),
+        &format!("http://{target}/"),
+        200,
+        Duration::from_secs(10),
+        Connections::PerRequest(16),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(node.dir.join("version"), "2.0").unwrap();
+    let handover = agent.cli(&["handover", "api", "--json"]);
+    assert_eq!(handover.code, Some(0), "{handover:?}\n{}", agent.log());
+    let report = handover.json();
+    assert_eq!(report["outcome"], "ok", "{report}");
+    // The slow request held the old version: it was stopped only after it answered.
+    let (status, version) = slow.join().unwrap();
+    assert_eq!((status, version.as_str()), (200, "1.0"));
+    assert!(
+        report["handover"]["old_quiet_ms"].as_u64() >= report["handover"]["switched_ms"].as_u64(),
+        "{report}"
+    );
+    for pid in pids(&report, "old_pids") {
+        assert!(!running(pid), "old version pid {pid} still runs: {report}");
+    }
+    assert!(
+        report["handover"]["accepted_by_new"].as_u64() > Some(0),
+        "{report}"
+    );
+    let seen = versions_seen(client, target, 30);
+    assert!(seen.iter().all(|version| version == "2.0"), "{seen:?}");
+    load.finish(Duration::from_secs(60))
+        .assert_no_failures(1500);
+}
+
+#[test]
+fn through_haproxy_with_keep_alive_pools_no_request_fails_during_a_handover_and_the_node_stays_up()
+{
+    let tier = tier(&handover_config());
+    let client = tier.topology.host("client");
+    let lb1 = tier.topology.host("lb1").addr(FRONTEND_PORT);
+    let load = Load::start(
+        &client.netns,
+        client.dir.as_path(),
+        &format!("http://{lb1}/mix"),
+        200,
+        Duration::from_secs(12),
+        Connections::KeepAlive(16),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(tier.node("node1").dir.join("version"), "2.0").unwrap();
+    let started = Instant::now();
+    let handover = tier.agents[0].cli_in_background(&["handover", "api", "--json"]);
+    while !handover.is_finished() {
+        tier.assert_everywhere("node1", "UP");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let handover = handover.join().unwrap();
+    assert_eq!(
+        handover.code,
+        Some(0),
+        "{handover:?}\n{}",
+        tier.agents[0].log()
+    );
+    eprintln!(
+        "handover took {:?}: {}",
+        started.elapsed(),
+        handover.json()["handover"]
+    );
+    assert_eq!(tier.version_of("node1"), "2.0");
+    tier.assert_everywhere("node1", "UP");
+    load.finish(Duration::from_secs(60))
+        .assert_no_failures(2000);
+}
+
+#[test]
+fn a_new_version_that_never_gets_healthy_is_stopped_and_the_old_one_serves_throughout() {
+    let (topology, agent) = one_node();
+    let node = topology.host("node");
+    let client = topology.host("client");
+    let target = node.addr(API_PORT);
+    let load = Load::start(
+        &client.netns,
+        client.dir.as_path(),
+        &format!("http://{target}/"),
+        200,
+        Duration::from_secs(10),
+        Connections::PerRequest(16),
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    std::fs::write(node.dir.join("version"), "broken-2.0").unwrap();
+    let handover = agent.cli(&["handover", "api", "--json"]);
+    assert_eq!(handover.code, Some(5), "{handover:?}");
+    let report = handover.json();
+    assert_eq!(report["outcome"], "failed", "{report}");
+    let message = report["message"].as_str().unwrap();
+    assert!(message.contains("never got healthy"), "{message}");
+    assert!(message.contains("status 503"), "{message}");
+    for pid in pids(&report, "new_pids") {
+        assert!(!running(pid), "new version pid {pid} still runs: {report}");
+    }
+    assert_eq!(
+        report["handover"]["accepted_by_new"].as_u64(),
+        Some(0),
+        "{report}"
+    );
+    assert_eq!(agent.backend("api")["state"], "serving");
+    let seen = versions_seen(client, target, 30);
+    assert!(seen.iter().all(|version| version == "1.0"), "{seen:?}");
+    load.finish(Duration::from_secs(60))
+        .assert_no_failures(1500);
+}
+
+#[test]
+fn a_sigkill_of_the_agent_mid_handover_fails_no_request_both_versions_serve_and_the_restart_finishes_it()
+ {
+    let (topology, mut agent) = one_node();
+    let node = topology.host("node");
+    let client = topology.host("client");
+    let target = node.addr(API_PORT);
+    // Holds the old version (and so the handover) for a while after the switch.
+    let slow = slow_request(client, target, 8000);
+    let load = Load::start(
+        &client.netns,
+        client.dir.as_path(),
+        &format!("http://{target}/"),
+        200,
+        Duration::from_secs(12),
+        Connections::PerRequest(16),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(node.dir.join("version"), "2.0").unwrap();
+    let handover = agent.cli_in_background(&["handover", "api", "--json"]);
+    // Switched: new connections reach the new version.
+    wait_until(Duration::from_secs(20), "the switch", || {
+        versions_seen(client, target, 1)[0] == "2.0"
+    });
+    agent.kill_and_restart();
+    let cut = handover.join().unwrap();
+    assert_ne!(cut.code, Some(0), "the CLI saw the agent go: {cut:?}");
+    // The restarted agent finished the handover: the old version was stopped once its slow
+    // request ended (its server's graceful stop), and only the new one answers.
+    let (status, version) = slow.join().unwrap();
+    assert_eq!((status, version.as_str()), (200, "1.0"));
+    wait_until(
+        Duration::from_secs(30),
+        "only the new version answering",
+        || {
+            versions_seen(client, target, 20)
+                .iter()
+                .all(|version| version == "2.0")
+        },
+    );
+    assert_eq!(agent.backend("api")["state"], "serving");
+    assert!(
+        agent.log().contains("reconciled an interrupted handover"),
+        "{}",
+        agent.log()
+    );
+    load.finish(Duration::from_secs(60))
+        .assert_no_failures(1500);
+}
