@@ -43,10 +43,11 @@ pub enum Verdict {
 /// backend (then the agent owns the state).
 pub fn judge(phase: Phase, shown: Shown, operating: bool, status: &str) -> Verdict {
     match (phase, shown) {
-        (Phase::Serving, Shown::InRotation) => Verdict::Agrees,
+        // A handover keeps the server in rotation: it serves throughout.
+        (Phase::Serving | Phase::HandingOver, Shown::InRotation) => Verdict::Agrees,
         // A return in progress passes through here: MAINT until `set ready` lands.
         (Phase::Serving, Shown::Out) if operating => Verdict::Agrees,
-        (Phase::Serving, Shown::Out) => Verdict::Report(format!(
+        (Phase::Serving | Phase::HandingOver, Shown::Out) => Verdict::Report(format!(
             "shows the server {status} but the agent has it serving: somebody else took it out \
              (the agent's agent-check answers will put it back if that load balancer polls)"
         )),
@@ -74,6 +75,14 @@ mod tests {
         assert_eq!(
             judge(Phase::Restarting, Shown::InRotation, true, "UP"),
             Verdict::Reapply(AdminState::Maint)
+        );
+    }
+
+    #[test]
+    fn a_handover_keeps_the_server_in_rotation_and_nothing_is_reapplied() {
+        assert_eq!(
+            judge(Phase::HandingOver, Shown::InRotation, true, "UP"),
+            Verdict::Agrees
         );
     }
 

@@ -530,10 +530,9 @@ impl HandoverRun {
                 ),
             }),
             (Ok(()), true) => Ok(match forced {
-                None => format!(
-                    "handed over: the new version serves every new connection, and the old one \
-                     exited after its last request"
-                ),
+                None => "handed over: the new version serves every new connection, and the old \
+                         one exited after its last request"
+                    .to_string(),
                 Some(in_flight) => format!(
                     "handed over, but the old version still had {in_flight} request(s) in flight \
                      at drain_timeout ({}): it was stopped then (gracefully)",

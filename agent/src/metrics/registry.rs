@@ -27,8 +27,9 @@ type Labels = Vec<(String, String)>;
 type Seconds = Gauge<f64, AtomicU64>;
 
 /// Every phase, for the one-hot phase gauge.
-const PHASES: [Phase; 6] = [
+const PHASES: [Phase; 7] = [
     Phase::Serving,
+    Phase::HandingOver,
     Phase::Draining,
     Phase::Drained,
     Phase::Restarting,
@@ -38,7 +39,7 @@ const PHASES: [Phase; 6] = [
 
 /// Every operation the agent counts; `reconcile` is what a restarted agent does with the
 /// operation its predecessor left unfinished.
-pub const OPERATIONS: [&str; 4] = ["drain", "cycle", "resume", "reconcile"];
+pub const OPERATIONS: [&str; 5] = ["drain", "cycle", "handover", "resume", "reconcile"];
 
 /// Every outcome label: the report's outcomes, and `forced` for a drain that
 /// `on_timeout = "force"` ended at its deadline with requests in flight.
