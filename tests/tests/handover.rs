@@ -113,9 +113,6 @@ fn without_a_load_balancer_the_new_version_takes_every_new_connection_and_a_slow
 }
 
 #[test]
-#[ignore = "open defect of issue 10: when the old version stops, a request HAProxy sends on one \
-            of its pooled keep-alive connections to it can fail (1 of 2,192 in the last run: \
-            \"connection closed before message completed\"); see docs/handover.md"]
 fn through_haproxy_with_keep_alive_pools_no_request_fails_during_a_handover_and_the_node_stays_up()
 {
     // HAProxy keeps reusing its pooled connections to the old version, so under steady load

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{
+    keepalive,
     operation::{Event, KernelView, Operations, Refusal},
     phase::{Claim, Phase, millis},
     report::{Counts, Outcome, PhaseTiming, Progress, Report, exit},
@@ -62,6 +63,10 @@ pub struct HandoverReport {
     /// The old version's connections when it was told to stop: all idle (keep-alive) unless
     /// the quiet wait hit `drain_timeout`.
     pub old_at_stop: Option<Counts>,
+    /// The old version's connections the agent held across its stop: each stays open, and a
+    /// request on it goes on to the new version (docs/handover.md).
+    #[serde(default)]
+    pub old_connections_held: u64,
     /// New connections each version accepted while the handover ran.
     pub accepted_by_old: u64,
     pub accepted_by_new: u64,
@@ -89,12 +94,14 @@ impl HandoverReport {
         ));
         if let Some(counts) = &self.old_at_stop {
             out.push_str(&format!(
-                "  old version at stop: {} connections, {} in flight, {} unknown, {} idle \
-                 (keep-alive; closed by its stop)\n",
+                "  old version at stop: {} connections, {} in flight, {} unknown, {} idle; {} \
+                 held open by the agent across the stop (their next request goes to the new \
+                 version)\n",
                 counts.established,
                 counts.in_flight.unwrap_or(0),
                 counts.unknown.unwrap_or(0),
-                counts.idle.unwrap_or(0)
+                counts.idle.unwrap_or(0),
+                self.old_connections_held
             ));
         }
         out.push_str(&format!(
@@ -108,8 +115,12 @@ impl HandoverReport {
 /// One version of the service: its instance slot, its listeners and who holds them.
 struct Version {
     slot: u32,
-    /// Each listener and the agent's copy of it (for the steering map).
-    sockets: Vec<(Listener, OwnedFd)>,
+    /// Its listeners.
+    listeners: Vec<Listener>,
+    /// The agent's copies of them, until they are in the steering map: held any longer, a
+    /// copy would keep a listener open (and in the SO_REUSEPORT group) after its process
+    /// closed it, and connections the kernel still hashed to it would never be accepted.
+    copies: Vec<OwnedFd>,
     pids: Vec<i32>,
     /// The process that owns the listeners (the pre-fork master), signalled by a stop
     /// without a command.
@@ -117,11 +128,26 @@ struct Version {
     unit: Option<String>,
 }
 
+impl Version {
+    /// A placeholder while the run lends its old version out.
+    fn none() -> Version {
+        Version {
+            slot: 0,
+            listeners: Vec::new(),
+            copies: Vec::new(),
+            pids: Vec::new(),
+            owner: None,
+            unit: None,
+        }
+    }
+}
+
 /// Finds the processes holding `found` and takes a copy of each listener.
 fn version_of(slot: u32, found: Vec<Listener>, unit: Option<String>) -> Result<Version, String> {
     let inodes: BTreeSet<u64> = found.iter().map(|listener| listener.inode).collect();
     let holding = listeners::holders(&inodes);
-    let mut sockets = Vec::new();
+    let mut listeners_found = Vec::new();
+    let mut copies = Vec::new();
     let mut pids = BTreeSet::new();
     let mut owner = None;
     for listener in found {
@@ -136,11 +162,13 @@ fn version_of(slot: u32, found: Vec<Listener>, unit: Option<String>) -> Result<V
         owner = owner.or_else(|| listeners::owner(holders));
         let (pid, fd) = holders[0];
         let socket = listeners::take(listener.local, pid, fd).map_err(|err| err.to_string())?;
-        sockets.push((listener, socket));
+        listeners_found.push(listener);
+        copies.push(socket);
     }
     Ok(Version {
         slot,
-        sockets,
+        listeners: listeners_found,
+        copies,
         pids: pids.into_iter().collect(),
         owner,
         unit,
@@ -209,8 +237,9 @@ impl Operations {
         let old = version_of(old_slot, found, units.as_ref().map(|(old, _)| old.clone()))
             .map_err(|err| Refusal::new(exit::ERROR, err))?;
         if let Some((listener, _)) = old
-            .sockets
+            .listeners
             .iter()
+            .zip(&old.copies)
             .find(|(_, socket)| !listeners::reuses_port(socket))
         {
             return Err(Refusal::new(
@@ -223,6 +252,7 @@ impl Operations {
                 ),
             ));
         }
+        allow_accept_queue_migration();
         let (events, receiver) = mpsc::channel(64);
         let mut run = HandoverRun {
             ops: self.clone(),
@@ -255,6 +285,21 @@ impl Operations {
             let _ = run.events.send(Event::Done(Box::new(report))).await;
         });
         Ok(receiver)
+    }
+}
+
+/// `net.ipv4.tcp_migrate_req = 1` in this network namespace: connections waiting in the old
+/// version's accept queue when it closes its listener move to the new version's (same
+/// SO_REUSEPORT group) instead of being reset. The steering sends new connections to the new
+/// version long before, so this only covers the few the old one had not accepted yet.
+fn allow_accept_queue_migration() {
+    const SETTING: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    match std::fs::read_to_string(SETTING) {
+        Ok(value) if value.trim() == "1" => {}
+        _ => match std::fs::write(SETTING, "1") {
+            Ok(()) => info!("set net.ipv4.tcp_migrate_req = 1 (accept queues move to the new version)"),
+            Err(err) => warn!(%err, "cannot set net.ipv4.tcp_migrate_req: connections in the old version's accept queue may be reset when it stops"),
+        },
     }
 }
 
@@ -356,8 +401,9 @@ impl HandoverRun {
         }
     }
 
-    fn put_sockets(&self, version: &Version) -> Result<(), String> {
-        for (listener, socket) in &version.sockets {
+    /// Puts a version's listeners in the steering map, and lets go of the agent's copies.
+    fn put_sockets(&self, version: &mut Version) -> Result<(), String> {
+        for (listener, socket) in version.listeners.iter().zip(&version.copies) {
             self.kernel().steer_socket(
                 listener.local.port(),
                 listener.ipv6(),
@@ -365,11 +411,12 @@ impl HandoverRun {
                 Some(socket),
             )?;
         }
+        version.copies.clear();
         Ok(())
     }
 
     fn take_sockets(&self, version: &Version) {
-        for (listener, _) in &version.sockets {
+        for listener in &version.listeners {
             let _ = self.kernel().steer_socket(
                 listener.local.port(),
                 listener.ipv6(),
@@ -422,13 +469,16 @@ impl HandoverRun {
         // SO_REUSEPORT group: without this, the group's hash would send them some of theirs.
         let old_slot = self.old.slot;
         let new_slot = self.new_slot();
-        self.put_sockets(&self.old).map_err(fail)?;
+        let mut old = std::mem::replace(&mut self.old, Version::none());
+        let put = self.put_sockets(&mut old);
+        self.old = old;
+        put.map_err(fail)?;
         self.steer(old_slot, new_slot).map_err(|err| {
             self.take_sockets(&self.old);
             fail(err)
         })?;
 
-        let new = match self.start_new().await {
+        let mut new = match self.start_new().await {
             Ok(new) => new,
             Err(message) => return Err(self.undo(None, message).await),
         };
@@ -436,8 +486,8 @@ impl HandoverRun {
         self.ops
             .board
             .set_handover(self.index, Some(self.record(false, new.pids.clone())));
-        if let Err(err) = self.put_sockets(&new) {
-            return Err(self.undo(Some(&new), err).await);
+        if let Err(err) = self.put_sockets(&mut new) {
+            return Err(self.undo(Some(new), err).await);
         }
         let health = self
             .backend
@@ -449,7 +499,7 @@ impl HandoverRun {
                 "the new version never got healthy: {err}; it was stopped, and the old one \
                  served throughout"
             );
-            return Err(self.undo(Some(&new), message).await);
+            return Err(self.undo(Some(new), message).await);
         }
         self.report.new_healthy_ms = Some(self.ms());
 
@@ -458,7 +508,7 @@ impl HandoverRun {
             .board
             .set_handover(self.index, Some(self.record(true, new.pids.clone())));
         if let Err(err) = self.steer(new_slot, new_slot) {
-            return Err(self.undo(Some(&new), err).await);
+            return Err(self.undo(Some(new), err).await);
         }
         self.report.switched_ms = Some(self.ms());
         info!(
@@ -473,7 +523,7 @@ impl HandoverRun {
                  clients were sent to it: {err}; new connections went back to the old version \
                  and the new one was stopped"
             );
-            return Err(self.undo(Some(&new), message).await);
+            return Err(self.undo(Some(new), message).await);
         }
         self.finish_old(new_slot).await
     }
@@ -496,6 +546,9 @@ impl HandoverRun {
                     .saturating_sub(old.unknown),
             ),
         });
+        // Its connections outlive it in the agent's hands (see `keepalive`).
+        let held = keepalive::hold(&self.old.pids, &self.backend.ports);
+        self.report.old_connections_held = held.len() as u64;
         self.report.old_stop_ms = Some(self.ms());
         let stopped = stop(
             &self.handover,
@@ -507,6 +560,7 @@ impl HandoverRun {
         let exited = wait_exit(&self.old.pids, self.handover.timeout).await;
         if exited {
             self.report.old_exited_ms = Some(self.ms());
+            keepalive::relay(held, self.handover.timeout);
         }
         self.take_sockets(&self.old);
         // The old listeners are closed: the kernel's lookup finds only the new version's.
@@ -545,12 +599,12 @@ impl HandoverRun {
     /// Starts the new version and waits until it listens on every port and family the old
     /// one does.
     async fn start_new(&mut self) -> Result<Version, String> {
-        let before: BTreeSet<u64> = self.old.sockets.iter().map(|(l, _)| l.inode).collect();
+        let before: BTreeSet<u64> = self.old.listeners.iter().map(|l| l.inode).collect();
         let wanted: BTreeSet<(u16, bool)> = self
             .old
-            .sockets
+            .listeners
             .iter()
-            .map(|(listener, _)| (listener.local.port(), listener.ipv6()))
+            .map(|listener| (listener.local.port(), listener.ipv6()))
             .collect();
         let action = match (&self.handover.how, &self.new_unit) {
             (HandoverHow::Commands { start, .. }, _) => Action::Command(start.clone()),
@@ -635,7 +689,7 @@ impl HandoverRun {
     /// The new version failed: clients go on to the old version (they never left it unless
     /// the failure came after the switch), the new one is stopped, steering released once
     /// its listeners are gone.
-    async fn undo(&mut self, new: Option<&Version>, message: String) -> Failure {
+    async fn undo(&mut self, new: Option<Version>, message: String) -> Failure {
         warn!(
             backend = self.backend.name,
             message, "handover failed; undoing it"
@@ -643,7 +697,9 @@ impl HandoverRun {
         let _ = self.steer(self.old.slot, self.old.slot);
         let mut message = message;
         match new {
-            Some(new) => {
+            Some(mut new) => {
+                // No copy of its listener may outlive its process (see `Version::copies`).
+                new.copies.clear();
                 if let Err(err) = stop(&self.handover, &new.pids, new.owner, new.unit.clone()).await
                 {
                     message.push_str(&format!("; stopping the new version failed: {err}"));
@@ -656,7 +712,7 @@ impl HandoverRun {
                         new.pids
                     ));
                 }
-                self.take_sockets(new);
+                self.take_sockets(&new);
             }
             None => {
                 // Whatever the start command left listening is stopped too.
@@ -813,12 +869,21 @@ impl Operations {
                     )
                 };
                 let owner = owner_of(&pids);
+                // The old version's connections outlive it, as in a handover's own stop.
+                let held = if record.switched {
+                    keepalive::hold(&pids, &backend.ports)
+                } else {
+                    Vec::new()
+                };
                 let stopped = if pids.is_empty() && unit.is_none() {
                     Ok(())
                 } else {
                     stop(handover, &pids, owner, unit).await
                 };
                 let exited = wait_exit(&pids, handover.timeout).await;
+                if exited {
+                    keepalive::relay(held, handover.timeout);
+                }
                 let done = if record.switched {
                     "finished: the new version serves every new connection"
                 } else {
