@@ -36,6 +36,9 @@ pub struct DemoOptions {
     pub failover: bool,
     /// Where report.json and timeline.svg go.
     pub results: PathBuf,
+    /// Upgrade with `drain-agent handover` (a new version beside the old, the node stays in
+    /// rotation) instead of `drain-agent cycle`.
+    pub handover: bool,
 }
 
 /// One client-side probe request (our own, to see versions over time).
@@ -55,6 +58,8 @@ pub(crate) struct LbSample {
     /// 5xx answers the frontends sent so far.
     errors_5xx: u64,
     vip_holder: Option<String>,
+    /// API servers in rotation (UP) on the VIP holder; `None` when it could not be read.
+    in_rotation: Option<u64>,
 }
 
 /// Runs the demo on a started tier and returns the report (also written to the results
@@ -95,7 +100,12 @@ pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
         )
         .unwrap();
         let cycle_started_ms = started.elapsed().as_millis() as u64;
-        let outcome = tier.agents[index].cli(&["cycle", "api", "--json"]);
+        let operation = if options.handover {
+            "handover"
+        } else {
+            "cycle"
+        };
+        let outcome = tier.agents[index].cli(&[operation, "api", "--json"]);
         let report: Value = serde_json::from_str(&outcome.stdout)
             .unwrap_or_else(|_| json!({"outcome": "error", "message": outcome.stderr.trim()}));
         // Exit 7 says a load balancer did not confirm the return. When the only ones that did
@@ -144,6 +154,8 @@ pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
 
     let latency = &result.summary["latencyPercentiles"];
     let report = json!({
+        "operation": if options.handover { "handover" } else { "cycle" },
+        "capacity": capacity(&samples, tier.nodes.len()),
         "ok": all_ok && result.errors == 0 && result.non_2xx == 0
             && final_versions.values().all(|v| v.as_str() == Some(options.to_version.as_str())),
         "duration_ms": started.elapsed().as_millis() as u64,
@@ -277,6 +289,8 @@ pub(crate) fn node_entry(
         "cut_in_flight": report["kernel"]["cut_in_flight"],
         "resets_by_node": report["kernel"]["resets_by_node"],
         "gate_refused": report["gate"]["refused"],
+        "switched_ms": report["handover"]["switched_ms"],
+        "old_exited_ms": report["handover"]["old_exited_ms"],
         "report": report,
     })
 }
@@ -367,16 +381,18 @@ pub(crate) fn spawn_sampler(
                     last[index] = now;
                 }
             }
-            let vip_holder = lb_netns
+            let holder = lb_netns
                 .iter()
                 .zip(["lb1", "lb2"])
-                .find(|(netns, _)| crate::tier::holds_vip(netns))
-                .map(|(_, name)| name.to_string());
+                .position(|(netns, _)| crate::tier::holds_vip(netns));
+            let vip_holder = holder.map(|index| ["lb1", "lb2"][index].to_string());
+            let in_rotation = holder.and_then(|index| servers_up(&sockets[index]));
             samples.lock().unwrap().push(LbSample {
                 at_ms,
                 requests: total.iter().map(|c| c.0).sum(),
                 errors_5xx: total.iter().map(|c| c.1).sum(),
                 vip_holder,
+                in_rotation,
             });
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -400,6 +416,47 @@ fn frontend_counters(socket: &Path) -> Option<(u64, u64)> {
         .split(',')
         .collect();
     Some((row.get(req)?.parse().ok()?, row.get(err)?.parse().ok()?))
+}
+
+/// Servers of the "api" backend that are UP (in rotation: not DRAIN, MAINT or DOWN).
+fn servers_up(socket: &Path) -> Option<u64> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream.write_all(b"show stat -1 4 -1\n").ok()?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out).ok()?;
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
+    let status = header.iter().position(|h| *h == "status")?;
+    Some(
+        lines
+            .filter(|line| line.starts_with("api,"))
+            .filter(|line| {
+                line.split(',')
+                    .nth(status)
+                    .is_some_and(|status| status.starts_with("UP"))
+            })
+            .count() as u64,
+    )
+}
+
+/// How much of the tier stayed in rotation: the fewest servers UP at once, and the
+/// server-seconds out of rotation (summed over samples).
+pub(crate) fn capacity(samples: &[LbSample], servers: usize) -> Value {
+    let read: Vec<(u64, u64)> = samples
+        .iter()
+        .filter_map(|sample| sample.in_rotation.map(|up| (sample.at_ms, up)))
+        .collect();
+    let out_ms: u64 = read
+        .windows(2)
+        .map(|pair| (pair[1].0 - pair[0].0) * (servers as u64).saturating_sub(pair[0].1))
+        .sum();
+    json!({
+        "servers": servers,
+        "min_in_rotation": read.iter().map(|&(_, up)| up).min(),
+        "server_seconds_out_of_rotation": out_ms as f64 / 1000.0,
+    })
 }
 
 pub(crate) fn version_of(tier: &ApiTier, node: &str) -> Option<String> {
@@ -439,7 +496,7 @@ pub(crate) fn samples_json(samples: &[LbSample]) -> Value {
     Value::Array(
         samples
             .iter()
-            .map(|s| json!({"at_ms": s.at_ms, "requests": s.requests, "errors_5xx": s.errors_5xx, "vip_holder": s.vip_holder}))
+            .map(|s| json!({"at_ms": s.at_ms, "requests": s.requests, "errors_5xx": s.errors_5xx, "vip_holder": s.vip_holder, "in_rotation": s.in_rotation}))
             .collect(),
     )
 }
@@ -478,6 +535,16 @@ pub fn summary(report: &Value) -> String {
             count(&node["cut_in_flight"]),
             count(&node["resets_by_node"]),
             count(&node["gate_refused"]),
+        ));
+    }
+    if let Some(capacity) = report["capacity"].as_object() {
+        out.push_str(&format!(
+            "\ncapacity ({}): {} servers, at least {} in rotation throughout, {} \
+             server-seconds out of rotation\n",
+            report["operation"].as_str().unwrap_or("cycle"),
+            capacity["servers"],
+            count(&capacity["min_in_rotation"]),
+            capacity["server_seconds_out_of_rotation"]
         ));
     }
     out.push_str(&format!(

@@ -81,6 +81,9 @@ impl ApiTier {
                     "gate = {{ allow = [\"{}/32\", \"{}/32\"] }}\n",
                     lb_hosts[0].v4, lb_hosts[1].v4
                 ));
+                // A handover (its `start` runs the next version beside the running one).
+                extra.push_str(&crate::topology::handover_config());
+                extra.push('\n');
                 if options.rollback {
                     extra.push_str(&format!(
                         "rollback = {{ command = [\"{script}\", \"rollback\", \"{dir}\", \"{API_PORT}\"], timeout = \"60s\" }}\n",

@@ -20,6 +20,8 @@ fn phase_colour(phase: &str) -> &'static str {
         "restarting" => "#d04040",
         "verifying" => "#9050c0",
         "failed" => "#000000",
+        // In rotation throughout: the new version starts beside the old one.
+        "handing-over" => "#50a0d0",
         _ => "#60b060",
     }
 }
@@ -75,6 +77,18 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
         failed = report["load"]["failed"],
         non2xx = report["load"]["non_2xx"],
     );
+    // The capacity kept: with cycles a node leaves the rotation for its drain and restart,
+    // with handovers it never does.
+    if let Some(capacity) = report["capacity"].as_object() {
+        let _ = writeln!(
+            svg,
+            r##"<text x="{LEFT}" y="48" fill="#333">{operation}: at least {min} of {servers} servers in rotation throughout; {out} server-seconds out of rotation</text>"##,
+            operation = report["operation"].as_str().unwrap_or("cycle"),
+            min = capacity["min_in_rotation"],
+            servers = capacity["servers"],
+            out = capacity["server_seconds_out_of_rotation"],
+        );
+    }
 
     // Axes and grid.
     let _ = writeln!(
@@ -309,7 +323,13 @@ pub fn render(report: &Value, samples: &Value, probes: &Value) -> String {
         );
         lx += 30.0 + label.len() as f64 * 7.5;
     };
-    for phase in ["draining", "drained", "restarting", "verifying"] {
+    let handover = report["operation"] == "handover";
+    let phases: &[&str] = if handover {
+        &["handing-over"]
+    } else {
+        &["draining", "drained", "restarting", "verifying"]
+    };
+    for phase in phases {
         item(&mut svg, phase_colour(phase), phase);
     }
     item(&mut svg, "#222", "gate closed");

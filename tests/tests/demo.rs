@@ -27,6 +27,7 @@ fn rolling_upgrade_with_a_vip_failover_loses_no_request() {
             to_version: "1.1".into(),
             failover: true,
             results: results.path().to_path_buf(),
+            handover: false,
         },
     );
     eprintln!("{}", demo::summary(&report));
@@ -49,6 +50,46 @@ fn rolling_upgrade_with_a_vip_failover_loses_no_request() {
         "timeline incomplete"
     );
     assert!(results.path().join("report.json").exists());
+}
+
+#[test]
+fn a_rolling_upgrade_by_handovers_keeps_every_node_in_rotation_and_loses_no_request() {
+    let names = host_names(2);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let tier = ApiTier::start(Topology::new(&names), 2, "1.0");
+    let results = TempDir::new("demo-handover-results");
+    let report = demo::run(
+        &tier,
+        &DemoOptions {
+            rate: 150,
+            duration: Duration::from_secs(25),
+            to_version: "1.1".into(),
+            failover: false,
+            results: results.path().to_path_buf(),
+            handover: true,
+        },
+    );
+    eprintln!("{}", demo::summary(&report));
+    let load = &report["load"];
+    assert!(load["requests"].as_u64().unwrap() >= 3000, "{load}");
+    assert_eq!(load["failed"], 0, "failed requests: {}", load["errors"]);
+    assert_eq!(load["non_2xx"], 0, "{load}");
+    for (node, version) in report["final_versions"].as_object().unwrap() {
+        assert_eq!(version, "1.1", "{node}");
+    }
+    // The capacity kept: every server in rotation in every sample.
+    let capacity = &report["capacity"];
+    assert_eq!(capacity["min_in_rotation"], 2, "{capacity}");
+    assert_eq!(
+        capacity["server_seconds_out_of_rotation"], 0.0,
+        "{capacity}"
+    );
+    assert_eq!(report["ok"], true);
+    let svg = std::fs::read_to_string(results.path().join("timeline.svg")).unwrap();
+    assert!(
+        svg.contains("handing-over"),
+        "timeline without the handover"
+    );
 }
 
 #[test]

@@ -18,7 +18,7 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
-pub fn run(root: &Path, nodes: usize, rate: u32, seconds: u64) -> Result<()> {
+pub fn run(root: &Path, nodes: usize, rate: u32, seconds: u64, handover: bool) -> Result<()> {
     require_root()?;
     if nodes == 0 || nodes > 20 {
         bail!("--nodes must be between 1 and 20");
@@ -39,7 +39,10 @@ pub fn run(root: &Path, nodes: usize, rate: u32, seconds: u64) -> Result<()> {
         &names,
     );
     let tier = ApiTier::start(topology, nodes, "1.0");
-    eprintln!("demo: tier up; upgrading every node to 1.1 with `drain-agent cycle` under load");
+    let operation = if handover { "handover" } else { "cycle" };
+    eprintln!(
+        "demo: tier up; upgrading every node to 1.1 with `drain-agent {operation}` under load"
+    );
     let report = demo::run(
         &tier,
         &DemoOptions {
@@ -48,6 +51,7 @@ pub fn run(root: &Path, nodes: usize, rate: u32, seconds: u64) -> Result<()> {
             to_version: "1.1".into(),
             failover: true,
             results: results.clone(),
+            handover,
         },
     );
     drop(tier);

@@ -46,6 +46,10 @@ enum Task {
         /// How long the load runs, in seconds (the upgrade must fit inside).
         #[arg(long, default_value_t = 70)]
         seconds: u64,
+        /// Upgrade each node with `drain-agent handover` (the new version starts beside the
+        /// old one; no node leaves the rotation) instead of `drain-agent cycle`.
+        #[arg(long)]
+        handover: bool,
     },
     /// The nightly soak: N rolling upgrades (versions alternating 1.1, 1.0, ...) of the demo
     /// tier under constant load through the VIP, faults at random points with --faults
@@ -153,10 +157,11 @@ fn main() -> Result<()> {
             nodes,
             rate,
             seconds,
+            handover,
         } => {
             setup::ensure()?;
             build(&root)?;
-            demo::run(&root, nodes, rate, seconds)
+            demo::run(&root, nodes, rate, seconds, handover)
         }
         Task::Soak {
             rollouts,

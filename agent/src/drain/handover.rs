@@ -297,8 +297,12 @@ fn allow_accept_queue_migration() {
     match std::fs::read_to_string(SETTING) {
         Ok(value) if value.trim() == "1" => {}
         _ => match std::fs::write(SETTING, "1") {
-            Ok(()) => info!("set net.ipv4.tcp_migrate_req = 1 (accept queues move to the new version)"),
-            Err(err) => warn!(%err, "cannot set net.ipv4.tcp_migrate_req: connections in the old version's accept queue may be reset when it stops"),
+            Ok(()) => {
+                info!("set net.ipv4.tcp_migrate_req = 1 (accept queues move to the new version)")
+            }
+            Err(err) => {
+                warn!(%err, "cannot set net.ipv4.tcp_migrate_req: connections in the old version's accept queue may be reset when it stops")
+            }
         },
     }
 }
