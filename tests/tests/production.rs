@@ -547,7 +547,7 @@ fn a_peer_that_is_not_root_nor_in_the_group_may_read_status_but_not_drain() {
     assert_eq!(code, Some(3), "{stderr}");
     assert!(
         stderr.contains(
-            "refused: uid 65534 may read status but not drain, cycle or resume; only root may"
+            "refused: uid 65534 may read status but not drain, cycle, hand over or resume; only root may"
         ),
         "{stderr}"
     );
