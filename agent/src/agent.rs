@@ -875,7 +875,12 @@ impl Agent {
                 .enumerate()
                 .map(|(index, (backend, sample))| {
                     let phase = board.get(index);
+                    let versions = crate::status::VersionStatus::of(
+                        &sample,
+                        phase.phase == crate::drain::Phase::HandingOver,
+                    );
                     let mut status = backend_status(backend, sample, self.config.quiet_period);
+                    status.versions = versions;
                     status.state = phase.phase.as_str().to_string();
                     status.reason = phase.reason;
                     status.drift = self.drift.lock().expect("drift lock")[index].clone();
@@ -938,6 +943,7 @@ fn backend_status(
         last_operation: None,
         drift: Vec::new(),
         gate: sample.gate.as_ref().map(crate::status::GateStatus::of),
+        versions: Vec::new(),
     }
 }
 

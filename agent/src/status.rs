@@ -94,6 +94,50 @@ pub struct BackendStatus {
     /// The backend's kernel gate, when it has one.
     #[serde(default)]
     pub gate: Option<GateStatus>,
+    /// While two versions of the service hold connections (a handover, docs/handover.md):
+    /// each one's share, the serving one first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub versions: Vec<VersionStatus>,
+}
+
+/// One version's share of a backend's connections during a handover.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionStatus {
+    /// "new" for the one new connections go to, "old" for the other.
+    pub version: String,
+    pub established: u64,
+    pub in_flight: u64,
+    pub unknown: u64,
+    pub idle: u64,
+}
+
+impl VersionStatus {
+    /// Both versions' shares, when the one not serving still holds connections or a
+    /// handover runs; empty otherwise.
+    pub fn of(sample: &crate::kernel::BackendSample, handing_over: bool) -> Vec<VersionStatus> {
+        let serving = sample.serving_instance as usize;
+        let other = 1 - (serving & 1);
+        let (Some(new), Some(old)) = (sample.instances.get(serving), sample.instances.get(other))
+        else {
+            return Vec::new();
+        };
+        if !handing_over && old.established == 0 {
+            return Vec::new();
+        }
+        [("new", new), ("old", old)]
+            .into_iter()
+            .map(|(version, counts)| VersionStatus {
+                version: version.to_string(),
+                established: counts.established,
+                in_flight: counts.in_flight,
+                unknown: counts.unknown,
+                idle: counts
+                    .established
+                    .saturating_sub(counts.in_flight)
+                    .saturating_sub(counts.unknown),
+            })
+            .collect()
+    }
 }
 
 /// A backend's kernel gate (docs/gate.md).
@@ -241,6 +285,17 @@ impl Status {
             }
         }
         for backend in &self.backends {
+            for version in &backend.versions {
+                out.push_str(&format!(
+                    "{}: {} version: {} established, {} in flight, {} unknown, {} idle\n",
+                    backend.name,
+                    version.version,
+                    version.established,
+                    version.in_flight,
+                    version.unknown,
+                    version.idle
+                ));
+            }
             if let Some(gate) = &backend.gate {
                 let state = match gate.opens_in_seconds {
                     Some(left) => format!("closed (opens by itself in {left:.0}s)"),

@@ -88,7 +88,21 @@ fn without_a_load_balancer_the_new_version_takes_every_new_connection_and_a_slow
     );
     std::thread::sleep(Duration::from_millis(1500));
     std::fs::write(node.dir.join("version"), "2.0").unwrap();
-    let handover = agent.cli(&["handover", "api", "--json"]);
+    let handover = agent.cli_in_background(&["handover", "api", "--json"]);
+    // Status shows the two versions apart: the slow request on the old one, new connections
+    // on the new one.
+    let during = agent.wait_backend(
+        "api",
+        Duration::from_secs(20),
+        "the slow request counted on the old version and connections on the new",
+        |backend| {
+            backend["state"] == "handing-over"
+                && backend["versions"][1]["in_flight"].as_u64() >= Some(1)
+                && backend["versions"][0]["established"].as_u64() >= Some(1)
+        },
+    );
+    assert_eq!(during["versions"][1]["version"], "old", "{during}");
+    let handover = handover.join().unwrap();
     assert_eq!(handover.code, Some(0), "{handover:?}\n{}", agent.log());
     let report = handover.json();
     assert_eq!(report["outcome"], "ok", "{report}");
