@@ -612,6 +612,82 @@ ports = [8778, 8779]
     }
 
     #[test]
+    fn a_handover_is_read_in_both_forms_with_its_timeout() {
+        let health = "health = { http = \"http://127.0.0.1:8774/healthz\" }";
+        let commands = GOOD.replacen(
+            "ports = [8774]",
+            &format!(
+                "ports = [8774]\n{health}\nhandover = {{ start = [\"/bin/start-beside\"], \
+                 stop = [\"/bin/stop-old\"], timeout = \"20s\" }}"
+            ),
+            1,
+        );
+        let handover = parse(&commands).unwrap().backends[0]
+            .handover
+            .clone()
+            .unwrap();
+        assert_eq!(handover.timeout, Duration::from_secs(20));
+        assert_eq!(
+            handover.how,
+            HandoverHow::Commands {
+                start: vec!["/bin/start-beside".into()],
+                stop: Some(vec!["/bin/stop-old".into()]),
+            }
+        );
+        let units = GOOD.replacen(
+            "ports = [8774]",
+            &format!(
+                "ports = [8774]\n{health}\nhandover = {{ units = [\"nova-api@blue\", \
+                 \"nova-api@green\"] }}"
+            ),
+            1,
+        );
+        let handover = parse(&units).unwrap().backends[0].handover.clone().unwrap();
+        assert_eq!(handover.timeout, DEFAULT_HANDOVER_TIMEOUT);
+        assert_eq!(
+            handover.how,
+            HandoverHow::Units(["nova-api@blue".into(), "nova-api@green".into()])
+        );
+    }
+
+    #[test]
+    fn a_bad_handover_names_its_key_and_the_fix() {
+        let with = |backend: &str| GOOD.replacen("ports = [8774]", backend, 1);
+        let no_health = with("ports = [8774]\nhandover = { start = [\"/bin/x\"] }");
+        assert!(
+            error(&no_health).contains("backend[0].handover: a handover verifies the new version"),
+            "{}",
+            error(&no_health)
+        );
+        let health = "health = { http = \"http://127.0.0.1:8774/\" }";
+        let both = with(&format!(
+            "ports = [8774]\n{health}\nhandover = {{ start = [\"/bin/x\"], units = [\"a\", \"b\"] }}"
+        ));
+        assert!(
+            error(&both).contains("both `start` and `units` are given"),
+            "{}",
+            error(&both)
+        );
+        let one_unit = with(&format!(
+            "ports = [8774]\n{health}\nhandover = {{ units = [\"a@blue\"] }}"
+        ));
+        assert!(
+            error(&one_unit)
+                .contains("backend[0].handover.units: `units` names two different units"),
+            "{}",
+            error(&one_unit)
+        );
+        let ipv6 = with(
+            "ports = [8774]\nhealth = { http = \"http://[::1]:8774/\" }\nhandover = { start = [\"/bin/x\"] }",
+        );
+        assert!(
+            error(&ipv6).contains("check the service over IPv4"),
+            "{}",
+            error(&ipv6)
+        );
+    }
+
+    #[test]
     fn duplicate_backend_name() {
         let text = GOOD.replace("\"placement\"", "\"nova-api\"");
         assert_eq!(
