@@ -224,6 +224,23 @@ async fn check_online(config: &Config, found: &[Problem]) -> Vec<Problem> {
             }
         }
     }
+    for (index, backend) in config.backends.iter().enumerate() {
+        if let Some(handover) = &backend.handover {
+            problems.extend(check_handover(backend, handover).await.into_iter().map(
+                |(key, problem, error)| {
+                    let at = config.error_at(
+                        &format!("backend[{index}].handover{key}"),
+                        format!("backend `{}`'s handover: {problem}", backend.name),
+                    );
+                    if error {
+                        Problem::error(at)
+                    } else {
+                        Problem::warning(at)
+                    }
+                },
+            ));
+        }
+    }
     match crate::instance::holders(config) {
         Ok(holders) => {
             for holder in holders {
@@ -260,6 +277,60 @@ async fn check_online(config: &Config, found: &[Problem]) -> Vec<Problem> {
             key: Some("interfaces".into()),
             message: format!("cannot tell whether another drain-agent runs: {err}"),
         })),
+    }
+    problems
+}
+
+/// What would stop a handover of `backend` now: its commands missing (errors), or nothing
+/// listening on a port, or a listener without SO_REUSEPORT (warnings: the service may just
+/// not run yet). Each with the key suffix it belongs to.
+async fn check_handover(
+    backend: &crate::config::Backend,
+    handover: &crate::config::Handover,
+) -> Vec<(&'static str, String, bool)> {
+    use crate::{config::HandoverHow, kernel::listeners};
+    let mut problems = Vec::new();
+    if let HandoverHow::Commands { start, stop } = &handover.how {
+        for (key, argv) in [(".start", Some(start)), (".stop", stop.as_ref())] {
+            let Some(argv) = argv else { continue };
+            if let Some(problem) = missing_action(&Action::Command(argv.clone())).await {
+                problems.push((key, problem, true));
+            }
+        }
+    }
+    let found = match listeners::on_ports(&backend.ports) {
+        Ok(found) => found,
+        Err(err) => return vec![("", err.to_string(), false)],
+    };
+    for port in &backend.ports {
+        if !found.iter().any(|listener| listener.local.port() == *port) {
+            problems.push((
+                "",
+                format!("nothing listens on port {port} now: a handover would be refused"),
+                false,
+            ));
+        }
+    }
+    let inodes = found.iter().map(|listener| listener.inode).collect();
+    let holding = listeners::holders(&inodes);
+    for listener in &found {
+        let Some(&(pid, fd)) = holding.get(&listener.inode).and_then(|h| h.first()) else {
+            continue;
+        };
+        match listeners::take(listener.local, pid, fd) {
+            Ok(socket) if !listeners::reuses_port(&socket) => problems.push((
+                "",
+                format!(
+                    "the listener {} (pid {pid}) does not set SO_REUSEPORT, so a new version \
+                     cannot listen beside it and a handover would be refused: start the service \
+                     with it (gunicorn --reuse-port)",
+                    listener.local
+                ),
+                false,
+            )),
+            Ok(_) => {}
+            Err(err) => problems.push(("", err.to_string(), false)),
+        }
     }
     problems
 }

@@ -274,3 +274,72 @@ fn a_sigkill_of_the_agent_mid_handover_fails_no_request_both_versions_serve_and_
     load.finish(Duration::from_secs(60))
         .assert_no_failures(1500);
 }
+
+#[test]
+fn a_listener_without_so_reuseport_is_named_by_check_config_and_the_handover_is_refused_unchanged()
+{
+    let lab = drain_agent_tests::Lab::new();
+    // gunicorn without --reuse-port.
+    let _api = lab.start_api(API_PORT);
+    let config = format!(
+        "interfaces = [\"eth0\"]\ncontrol_socket = \"{}\"\n[[backend]]\nname = \"api\"\n\
+         ports = [{API_PORT}]\nhealth = {{ http = \"http://127.0.0.1:{API_PORT}/healthz\" }}\n\
+         handover = {{ start = [\"/bin/true\"] }}\n",
+        lab.dir.path().join("control.sock").display()
+    );
+    let agent = drain_agent_tests::start_agent_with_config(&lab.node, lab.dir.path(), &config);
+    let refused = agent.cli(&["handover", "api"]);
+    assert_eq!(refused.code, Some(3), "{refused:?}");
+    assert!(
+        refused.stderr.contains("does not set SO_REUSEPORT")
+            && refused.stderr.contains("gunicorn --reuse-port"),
+        "{refused:?}"
+    );
+    assert_eq!(agent.backend("api")["state"], "serving");
+    let checked = lab
+        .node
+        .command_keeping_mounts(drain_agent_tests::agent_binary())
+        .args(["check-config", "--online"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&checked.stdout);
+    assert_eq!(checked.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.contains("backend[0].handover: backend `api`'s handover: the listener")
+            && stdout.contains("does not set SO_REUSEPORT"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_start_that_fails_after_it_began_listening_is_undone_and_what_it_left_is_stopped() {
+    let topology = Topology::new(&["client", "node"]);
+    let node = topology.host("node");
+    let client = topology.host("client");
+    start_api(node, "1.0");
+    // The next version listens (SO_REUSEPORT, beside the old one), then the start fails.
+    let start = format!(
+        "handover = {{ start = [\"/bin/sh\", \"-c\", \"{} start-beside {} {API_PORT}; exit 1\"], timeout = \"20s\" }}",
+        drain_agent_tests::topology::serve_api_script().display(),
+        node.dir.display()
+    );
+    let agent = start_node_agent(node, &[], &start, "");
+    std::fs::write(node.dir.join("version"), "2.0").unwrap();
+    let handover = agent.cli(&["handover", "api", "--json"]);
+    assert_eq!(handover.code, Some(5), "{handover:?}");
+    let report = handover.json();
+    assert!(
+        report["message"]
+            .as_str()
+            .unwrap()
+            .contains("starting the new version failed"),
+        "{report}"
+    );
+    // Left listening, it would take about half the new connections once the steering is
+    // released: only the old version may answer.
+    let target = node.addr(API_PORT);
+    let seen = versions_seen(client, target, 40);
+    assert!(seen.iter().all(|version| version == "1.0"), "{seen:?}");
+    assert_eq!(agent.backend("api")["state"], "serving");
+}

@@ -719,9 +719,25 @@ impl HandoverRun {
                 self.take_sockets(&new);
             }
             None => {
-                // Whatever the start command left listening is stopped too.
+                // Whatever the start command left listening (a version that listens on some
+                // of the ports only, or failed after it bound them) is stopped too: it is in
+                // the SO_REUSEPORT group, and once the steering is released it would take a
+                // share of new connections.
+                let stray = self.stray_listeners();
                 if let Some(unit) = &self.new_unit {
                     let _ = stop(&self.handover, &[], None, Some(unit.clone())).await;
+                } else if !stray.is_empty() {
+                    let owner = owner_of(&stray);
+                    if let Err(err) = stop(&self.handover, &stray, owner, None).await {
+                        message.push_str(&format!(
+                            "; stopping what it left listening (pids {stray:?}) failed: {err}"
+                        ));
+                    }
+                }
+                if !wait_exit(&stray, self.handover.timeout).await {
+                    message.push_str(&format!(
+                        "; what the start left listening (pids {stray:?}) has not exited: stop it"
+                    ));
                 }
             }
         }
@@ -732,6 +748,27 @@ impl HandoverRun {
             outcome: Outcome::Failed,
             message,
         }
+    }
+
+    /// The processes holding listeners on the backend's ports that the old version does not
+    /// hold: what a failed start left behind.
+    fn stray_listeners(&self) -> Vec<i32> {
+        let old: BTreeSet<u64> = self.old.listeners.iter().map(|l| l.inode).collect();
+        let Ok(found) = listeners::on_ports(&self.backend.ports) else {
+            return Vec::new();
+        };
+        let fresh: BTreeSet<u64> = found
+            .iter()
+            .map(|listener| listener.inode)
+            .filter(|inode| !old.contains(inode))
+            .collect();
+        let pids: BTreeSet<i32> = listeners::holders(&fresh)
+            .into_values()
+            .flatten()
+            .map(|(pid, _)| pid)
+            .filter(|pid| !self.old.pids.contains(pid))
+            .collect();
+        pids.into_iter().collect()
     }
 
     fn note_accepted(&mut self) {
