@@ -113,7 +113,18 @@ fn system_calls(token: &str) -> BTreeSet<String> {
 #[test]
 fn the_agent_makes_only_system_calls_the_units_filter_allows() {
     let lab = Lab::new();
-    let _api = lab.start_api(8080);
+    // Managed like a service (SO_REUSEPORT, daemonized), so that a handover can start the
+    // next version beside it.
+    let script = drain_agent_tests::topology::serve_api_script();
+    let api_dir = lab.dir.path().join("api");
+    std::fs::create_dir_all(&api_dir).unwrap();
+    let started = lab
+        .node
+        .command(&script)
+        .args(["start", api_dir.to_str().unwrap(), "8080"])
+        .status()
+        .unwrap();
+    assert!(started.success(), "serve-api.sh start failed");
     let unit = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../deploy/drain-agent.service"
@@ -145,9 +156,12 @@ fn the_agent_makes_only_system_calls_the_units_filter_allows() {
              agent_check_listen = \"0.0.0.0:9500\"\nmetrics_listen = \"127.0.0.1:9477\"\n\
              [[backend]]\nname = \"api\"\nports = [8080]\ndrain_timeout = \"5s\"\n\
              restart = {{ command = [\"/bin/true\"] }}\n\
-             health = {{ http = \"http://127.0.0.1:8080/\", timeout = \"10s\" }}\n",
+             health = {{ http = \"http://127.0.0.1:8080/\", timeout = \"10s\" }}\n\
+             handover = {{ start = [\"{}\", \"start-beside\", \"{}\", \"8080\"] }}\n",
             socket.display(),
-            dir.join("state").display()
+            dir.join("state").display(),
+            script.display(),
+            api_dir.display()
         ),
     )
     .unwrap();
@@ -156,7 +170,9 @@ fn the_agent_makes_only_system_calls_the_units_filter_allows() {
     let log = std::fs::File::create(&log_path).unwrap();
     let mut command = lab.node.command_keeping_mounts("strace");
     command
-        .args(["-f", "-qq", "-o"])
+        // Children are followed until they exec: what the agent's own code calls, not the
+        // service a handover leaves running (it would keep strace alive).
+        .args(["-f", "-b", "execve", "-qq", "-o"])
         .arg(&trace)
         .arg(agent_binary())
         .args(["run", "--config"])
@@ -178,9 +194,12 @@ fn the_agent_makes_only_system_calls_the_units_filter_allows() {
         cli(&["status"]).status.success()
     });
     // What the agent does in service: a cycle (drain, restart, HTTP health check, return),
-    // a scrape, an agent check, then SIGTERM.
+    // a handover (steering, pidfd_getfd, the next version beside the running one), a scrape,
+    // an agent check, then SIGTERM.
     let cycle = cli(&["cycle", "api"]);
     assert!(cycle.status.success(), "{cycle:?}\n{}", agent_log());
+    let handover = cli(&["handover", "api"]);
+    assert!(handover.status.success(), "{handover:?}\n{}", agent_log());
     let scrape = lab
         .node
         .command("curl")
@@ -218,6 +237,10 @@ fn the_agent_makes_only_system_calls_the_units_filter_allows() {
         })
         .collect();
     assert!(made.contains("bpf"), "no bpf(2) in the trace: {made:?}");
+    assert!(
+        made.contains("pidfd_getfd"),
+        "no pidfd_getfd(2) in the trace (the handover's): {made:?}"
+    );
     let refused: Vec<&String> = made
         .iter()
         .filter(|call| !allowed.contains(*call) || denied.contains(*call))
