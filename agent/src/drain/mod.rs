@@ -2,7 +2,6 @@
 //! handing it over to a new version on the same node.
 
 pub mod handover;
-pub mod keepalive;
 pub mod operation;
 pub mod phase;
 pub mod reconcile;

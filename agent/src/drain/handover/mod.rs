@@ -4,21 +4,30 @@
 //! `sk_lookup` program), and the old version is stopped once it has no request in flight.
 //! The node never leaves the load balancers' rotation.
 
+//!
+//! `version.rs` finds, starts and stops a version; `keepalive.rs` holds the old version's
+//! connections across its stop; `reconcile.rs` finishes or undoes a handover a crashed agent
+//! left; `report.rs` is what the report says of it.
+
+mod keepalive;
+mod reconcile;
+mod report;
+mod version;
+
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
-    os::fd::OwnedFd,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use drain_agent_common::steer::Steering;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+pub use self::report::HandoverReport;
+use self::version::{Version, owner_of, stop, units_in_order, version_of, wait_exit};
 use super::{
-    keepalive,
     operation::{Event, KernelView, Operations, Refusal},
     phase::{Claim, Phase, millis},
     report::{Counts, Outcome, PhaseTiming, Progress, Report, exit},
@@ -40,144 +49,9 @@ const LISTEN_POLL: Duration = Duration::from_millis(100);
 const QUIET_POLL: Duration = Duration::from_millis(20);
 /// How often progress lines are sent.
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
-
-/// What a handover did, for its report.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct HandoverReport {
-    /// The processes of the version that served before (its listeners' holders).
-    pub old_pids: Vec<i32>,
-    /// The new version's, once it listened.
-    pub new_pids: Vec<i32>,
-    /// When the new version's listeners were all found (ms since the start).
-    pub new_listening_ms: Option<u64>,
-    /// When the agent's probes found the new version healthy.
-    pub new_healthy_ms: Option<u64>,
-    /// When new connections began to go to the new version.
-    pub switched_ms: Option<u64>,
-    /// When the old version had no request in flight for the quiet period.
-    pub old_quiet_ms: Option<u64>,
-    /// When the old version was told to stop.
-    pub old_stop_ms: Option<u64>,
-    /// When its last process exited.
-    pub old_exited_ms: Option<u64>,
-    /// The old version's connections when it was told to stop: all idle (keep-alive) unless
-    /// the quiet wait hit `drain_timeout`.
-    pub old_at_stop: Option<Counts>,
-    /// The old version's connections the agent held across its stop: each stays open, and a
-    /// request on it goes on to the new version (docs/handover.md).
-    #[serde(default)]
-    pub old_connections_held: u64,
-    /// New connections each version accepted while the handover ran.
-    pub accepted_by_old: u64,
-    pub accepted_by_new: u64,
-}
-
-impl HandoverReport {
-    /// The report's lines about the two versions.
-    pub fn render(&self) -> String {
-        let at = |ms: Option<u64>| {
-            ms.map_or_else(|| "-".into(), |ms| format!("{:.3}s", ms as f64 / 1000.0))
-        };
-        let mut out = format!(
-            "  new version {:?}: listening {}, healthy {}, took new connections at {}\n",
-            self.new_pids,
-            at(self.new_listening_ms),
-            at(self.new_healthy_ms),
-            at(self.switched_ms)
-        );
-        out.push_str(&format!(
-            "  old version {:?}: quiet {}, stop {}, exited {}\n",
-            self.old_pids,
-            at(self.old_quiet_ms),
-            at(self.old_stop_ms),
-            at(self.old_exited_ms)
-        ));
-        if let Some(counts) = &self.old_at_stop {
-            out.push_str(&format!(
-                "  old version at stop: {} connections, {} in flight, {} unknown, {} idle; {} \
-                 held open by the agent across the stop (their next request goes to the new \
-                 version)\n",
-                counts.established,
-                counts.in_flight.unwrap_or(0),
-                counts.unknown.unwrap_or(0),
-                counts.idle.unwrap_or(0),
-                self.old_connections_held
-            ));
-        }
-        out.push_str(&format!(
-            "  new connections during the handover: {} to the old version, {} to the new\n",
-            self.accepted_by_old, self.accepted_by_new
-        ));
-        out
-    }
-}
-
-/// One version of the service: its instance slot, its listeners and who holds them.
-struct Version {
-    slot: u32,
-    /// Its listeners.
-    listeners: Vec<Listener>,
-    /// The agent's copies of them, until they are in the steering map: held any longer, a
-    /// copy would keep a listener open (and in the SO_REUSEPORT group) after its process
-    /// closed it, and connections the kernel still hashed to it would never be accepted.
-    copies: Vec<OwnedFd>,
-    pids: Vec<i32>,
-    /// The process that owns the listeners (the pre-fork master), signalled by a stop
-    /// without a command.
-    owner: Option<i32>,
-    unit: Option<String>,
-}
-
-impl Version {
-    /// A placeholder while the run lends its old version out.
-    fn none() -> Version {
-        Version {
-            slot: 0,
-            listeners: Vec::new(),
-            copies: Vec::new(),
-            pids: Vec::new(),
-            owner: None,
-            unit: None,
-        }
-    }
-}
-
-/// Finds the processes holding `found` and takes a copy of each listener.
-fn version_of(slot: u32, found: Vec<Listener>, unit: Option<String>) -> Result<Version, String> {
-    let inodes: BTreeSet<u64> = found.iter().map(|listener| listener.inode).collect();
-    let holding = listeners::holders(&inodes);
-    let mut listeners_found = Vec::new();
-    let mut copies = Vec::new();
-    let mut pids = BTreeSet::new();
-    let mut owner = None;
-    for listener in found {
-        let Some(holders) = holding.get(&listener.inode) else {
-            return Err(listeners::ListenerError::NoHolder {
-                local: listener.local,
-                inode: listener.inode,
-            }
-            .to_string());
-        };
-        pids.extend(holders.iter().map(|&(pid, _)| pid));
-        owner = owner.or_else(|| listeners::owner(holders));
-        let (pid, fd) = holders[0];
-        let socket = listeners::take(listener.local, pid, fd).map_err(|err| err.to_string())?;
-        listeners_found.push(listener);
-        copies.push(socket);
-    }
-    Ok(Version {
-        slot,
-        listeners: listeners_found,
-        copies,
-        pids: pids.into_iter().collect(),
-        owner,
-        unit,
-    })
-}
-
 impl Operations {
     /// Checks that backend `index` can hand over, then runs the handover in the background.
-    pub(super) async fn start_handover(
+    pub(in crate::drain) async fn start_handover(
         self: &Arc<Self>,
         index: usize,
         backend: Backend,
@@ -304,29 +178,6 @@ fn allow_accept_queue_migration() {
                 warn!(%err, "cannot set net.ipv4.tcp_migrate_req: connections in the old version's accept queue may be reset when it stops")
             }
         },
-    }
-}
-
-/// Of two units, the active one (old) and the other (new).
-async fn units_in_order(pair: &[String; 2]) -> Result<(String, String), String> {
-    let mut active = Vec::new();
-    for unit in pair {
-        let status = tokio::process::Command::new("systemctl")
-            .args(["is-active", "--quiet", unit])
-            .status()
-            .await
-            .map_err(|err| format!("cannot run systemctl: {err}"))?;
-        active.push(status.success());
-    }
-    match active[..] {
-        [true, false] => Ok((pair[0].clone(), pair[1].clone())),
-        [false, true] => Ok((pair[1].clone(), pair[0].clone())),
-        _ => Err(format!(
-            "of the units {} and {}, exactly one must be active (the version serving now); {}",
-            pair[0],
-            pair[1],
-            if active[0] { "both are" } else { "neither is" }
-        )),
     }
 }
 
@@ -827,155 +678,5 @@ impl HandoverRun {
         report.handover = Some(self.report.clone());
         report.total_ms = self.ms();
         report
-    }
-}
-
-/// Stops a version: its unit, the `stop` command (with `DRAIN_AGENT_PIDS`), or SIGTERM to
-/// its owner.
-async fn stop(
-    handover: &Handover,
-    pids: &[i32],
-    owner: Option<i32>,
-    unit: Option<String>,
-) -> Result<(), String> {
-    let pid_list = pids
-        .iter()
-        .map(i32::to_string)
-        .collect::<Vec<_>>()
-        .join(" ");
-    let command = match (&handover.how, unit) {
-        (HandoverHow::Units(_), Some(unit)) => {
-            Some(vec!["systemctl".to_string(), "stop".to_string(), unit])
-        }
-        (
-            HandoverHow::Commands {
-                stop: Some(stop), ..
-            },
-            _,
-        ) => Some(stop.clone()),
-        _ => None,
-    };
-    match command {
-        Some(argv) => {
-            let step = Step {
-                action: Action::Command(argv),
-                timeout: handover.timeout,
-            };
-            service::run_with_env(&step, &[("DRAIN_AGENT_PIDS", pid_list)], |_| {})
-                .await
-                .map_err(|err| err.to_string())
-        }
-        None => {
-            let Some(owner) = owner else {
-                return Err("no process to stop".into());
-            };
-            nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(owner),
-                nix::sys::signal::Signal::SIGTERM,
-            )
-            .map_err(|err| format!("SIGTERM to pid {owner}: {err}"))
-        }
-    }
-}
-
-impl Operations {
-    /// An agent started after a crash mid-handover: both versions listened meanwhile (the
-    /// steering went with the crashed agent). Before the switch the new version is stopped
-    /// (undone: no client was sent to it on purpose); after it, the old one is stopped
-    /// gracefully (finished: its server lets its requests in flight end).
-    pub(super) async fn reconcile_handover(self: &Arc<Self>, index: usize) -> Report {
-        let backend = self.config.backends[index].clone();
-        let record = self.board.handover(index);
-        let started = Instant::now();
-        let mut report = Report::empty(&backend.name, "handover", Phase::Serving);
-        let message = match (record, backend.handover.as_ref()) {
-            (None, _) => "it had changed nothing yet".to_string(),
-            (Some(_), None) => format!(
-                "the backend no longer has a `handover` in {}: both versions may still run; \
-                 stop the one you do not want",
-                self.config.path.display()
-            ),
-            (Some(record), Some(handover)) => {
-                let (pids, unit, which) = if record.switched {
-                    (
-                        record.old_pids.clone(),
-                        record.units.clone().map(|(old, _)| old),
-                        "old",
-                    )
-                } else {
-                    (
-                        record.new_pids.clone(),
-                        record.units.clone().map(|(_, new)| new),
-                        "new",
-                    )
-                };
-                let owner = owner_of(&pids);
-                // The old version's connections outlive it, as in a handover's own stop.
-                let held = if record.switched {
-                    keepalive::hold(&pids, &backend.ports)
-                } else {
-                    Vec::new()
-                };
-                let stopped = if pids.is_empty() && unit.is_none() {
-                    Ok(())
-                } else {
-                    stop(handover, &pids, owner, unit).await
-                };
-                let exited = wait_exit(&pids, handover.timeout).await;
-                if exited {
-                    keepalive::relay(held, handover.timeout);
-                }
-                let done = if record.switched {
-                    "finished: the new version serves every new connection"
-                } else {
-                    "undone: the old version serves, as it did throughout"
-                };
-                match (stopped, exited) {
-                    (Ok(()), true) => {
-                        format!("{done}; the {which} version (pids {pids:?}) was stopped")
-                    }
-                    (Err(err), _) => {
-                        report.outcome = Outcome::Error;
-                        format!(
-                            "{done}, but stopping the {which} version (pids {pids:?}) failed: {err}"
-                        )
-                    }
-                    (Ok(()), false) => {
-                        report.outcome = Outcome::Error;
-                        format!("{done}, but the {which} version (pids {pids:?}) has not exited")
-                    }
-                }
-            }
-        };
-        self.board.set_handover(index, None);
-        self.board.set(index, Phase::Serving, None);
-        report.exit_code = report.outcome.exit_code();
-        report.message = message;
-        report.total_ms = millis(started.elapsed());
-        report
-    }
-}
-
-/// Of a version's processes, the one whose parent is not among them.
-fn owner_of(pids: &[i32]) -> Option<i32> {
-    listeners::owner(&pids.iter().map(|&pid| (pid, 0)).collect::<Vec<_>>())
-}
-
-/// Waits until none of `pids` runs (zombies count as gone), at most `bound`.
-async fn wait_exit(pids: &[i32], bound: Duration) -> bool {
-    let deadline = Instant::now() + bound;
-    loop {
-        let running = pids.iter().any(|&pid| {
-            procfs::process::Process::new(pid)
-                .and_then(|process| process.stat())
-                .is_ok_and(|stat| stat.state != 'Z')
-        });
-        if !running {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
