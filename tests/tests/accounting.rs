@@ -134,7 +134,11 @@ fn large_download(v6: bool) {
     let mut read = 0;
     while read < SIZE - HELD_BACK {
         read += connection.read_body(1_000_000).unwrap();
-        assert_eq!(agent.count(BACKEND, "in_flight"), 1, "after {read} bytes");
+        // While the client reads, the server's send buffer can empty with every byte
+        // acknowledged before the application writes its next chunk: in flight is 0 for that
+        // moment, as docs/accounting.md says (the quiet period covers it), and a loaded machine
+        // makes the moment long enough to be seen. The next chunk puts it back.
+        wait_for(&agent, "in_flight", 1, Duration::from_millis(500));
     }
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(

@@ -549,6 +549,12 @@ impl HandoverRun {
             backend = self.backend.name,
             message, "handover failed; undoing it"
         );
+        // Journaled as not switched first: an agent that crashes from here on must finish the
+        // undo (stop the new version), never the handover (stop the old one).
+        let new_pids = new.as_ref().map(|new| new.pids.clone()).unwrap_or_default();
+        self.ops
+            .board
+            .set_handover(self.index, Some(self.record(false, new_pids)));
         let _ = self.steer(self.old.slot, self.old.slot);
         let mut message = message;
         match new {
