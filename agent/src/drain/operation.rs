@@ -420,20 +420,6 @@ impl Run {
             cancel,
             index,
             report: Report {
-                backend: backend.name.clone(),
-                operation: kind.as_str().to_string(),
-                outcome: Outcome::Ok,
-                exit_code: exit::OK,
-                message: String::new(),
-                phase,
-                phases: Vec::new(),
-                at_drain_start: None,
-                in_flight_zero_ms: None,
-                drained_ms: None,
-                forced_with_in_flight: None,
-                restart_ms: None,
-                time_to_healthy_ms: None,
-                rollback: None,
                 load_balancers: lbs
                     .iter()
                     .map(|lb| LoadBalancerReport {
@@ -443,15 +429,12 @@ impl Run {
                         ..Default::default()
                     })
                     .collect(),
-                drain_evidence: None,
                 reconciled_before: ops.reconciled.lock().expect("reconciled lock").take(),
-                handover: None,
-                kernel: None,
                 gate: backend.gate.as_ref().map(|_| GateReport {
                     deadline_s: backend.gate_deadline().as_secs(),
                     ..GateReport::default()
                 }),
-                total_ms: 0,
+                ..Report::empty(&backend.name, kind.as_str(), phase)
             },
             backend,
             kind,

@@ -758,6 +758,19 @@ pub(super) fn map<'a>(
     })
 }
 
+/// For the kernel programs' unit tests: the shipped object loaded (nothing attached), with
+/// backend 0 on `port`.
+#[cfg(test)]
+pub(super) fn test_object(port: u16) -> Ebpf {
+    let mut ebpf = EbpfLoader::new()
+        .load(EBPF_OBJECT)
+        .expect("load the eBPF object (needs root)");
+    let mut ports: Array<&mut MapData, u32> =
+        Array::try_from(ebpf.map_mut(names::BACKEND_BY_PORT).unwrap()).unwrap();
+    ports.set(u32::from(port), 1, 0).unwrap();
+    ebpf
+}
+
 /// A program of the object, as its type.
 pub(super) fn program_mut<'a, T>(
     ebpf: &'a mut Ebpf,

@@ -228,10 +228,7 @@ pub fn kernel_log(ebpf: &mut Ebpf) -> Option<aya_log::EbpfLogger<&'static dyn lo
 
 #[cfg(test)]
 mod tests {
-    use aya::{
-        EbpfLoader,
-        programs::{TestRun, TestRunOptions},
-    };
+    use aya::programs::{TestRun, TestRunOptions};
 
     use super::*;
 
@@ -243,12 +240,7 @@ mod tests {
 
     /// The shipped object with the gate loaded (not attached) and backend 0 on PORT.
     fn gate_program(closed_for: Option<Duration>, allow: &[&str]) -> Ebpf {
-        let mut ebpf = EbpfLoader::new()
-            .load(super::super::ebpf::EBPF_OBJECT)
-            .expect("load the eBPF object (needs root)");
-        let mut ports: Array<&mut MapData, u32> =
-            Array::try_from(ebpf.map_mut(names::BACKEND_BY_PORT).unwrap()).unwrap();
-        ports.set(u32::from(PORT), 1, 0).unwrap();
+        let mut ebpf = super::super::ebpf::test_object(PORT);
         let mut allowed: LpmTrie<&mut MapData, AllowedSource, u8> =
             LpmTrie::try_from(ebpf.map_mut(names::GATE_ALLOW).unwrap()).unwrap();
         for net in allow {

@@ -109,8 +109,6 @@ mod tests {
         os::fd::{AsFd, AsRawFd, BorrowedFd},
     };
 
-    use aya::{EbpfLoader, maps::Array};
-
     use super::*;
 
     const PORT: u16 = 8774;
@@ -120,12 +118,7 @@ mod tests {
     /// The shipped object with the steering program loaded (not attached), backend 0 on
     /// PORT.
     fn steering_program() -> Ebpf {
-        let mut ebpf = EbpfLoader::new()
-            .load(super::super::ebpf::EBPF_OBJECT)
-            .expect("load the eBPF object (needs root)");
-        let mut ports: Array<&mut MapData, u32> =
-            Array::try_from(ebpf.map_mut(names::BACKEND_BY_PORT).unwrap()).unwrap();
-        ports.set(u32::from(PORT), 1, 0).unwrap();
+        let mut ebpf = super::super::ebpf::test_object(PORT);
         let program: &mut SkLookup = program_mut(&mut ebpf, names::STEER_PROGRAM).unwrap();
         program.load().unwrap();
         ebpf

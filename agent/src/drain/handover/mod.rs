@@ -256,20 +256,6 @@ impl HandoverRun {
         }
     }
 
-    /// Puts a version's listeners in the steering map, and lets go of the agent's copies.
-    fn put_sockets(&self, version: &mut Version) -> Result<(), String> {
-        for (listener, socket) in version.listeners.iter().zip(&version.copies) {
-            self.kernel().steer_socket(
-                listener.local.port(),
-                listener.ipv6(),
-                version.slot,
-                Some(socket),
-            )?;
-        }
-        version.copies.clear();
-        Ok(())
-    }
-
     fn take_sockets(&self, version: &Version) {
         for listener in &version.listeners {
             let _ = self.kernel().steer_socket(
@@ -324,10 +310,7 @@ impl HandoverRun {
         // SO_REUSEPORT group: without this, the group's hash would send them some of theirs.
         let old_slot = self.old.slot;
         let new_slot = self.new_slot();
-        let mut old = std::mem::replace(&mut self.old, Version::none());
-        let put = self.put_sockets(&mut old);
-        self.old = old;
-        put.map_err(fail)?;
+        put_sockets(self.ops.kernel.as_ref(), &mut self.old).map_err(fail)?;
         self.steer(old_slot, new_slot).map_err(|err| {
             self.take_sockets(&self.old);
             fail(err)
@@ -341,7 +324,7 @@ impl HandoverRun {
         self.ops
             .board
             .set_handover(self.index, Some(self.record(false, new.pids.clone())));
-        if let Err(err) = self.put_sockets(&mut new) {
+        if let Err(err) = put_sockets(self.ops.kernel.as_ref(), &mut new) {
             return Err(self.undo(Some(new), err).await);
         }
         let health = self
@@ -685,4 +668,18 @@ impl HandoverRun {
         report.total_ms = self.ms();
         report
     }
+}
+
+/// Puts a version's listeners in the steering map, and lets go of the agent's copies.
+fn put_sockets(kernel: &dyn KernelView, version: &mut Version) -> Result<(), String> {
+    for (listener, socket) in version.listeners.iter().zip(&version.copies) {
+        kernel.steer_socket(
+            listener.local.port(),
+            listener.ipv6(),
+            version.slot,
+            Some(socket),
+        )?;
+    }
+    version.copies.clear();
+    Ok(())
 }

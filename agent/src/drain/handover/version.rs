@@ -29,20 +29,6 @@ pub(super) struct Version {
     pub(super) unit: Option<String>,
 }
 
-impl Version {
-    /// A placeholder while the run lends its old version out.
-    pub(super) fn none() -> Version {
-        Version {
-            slot: 0,
-            listeners: Vec::new(),
-            copies: Vec::new(),
-            pids: Vec::new(),
-            owner: None,
-            unit: None,
-        }
-    }
-}
-
 /// Finds the processes holding `found` and takes a copy of each listener.
 pub(super) fn version_of(
     slot: u32,
