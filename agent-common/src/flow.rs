@@ -53,6 +53,10 @@ pub const RST_FROM_SERVER: u64 = 8;
 /// `Flow::hints` bit: payload crossed in either direction since the flow was seeded: an
 /// unknown flow is settled from then on.
 pub const PAYLOAD_SEEN: u64 = 16;
+/// `Flow::hints` bit: the state callback ended the flow as vanished, at `last_seen_ns`. The
+/// kernel changes the state to `TCP_CLOSE` before it sends the RST of an abort, so a RST from
+/// the node right after re-counts the ending as `reset_by_server` (whoever clears the bit).
+pub const ENDED_VANISHED: u64 = 32;
 
 /// State of one tracked connection. Sequence numbers are raw TCP sequence numbers and are
 /// compared modulo 2^32 (see docs/accounting.md).
@@ -93,8 +97,9 @@ pub struct Flow {
     /// in both directions apply each transition to the aggregates exactly once. 64 bits
     /// because the BPF target has 64-bit atomics only (32-bit ones need alu32).
     pub counted_in_flight: u64,
-    /// CLOCK_MONOTONIC nanoseconds of the flow's creation, and for a seeded flow of its last
-    /// packet in either direction (the userspace garbage collector checks silent ones).
+    /// CLOCK_MONOTONIC nanoseconds of the flow's creation, for a seeded flow of its last
+    /// packet in either direction (the userspace garbage collector checks silent ones), and
+    /// once ended as vanished, of that ending (`ENDED_VANISHED`).
     pub last_seen_ns: u64,
 }
 

@@ -14,19 +14,25 @@ pub mod steer;
 pub mod names {
     /// `Array<u32>` indexed by local TCP port: 0 = not watched, otherwise backend index + 1.
     pub const BACKEND_BY_PORT: &str = "BACKEND_BY_PORT";
-    /// `HashMap<FlowKey, Flow>`: one entry per connection the kernel established while the
-    /// agent watched; created and removed only by the `sock_ops` program.
-    pub const FLOWS: &str = "FLOWS";
+    /// `SkStorage<Flow>`: the flow of each connection the kernel established while the agent
+    /// watched, in its socket's own storage; created and ended only by the `sock_ops` program.
+    pub const FLOW_STORAGE: &str = "FLOW_STORAGE";
+    /// `Array<u32>` of one entry: 1 while userspace reads the socket table to seed connections
+    /// older than the agent.
+    pub const SEEDING: &str = "SEEDING";
+    /// `LruHashMap<FlowKey, u32>`: tuples the `sock_ops` program started tracking while
+    /// `SEEDING` was 1, which seeding must skip.
+    pub const ESTABLISHED_WHILE_SEEDING: &str = "ESTABLISHED_WHILE_SEEDING";
+    /// `LruHashMap<FlowKey, u32>`: tuples established but untracked (no storage could be
+    /// allocated), which userspace seeds as unknown.
+    pub const UNTRACKED: &str = "UNTRACKED";
     /// `HashMap<FlowKey, Flow>`: connections older than the agent, seeded by userspace from
     /// the socket table at start; only userspace deletes from it.
     pub const SEEDED_FLOWS: &str = "SEEDED_FLOWS";
     /// `Array<u32>` of one entry: 1 while `SEEDED_FLOWS` may hold entries (set by userspace
-    /// before it seeds, cleared once it deleted the last one), so that the TC programs look
+    /// before it seeds, cleared once it deleted the last one), so that the packet programs look
     /// there only then.
     pub const SEEDED_FLOWS_IN_USE: &str = "SEEDED_FLOWS_IN_USE";
-    /// `LruHashMap<FlowKey, u64>`: flows just ended as `vanished` (CLOCK_MONOTONIC ns), so that
-    /// a RST the node sends right after its state change re-counts them as `reset_by_server`.
-    pub const JUST_ENDED: &str = "JUST_ENDED";
     /// `PerCpuArray<BackendCounters>` indexed by `steer::counter_slot` (backend and instance).
     pub const BACKEND_COUNTERS: &str = "BACKEND_COUNTERS";
     /// `Array<Gate>` indexed by backend index: until when new connections are refused.
@@ -35,9 +41,10 @@ pub mod names {
     pub const GATE_ALLOW: &str = "GATE_ALLOW";
     /// `PerCpuArray<GateCounters>` indexed by backend index.
     pub const GATE_COUNTERS: &str = "GATE_COUNTERS";
-    /// TC classifier for packets arriving at the node (client → server).
+    /// `cgroup_skb` program on the cgroup-v2 root for packets arriving at the node's sockets
+    /// (client → server).
     pub const INGRESS_PROGRAM: &str = "drain_ingress";
-    /// TC classifier for packets leaving the node (server → client).
+    /// `cgroup_skb` program on the cgroup-v2 root for packets leaving them (server → client).
     pub const EGRESS_PROGRAM: &str = "drain_egress";
     /// XDP program on the interfaces of backends with a gate: refuses new connections to a
     /// closed gate's ports with a RST.
@@ -61,5 +68,7 @@ pub mod names {
 /// Most backends one agent can watch (size of the per-backend counter array).
 pub const MAX_BACKENDS: u32 = 64;
 
-/// Default number of connections the flow table holds; `flow_table_size` in the config changes it.
+/// Default number of connections older than the agent (or untracked) the seeded flow table
+/// holds; `flow_table_size` in the config changes it. Connections established while the agent
+/// watches live in their sockets' storage, which has no capacity to fill.
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 262_144;

@@ -3,7 +3,12 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_or, atomic_xadd, atomic_xchg};
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use core::ptr::null_mut;
+
+use aya_ebpf::{
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
+    helpers::{bpf_ktime_get_ns, generated::bpf_sk_storage_get},
+};
 use drain_agent_common::{
     counters::BackendCounters,
     flow::{
@@ -12,7 +17,7 @@ use drain_agent_common::{
     },
 };
 
-use crate::maps::{BACKEND_COUNTERS, FLOWS, SEEDED_FLOWS, SEEDED_FLOWS_IN_USE};
+use crate::maps::{BACKEND_COUNTERS, FLOW_STORAGE, SEEDED_FLOWS, SEEDED_FLOWS_IN_USE};
 
 /// How a flow ended, for the totals.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -23,23 +28,56 @@ pub enum Ending {
     Vanished,
 }
 
-/// The flow of `key`: first the kernel-established ones, then (on a miss only, and only while
-/// userspace has seeded entries) the seeded ones. The bool says whether it is seeded.
+/// The flow in `sk`'s own storage: a connection the kernel established while the agent
+/// watched. `sk` may be any socket the kernel attached to a packet (a listener, a request or
+/// time-wait socket, another namespace's): only the agent's `sock_ops` program creates
+/// storage, so only the agent's connections have it.
 #[inline(always)]
-pub fn lookup(key: &FlowKey) -> Option<(&'static mut Flow, bool)> {
-    if let Some(flow) = FLOWS.get_ptr_mut(key) {
-        // SAFETY: the pointer comes from a successful lookup and stays valid for this
-        // program run (hash map elements are freed after an RCU grace period).
-        return Some((unsafe { &mut *flow }, false));
+pub fn stored_flow(sk: *mut bpf_sock) -> Option<&'static mut Flow> {
+    storage(sk, null_mut(), 0)
+}
+
+/// Creates `sk`'s flow as a copy of `flow`; `None` when the kernel cannot allocate it.
+#[inline(always)]
+pub fn store_flow(sk: *mut bpf_sock, flow: &mut Flow) -> Option<&'static mut Flow> {
+    storage(sk, flow, u64::from(BPF_SK_STORAGE_GET_F_CREATE))
+}
+
+#[inline(always)]
+fn storage(sk: *mut bpf_sock, init: *mut Flow, flags: u64) -> Option<&'static mut Flow> {
+    // The verifier refuses a socket pointer that may be NULL.
+    if sk.is_null() {
+        return None;
     }
-    // An array lookup the verifier inlines: no second hash lookup while nothing is seeded.
+    // The map's address as the loader relocates it (what aya's own wrapper passes; its
+    // accessors take only a sock_addr context).
+    let map = core::ptr::from_ref(&FLOW_STORAGE).cast_mut().cast();
+    // SAFETY: the helper checks `sk` itself (NULL for anything but a full socket) and copies
+    // `init` (a Flow, the map's value type) only when it creates.
+    let flow = unsafe { bpf_sk_storage_get(map, sk.cast(), init.cast(), flags) }.cast::<Flow>();
+    // SAFETY: storage of a socket the program holds; valid for this program run.
+    unsafe { flow.as_mut() }
+}
+
+/// The seeded flow (a connection older than the agent) of `key`, only while userspace has
+/// seeded connections: otherwise no hash lookup at all.
+#[inline(always)]
+pub fn seeded_flow(key: &FlowKey) -> Option<&'static mut Flow> {
+    // An array lookup the verifier inlines.
     if SEEDED_FLOWS_IN_USE.get(0).is_none_or(|&in_use| in_use == 0) {
         return None;
     }
     SEEDED_FLOWS
         .get_ptr_mut(key)
-        // SAFETY: as above.
-        .map(|flow| (unsafe { &mut *flow }, true))
+        // SAFETY: the pointer comes from a successful lookup and stays valid for this
+        // program run (hash map elements are freed after an RCU grace period).
+        .map(|flow| unsafe { &mut *flow })
+}
+
+/// Whether seeded flows may exist (see `seeded_flow`).
+#[inline(always)]
+pub fn seeded_in_use() -> bool {
+    SEEDED_FLOWS_IN_USE.get(0).is_some_and(|&in_use| in_use != 0)
 }
 
 /// Sets hint bits; returns the bits that were set before.

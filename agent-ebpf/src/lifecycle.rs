@@ -7,7 +7,7 @@ use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
     bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1,
         BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, bpf_sock_ops,
     },
@@ -16,15 +16,18 @@ use aya_ebpf::{
 };
 use drain_agent_common::{
     flow::{
-        COUNTED_IDLE, COUNTED_IN_FLIGHT, FLOW_ESTABLISHED, Flow, FlowKey, ORIGIN_HANDSHAKE,
-        RST_FROM_CLIENT, RST_FROM_SERVER, carries_work,
+        COUNTED_IDLE, COUNTED_IN_FLIGHT, ENDED_VANISHED, FLOW_ESTABLISHED, Flow, FlowKey,
+        ORIGIN_HANDSHAKE, RST_FROM_CLIENT, RST_FROM_SERVER, carries_work,
     },
     steer::counter_slot,
 };
 
 use crate::{
-    accounting::{Ending, account_end, add, claim, counters},
-    maps::{BACKEND_BY_PORT, FLOWS, JUST_ENDED, SEEDED_FLOWS, STEERED, STEERING},
+    accounting::{Ending, account_end, add, claim, counters, hint, store_flow, stored_flow},
+    maps::{
+        BACKEND_BY_PORT, ESTABLISHED_WHILE_SEEDING, SEEDED_FLOWS, SEEDING, STEERED, STEERING,
+        UNTRACKED,
+    },
 };
 
 /// The agent's network namespace cookie, set by the loader. Every namespace's sockets pass
@@ -32,8 +35,6 @@ use crate::{
 #[unsafe(no_mangle)]
 static NETNS_COOKIE: u64 = 0;
 
-/// -E2BIG from bpf_map_update_elem: the hash map is full.
-const E2BIG: i32 = 7;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
@@ -72,9 +73,9 @@ fn established(ctx: &SockOpsContext) {
             field(addr_of!((*ops).snd_una)),
         )
     };
-    // Payload on the handshake-completing ACK (or a Fast Open SYN) went past the TC program
-    // before this entry existed; the kernel queues it after this callback, so rcv_nxt does
-    // not include it yet.
+    // Payload on the handshake-completing ACK (or a Fast Open SYN) went past the packet
+    // programs before this flow existed (at the listener, which has no storage); the kernel
+    // queues it after this callback, so rcv_nxt does not include it yet.
     let payload = handshake_payload(ops);
     let mut flow = Flow {
         backend: slot,
@@ -95,12 +96,8 @@ fn established(ctx: &SockOpsContext) {
         COUNTED_IDLE
     };
 
-    // An entry for the same tuple is a connection whose end was missed (its state callback
-    // was switched off by someone else) or one seeded by userspace: it is gone now.
-    if let Some(old) = FLOWS.get_ptr_mut(key) {
-        // SAFETY: valid for this program run (see accounting::lookup).
-        end(&key, unsafe { &mut *old }, Ending::Vanished);
-    }
+    // A seeded entry for the same tuple is a connection older than the agent that is gone
+    // now (its socket's tuple is in use again).
     if let Some(old) = SEEDED_FLOWS.get_ptr_mut(key) {
         // SAFETY: as above. Only userspace deletes seeded entries: mark it ended.
         let old = unsafe { &mut *old };
@@ -125,23 +122,25 @@ fn established(ctx: &SockOpsContext) {
     if in_flight {
         add(&mut counters.in_flight, 1);
     }
-    match FLOWS.insert(key, flow, u64::from(BPF_NOEXIST)) {
-        Ok(()) => {
-            add(&mut counters.accepted, 1);
-            // OR: other sock_ops programs may have set flags of their own.
-            let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
-            let _ = ctx.set_cb_flags(flags as i32);
+    if SEEDING.get(0).is_some_and(|&seeding| seeding != 0) {
+        // Userspace is reading the socket table: it must not seed this one too.
+        let _ = ESTABLISHED_WHILE_SEEDING.insert(key, 1, 0);
+    }
+    if store_flow(socket(ops), &mut flow).is_some() {
+        add(&mut counters.accepted, 1);
+        // OR: other sock_ops programs may have set flags of their own.
+        let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+        let _ = ctx.set_cb_flags(flags as i32);
+    } else {
+        // The kernel could not allocate the storage: untracked. Userspace counts it as
+        // unknown from the socket table (docs/accounting.md).
+        add(&mut counters.established, u64::MAX);
+        add(&mut counters.tracked, u64::MAX);
+        if in_flight {
+            add(&mut counters.in_flight, u64::MAX);
         }
-        Err(err) => {
-            add(&mut counters.established, u64::MAX);
-            add(&mut counters.tracked, u64::MAX);
-            if in_flight {
-                add(&mut counters.in_flight, u64::MAX);
-            }
-            if err == -E2BIG {
-                add(&mut counters.flow_table_full, 1);
-            }
-        }
+        add(&mut counters.flow_table_full, 1);
+        let _ = UNTRACKED.insert(key, 1, 0);
     }
 }
 
@@ -153,16 +152,9 @@ fn closed(ctx: &SockOpsContext, old_state: u32) {
         return;
     }
     let ops = ctx.ops;
-    // SAFETY: as in established.
-    let port = unsafe { field(addr_of!((*ops).local_port)) } as u16;
-    let Some(key) = flow_key(ops, port) else {
-        return;
+    let Some(flow) = stored_flow(socket(ops)) else {
+        return; // a socket the agent never tracked (not a backend port, untracked)
     };
-    let Some(flow) = FLOWS.get_ptr_mut(key) else {
-        return; // a socket the agent never tracked (table full, not a backend port)
-    };
-    // SAFETY: valid for this program run (see accounting::lookup).
-    let flow = unsafe { &mut *flow };
     // SAFETY: as in established.
     let all_acked = unsafe { field(addr_of!((*ops).snd_una)) == field(addr_of!((*ops).snd_nxt)) };
     let hints = flow.hints;
@@ -184,7 +176,7 @@ fn closed(ctx: &SockOpsContext, old_state: u32) {
         // abort whose RST the node sends after this callback (recounted at egress).
         Ending::Vanished
     };
-    end(&key, flow, ending);
+    end(flow, ending);
 }
 
 /// The counters a new connection of `backend` is counted under: those of the instance the
@@ -206,23 +198,33 @@ fn instance_slot(backend: u32, key: &FlowKey) -> u32 {
     counter_slot(backend, instance)
 }
 
-/// Ends a kernel-established flow exactly once: claim it, copy what the accounting needs,
-/// then remove the entry.
+/// Ends a kernel-established flow exactly once. Its storage stays with the socket until the
+/// kernel frees it, marked removed: a RST the node sends after the state change finds it.
 #[inline(always)]
-fn end(key: &FlowKey, flow: &mut Flow, ending: Ending) {
+fn end(flow: &mut Flow, ending: Ending) {
     let Some(counted) = claim(flow) else {
         return;
     };
-    // Copies first: after the delete the element may be reused.
-    let backend = flow.backend;
-    let request_pending = flow.request_pending != 0;
-    let _ = FLOWS.remove(key);
     if ending == Ending::Vanished {
         // SAFETY: helper without preconditions.
-        let now = unsafe { bpf_ktime_get_ns() };
-        let _ = JUST_ENDED.insert(key, now, 0);
+        flow.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+        hint(flow, ENDED_VANISHED);
     }
-    account_end(backend, counted, request_pending, ending, true);
+    account_end(
+        flow.backend,
+        counted,
+        flow.request_pending != 0,
+        ending,
+        true,
+    );
+}
+
+/// The socket of a `sock_ops` callback.
+#[inline(always)]
+fn socket(ops: *mut bpf_sock_ops) -> *mut aya_ebpf::bindings::bpf_sock {
+    // SAFETY: a context field of this program run (the kernel's full socket for the
+    // callbacks handled here; the storage helper checks it either way).
+    unsafe { read_volatile(addr_of!((*ops).__bindgen_anon_2.sk)) }
 }
 
 /// Payload bytes of the skb that completed the handshake: its length minus the TCP header,
@@ -295,9 +297,16 @@ fn flow_key(ops: *mut bpf_sock_ops, server_port: u16) -> Option<FlowKey> {
 
 #[inline(always)]
 fn our_netns(ctx: &SockOpsContext) -> bool {
-    // SAFETY: the helper takes the program's context; NETNS_COOKIE is a read-only global that
-    // the loader patched (volatile: the compiler must not fold the 0 it was built with).
-    unsafe { bpf_get_netns_cookie(ctx.ops.cast()) == read_volatile(addr_of!(NETNS_COOKIE)) }
+    // SAFETY: the helper takes the program's context.
+    unsafe { bpf_get_netns_cookie(ctx.ops.cast()) == our_netns_cookie() }
+}
+
+/// The agent's network namespace cookie.
+#[inline(always)]
+pub fn our_netns_cookie() -> u64 {
+    // SAFETY: NETNS_COOKIE is a read-only global that the loader patched (volatile: the
+    // compiler must not fold the 0 it was built with).
+    unsafe { read_volatile(addr_of!(NETNS_COOKIE)) }
 }
 
 /// One 32-bit context load.

@@ -1,7 +1,7 @@
 //! drain-agent's kernel side: a `sock_ops` program on the cgroup-v2 root that starts and ends
-//! flows from the kernel's own socket state, and two TC classifiers (ingress and egress) that
-//! keep each flow's in-flight state from its segments, with per-backend aggregates of
-//! established, in-flight and idle connections. They only observe: every packet continues
+//! flows from the kernel's own socket state, and two `cgroup_skb` programs there (ingress and
+//! egress) that keep each flow's in-flight state from its segments, with per-backend
+//! aggregates of established, in-flight and idle connections. They only observe: every packet continues
 //! unchanged, every socket operation proceeds. The one program that steers is the gate (XDP),
 //! attached only where a backend configures one: while a backend drains, it refuses new
 //! connections to its ports with a RST, until a deadline it checks itself. The other is the
@@ -23,27 +23,25 @@ mod steer;
 mod tracking;
 
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC,
-    macros::{classifier, sk_lookup, sock_ops, xdp},
-    programs::{SkLookupContext, SockOpsContext, TcContext, XdpContext},
+    macros::{cgroup_skb, sk_lookup, sock_ops, xdp},
+    programs::{SkBuffContext, SkLookupContext, SockOpsContext, XdpContext},
 };
 
-/// Client → node. `TC_ACT_UNSPEC` hands the packet to the next program (or the stack) untouched.
-#[classifier]
-pub fn drain_ingress(ctx: TcContext) -> i32 {
-    if let Some(segment) = packet::tc_segment(&ctx, packet::Direction::ToServer) {
-        tracking::from_client(&segment);
-    }
-    TC_ACT_UNSPEC
+/// What a `cgroup_skb` program returns to let the packet through.
+const PASS: i32 = 1;
+
+/// Client → node, at the receiving socket (cgroup-v2 root). Always lets the packet through.
+#[cgroup_skb(ingress)]
+pub fn drain_ingress(ctx: SkBuffContext) -> i32 {
+    tracking::packet(&ctx, packet::Direction::ToServer);
+    PASS
 }
 
-/// Node → client.
-#[classifier]
-pub fn drain_egress(ctx: TcContext) -> i32 {
-    if let Some(segment) = packet::tc_segment(&ctx, packet::Direction::FromServer) {
-        tracking::from_server(&segment);
-    }
-    TC_ACT_UNSPEC
+/// Node → client, from the sending socket.
+#[cgroup_skb(egress)]
+pub fn drain_egress(ctx: SkBuffContext) -> i32 {
+    tracking::packet(&ctx, packet::Direction::FromServer);
+    PASS
 }
 
 /// The gate: a RST for a new connection to a closed backend, `XDP_PASS` for everything else.

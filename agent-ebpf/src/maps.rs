@@ -2,7 +2,8 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use drain_agent_common::{
@@ -18,13 +19,33 @@ use drain_agent_common::{
 #[map]
 pub static BACKEND_BY_PORT: Array<u32> = Array::with_max_entries(65536, 0);
 
-/// Connections the kernel established while the agent watched, created at
-/// `PASSIVE_ESTABLISHED` and removed at the kernel's change to `TCP_CLOSE`, both by the
-/// `sock_ops` program and nothing else. A plain hash map, not LRU: an LRU map would silently
-/// evict live connections; here a failed insert is counted as `flow_table_full`. Userspace
-/// resizes it from `flow_table_size` at load time.
+/// Connections the kernel established while the agent watched: one `Flow` in each socket's own
+/// storage, created at `PASSIVE_ESTABLISHED` by the `sock_ops` program and ended at the
+/// kernel's change to `TCP_CLOSE` (it is freed with the socket). The packet programs find it
+/// from the socket the kernel already attached to the packet — no tuple to hash, no table to
+/// fill, no tuple reuse to race with (docs/accounting.md).
+#[btf_map]
+pub static FLOW_STORAGE: SkStorage<Flow> = SkStorage::new();
+
+/// 1 from before the `sock_ops` program is attached until userspace has read the socket table
+/// for connections older than the agent: meanwhile each connection it starts tracking is also
+/// noted in `ESTABLISHED_WHILE_SEEDING`, so that seeding skips it (socket storage cannot be
+/// read from userspace without the socket).
 #[map]
-pub static FLOWS: HashMap<FlowKey, Flow> = HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, 0);
+pub static SEEDING: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The tuples established while `SEEDING` was 1. LRU: seeding takes milliseconds; a tuple lost
+/// to 65,536 newer ones in that window would be seeded as unknown as well (counted twice until
+/// it ends).
+#[map]
+pub static ESTABLISHED_WHILE_SEEDING: LruHashMap<FlowKey, u32> =
+    LruHashMap::with_max_entries(65536, 0);
+
+/// Tuples of connections the kernel established but whose storage could not be allocated
+/// (counted as `flow_table_full`): userspace seeds them from the socket table as unknown, and
+/// deletes them here.
+#[map]
+pub static UNTRACKED: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(65536, 0);
 
 /// Connections older than the agent, seeded by userspace; the programs update and may end them
 /// (mark them removed) but only userspace deletes. Not preallocated: it holds only what was
@@ -38,13 +59,6 @@ pub static SEEDED_FLOWS: HashMap<FlowKey, Flow> =
 /// hash lookup, not two.
 #[map]
 pub static SEEDED_FLOWS_IN_USE: Array<u32> = Array::with_max_entries(1, 0);
-
-/// Flows the state callback just ended as `vanished` → when (CLOCK_MONOTONIC ns). The kernel
-/// changes the state to `TCP_CLOSE` before it sends the RST of an abort (close with unread
-/// data, SO_LINGER 0), so the egress program re-counts such an ending as `reset_by_server`
-/// when that RST follows. LRU: losing an old entry only loses that re-count.
-#[map]
-pub static JUST_ENDED: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// Per-backend aggregates, per CPU so that the hot path needs no atomics on shared counters;
 /// one entry per backend and instance slot (`steer::counter_slot`): a backend's totals are

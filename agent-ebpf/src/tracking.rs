@@ -1,20 +1,35 @@
-//! The TC programs' part: the in-flight definition, updated from every segment of a tracked
-//! connection (docs/accounting.md). They never create or end a connection the kernel
+//! The packet programs' part: the in-flight definition, updated from every segment of a
+//! tracked connection (docs/accounting.md). They never create or end a connection the kernel
 //! established — the `sock_ops` program does (lifecycle.rs) — they only record hints (a FIN, a
 //! RST at the exact sequence, a RST from the node) that classify the kernel's ending. Seeded
-//! connections (older than the agent) have no kernel callback, so the TC programs end those on
-//! the FIN pair or an exact RST; userspace deletes their entries.
+//! connections (older than the agent) have no kernel callback, so the packet programs end those
+//! on the FIN pair or an exact RST; userspace deletes their entries.
+//!
+//! They run at the cgroup hooks of the node's sockets (`cgroup_skb`), where the kernel has
+//! already found the packet's socket: a connection's flow is in that socket's storage, so a
+//! packet costs the local port's array lookup and, on a backend port, one storage read — no
+//! tuple hashed, no table searched.
 
-use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
+use core::intrinsics::{AtomicOrdering, atomic_and};
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_netns_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    programs::SkBuffContext,
+};
 use drain_agent_common::flow::{
-    COUNTED_REMOVED, COUNTED_UNKNOWN, FIN_FROM_CLIENT, FIN_FROM_SERVER, Flow, PAYLOAD_SEEN,
-    RST_FROM_CLIENT, RST_FROM_SERVER, in_client_window, seq_after,
+    COUNTED_REMOVED, COUNTED_UNKNOWN, ENDED_VANISHED, FIN_FROM_CLIENT, FIN_FROM_SERVER, Flow,
+    PAYLOAD_SEEN, RST_FROM_CLIENT, RST_FROM_SERVER, in_client_window, seq_after,
 };
 
 use crate::{
-    accounting::{Ending, account_end, claim, counters, hint, lookup, settle},
-    maps::JUST_ENDED,
-    packet::{Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    accounting::{
+        Ending, account_end, claim, counters, hint, seeded_flow, seeded_in_use, settle,
+        stored_flow,
+    },
+    lifecycle::our_netns_cookie,
+    maps::BACKEND_BY_PORT,
+    packet::{self, Direction, Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 /// last_seen_ns only needs GC precision; skipping the store keeps the flow's cache line clean.
@@ -23,14 +38,59 @@ const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
 /// an abort follows within microseconds (or once the neighbour resolves).
 const ABORT_RST_WITHIN_NS: u64 = 1_000_000_000;
 
-/// A segment from the client. Not trusted: anyone on the path can send one.
+/// One packet of a socket of the node, either way. Returns nothing: the programs only observe.
 #[inline(always)]
-pub fn from_client(segment: &Segment) {
-    let Some((flow, seeded)) = lookup(&segment.key) else {
-        // No state before the kernel established the connection (a SYN, the handshake's ACK),
-        // nor after it ended.
+pub fn packet(ctx: &SkBuffContext, direction: Direction) {
+    let skb = ctx.skb.skb;
+    // SAFETY: a context field of this program run.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // The socket's local port, host order: the backend port both ways. A field of every
+    // socket the kernel attaches (full, request or time-wait). 0 once the kernel closed the
+    // socket and released its port: the RST of an abort leaves after that, and its flow
+    // (ended, in the storage until the socket is freed) re-counts the ending.
+    // SAFETY: checked non-null; the verifier allows this field of any attached socket.
+    let port = unsafe { (*sk).src_port };
+    if port != 0 && !matches!(BACKEND_BY_PORT.get(port), Some(&backend) if backend != 0) {
+        return;
+    }
+    let (flow, seeded) = match stored_flow(sk) {
+        Some(flow) => (flow, false),
+        // Not a connection the agent saw established: perhaps one older than the agent.
+        None if seeded_in_use() => match seeded(ctx, direction) {
+            Some(flow) => (flow, true),
+            None => return,
+        },
+        None => return,
+    };
+    let frame = packet::skb_frame(ctx);
+    let Ok(segment) = packet::parse(frame) else {
         return;
     };
+    match direction {
+        Direction::ToServer => from_client(&segment, flow, seeded),
+        Direction::FromServer => from_server(&segment, flow, seeded),
+    }
+}
+
+/// The seeded flow of the packet's tuple. Seeded flows are found by tuple, which another
+/// namespace's connection may share: only this namespace's packets count.
+#[inline(always)]
+fn seeded(ctx: &SkBuffContext, direction: Direction) -> Option<&'static mut Flow> {
+    // SAFETY: the helper takes the program's context.
+    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != our_netns_cookie() {
+        return None;
+    }
+    let frame = packet::skb_frame(ctx);
+    let segment = packet::parse(frame).ok()?;
+    seeded_flow(&segment.key(frame, direction)?)
+}
+
+/// A segment from the client. Not trusted: anyone on the path can send one.
+#[inline(always)]
+fn from_client(segment: &Segment, flow: &mut Flow, seeded: bool) {
     if flow.counted_in_flight == COUNTED_REMOVED {
         return;
     }
@@ -99,17 +159,14 @@ pub fn from_client(segment: &Segment) {
 
 /// A segment from the node: its own, trusted.
 #[inline(always)]
-pub fn from_server(segment: &Segment) {
+fn from_server(segment: &Segment, flow: &mut Flow, seeded: bool) {
     if segment.has(TCP_SYN) {
         return; // a handshake: no state until the kernel established it
     }
-    let Some((flow, seeded)) = lookup(&segment.key) else {
-        if segment.has(TCP_RST) {
-            recount_abort(segment);
-        }
-        return;
-    };
     if flow.counted_in_flight == COUNTED_REMOVED {
+        if segment.has(TCP_RST) && !seeded {
+            recount_abort(flow);
+        }
         return;
     }
     if seeded {
@@ -160,27 +217,27 @@ fn apply_ack(segment: &Segment, flow: &mut Flow) {
     }
 }
 
-/// The node's RST of a connection the state callback just ended as `vanished`: the kernel
+/// The node's RST of a connection the state callback just ended as vanished: the kernel
 /// changes the state to `TCP_CLOSE` first and sends the RST of an abort (close() with unread
-/// data, SO_LINGER 0) right after, so this is where that ending learns it was the node's
-/// reset. The delete decides who re-counts (exactly once).
+/// data, SO_LINGER 0) right after, from the same socket, so this is where that ending learns
+/// it was the node's reset. Clearing the bit decides who re-counts (exactly once).
 #[inline(always)]
-fn recount_abort(segment: &Segment) {
-    let Some(ended) = JUST_ENDED.get_ptr(segment.key) else {
+fn recount_abort(flow: &mut Flow) {
+    if flow.hints & ENDED_VANISHED == 0 {
         return;
-    };
-    // SAFETY: valid for this program run (see accounting::lookup).
-    let ended = unsafe { *ended };
+    }
     // SAFETY: helper without preconditions.
-    if unsafe { bpf_ktime_get_ns() }.wrapping_sub(ended) > ABORT_RST_WITHIN_NS {
+    if unsafe { bpf_ktime_get_ns() }.wrapping_sub(flow.last_seen_ns) > ABORT_RST_WITHIN_NS {
         return;
     }
-    if JUST_ENDED.remove(segment.key).is_err() {
+    // SAFETY: a valid, aligned u64 in map memory for this program run.
+    let before = unsafe {
+        atomic_and::<u64, u64, { AtomicOrdering::SeqCst }>(&mut flow.hints, !ENDED_VANISHED)
+    };
+    if before & ENDED_VANISHED == 0 {
         return;
     }
-    // The backend's first slot: the flow (and its instance) is gone, and the backend's
-    // totals are the sum over its slots.
-    if let Some(counters) = counters(segment.backend) {
+    if let Some(counters) = counters(flow.backend) {
         // A vanished connection and a node reset are both cuts when in flight: the cut
         // count stays as it is.
         crate::accounting::add(&mut counters.vanished, u64::MAX);

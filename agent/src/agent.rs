@@ -427,12 +427,12 @@ async fn collect_garbage(agent: Arc<Agent>) {
     }
 }
 
-/// How often the agent looks for connections a full flow table missed.
+/// How often the agent looks for connections that went untracked.
 const UNTRACKED_CHECK_EVERY: Duration = Duration::from_millis(500);
 /// Fill level of a backend's flow-table share that is warned about.
 const FLOW_TABLE_WARN_FILL: f64 = 0.8;
 
-/// Counts connections a full flow table missed as unknown (from the socket table, on a
+/// Counts connections that went untracked as unknown (from the socket table, on a
 /// blocking thread), and warns when the table passes 80%.
 async fn count_untracked(agent: Arc<Agent>) {
     let mut warned = false;
@@ -441,11 +441,7 @@ async fn count_untracked(agent: Arc<Agent>) {
         let kernel = agent.kernel.clone();
         let result = tokio::task::spawn_blocking(move || {
             let mut tracker = kernel.tracker.lock().expect("tracker lock");
-            let fill = tracker.sample().ok().and_then(|samples| {
-                tracker
-                    .flow_table(&samples)
-                    .map(|(entries, capacity)| entries as f64 / capacity.max(1) as f64)
-            });
+            let fill = tracker.seeded_table_fill();
             tracker.seed_untracked().map(|seeded| (seeded, fill))
         })
         .await;
@@ -453,8 +449,8 @@ async fn count_untracked(agent: Arc<Agent>) {
             Ok(Ok((_, Some(fill)))) if fill >= FLOW_TABLE_WARN_FILL && !warned => {
                 warn!(
                     fill = format!("{:.0}%", fill * 100.0),
-                    "the flow table is filling: past 80% connections may go untracked (they are \
-                     then counted as unknown from the socket table); raise flow_table_size"
+                    "the table of connections older than the agent is filling: past it, older \
+                     or untracked connections go uncounted; raise flow_table_size"
                 );
                 warned = true;
             }

@@ -39,9 +39,11 @@ pub struct Attachment {
 /// Flow table fill level.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FlowTableStatus {
-    /// Entries in use (established and half-open connections).
+    /// Connections tracked: those established while the agent watched (in their sockets'
+    /// storage) and those seeded (older than the agent, or untracked).
     pub entries: u64,
-    /// Size of the table (`flow_table_size`).
+    /// Size of the table of seeded connections (`flow_table_size`); the sockets' storage has
+    /// no capacity to fill.
     pub capacity: u64,
 }
 
@@ -370,9 +372,9 @@ impl Status {
         {
             let _ = writeln!(
                 out,
-                "warning: the flow table was full: the connections it missed are counted as \
-                 unknown from the socket table and hold drains until settled (raise \
-                 flow_table_size)"
+                "warning: connections went untracked (the kernel could not allocate their \
+                 storage): they are counted as unknown from the socket table and hold drains \
+                 until settled"
             );
         }
         out

@@ -54,7 +54,8 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// How long in-flight must stay at 0 before a backend counts as quiet (docs/accounting.md).
     pub quiet_period: Duration,
-    /// Most connections the kernel flow table holds.
+    /// Most connections the table of seeded connections (older than the agent, or untracked)
+    /// holds.
     pub flow_table_size: u32,
     /// Silence after which the garbage collector checks a tracked connection's socket.
     pub flow_idle_check: Duration,

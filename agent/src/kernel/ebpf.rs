@@ -1,5 +1,6 @@
-//! Loads the kernel programs (the `sock_ops` program on the cgroup-v2 root, the TC programs on
-//! the interfaces), attaches them as links, and reads the kernel's per-backend aggregates.
+//! Loads the kernel programs (the `sock_ops` and packet programs on the cgroup-v2 root, the
+//! gate and the steering where configured), attaches them as links, and reads the kernel's
+//! per-backend aggregates.
 
 use std::{
     collections::HashSet,
@@ -13,7 +14,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
-    programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps},
     util::KernelVersion,
 };
 use drain_agent_common::{
@@ -115,7 +116,6 @@ impl EbpfTracker {
             aya_log::Level::Info
         } as u8;
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::FLOWS, config.flow_table_size)
             .map_max_entries(names::SEEDED_FLOWS, config.flow_table_size)
             .override_global(names::NETNS_COOKIE, &netns_cookie, true)
             .override_global(aya_log::LEVEL, &kernel_log_level, false)
@@ -134,16 +134,19 @@ impl EbpfTracker {
             }
         }
 
+        // Until the socket table is read for connections older than the agent, every
+        // connection the sock_ops program starts tracking is noted, so seeding skips it.
+        set_flag(&mut ebpf, names::SEEDING, true)?;
+        let cgroup = File::open(&cgroup_root).map_err(|err| TrackerError::Attach {
+            interface: cgroup_root.display().to_string(),
+            direction: "sock_ops",
+            source: Box::new(err),
+        })?;
         let mut attachments = Vec::new();
-        // Connections start and end here: the TC programs below only follow them. Attached
-        // first, so that a connection established once the TC programs see its packets has
-        // an entry (the ones before are seeded from the socket table afterwards).
+        // Connections start and end here: the packet programs below only follow them.
+        // Attached first, so that a connection established once the packet programs see its
+        // packets has a flow (the ones before are seeded from the socket table afterwards).
         {
-            let cgroup = File::open(&cgroup_root).map_err(|err| TrackerError::Attach {
-                interface: cgroup_root.display().to_string(),
-                direction: "sock_ops",
-                source: Box::new(err),
-            })?;
             let program: &mut SockOps = program_mut(&mut ebpf, names::SOCK_OPS_PROGRAM)?;
             program.load().map_err(load_error)?;
             let program_id = program.info().map_err(load_error)?.id();
@@ -166,32 +169,34 @@ impl EbpfTracker {
                 mode: None,
             });
         }
+        // At the sockets, not the interfaces: the kernel has found the packet's socket there,
+        // and the flow lives in its storage (docs/accounting.md). Every interface, loopback
+        // included, of the agent's namespace.
         for (program, attach_type, direction) in [
-            (names::INGRESS_PROGRAM, TcAttachType::Ingress, "ingress"),
-            (names::EGRESS_PROGRAM, TcAttachType::Egress, "egress"),
+            (
+                names::INGRESS_PROGRAM,
+                CgroupSkbAttachType::Ingress,
+                "ingress",
+            ),
+            (names::EGRESS_PROGRAM, CgroupSkbAttachType::Egress, "egress"),
         ] {
-            let classifier: &mut SchedClassifier = program_mut(&mut ebpf, program)?;
-            classifier.load().map_err(load_error)?;
-            let program_id = classifier.info().map_err(load_error)?.id();
-            for interface in &config.interfaces {
-                classifier
-                    .attach(interface, attach_type)
-                    .map_err(|err| TrackerError::Attach {
-                        interface: interface.clone(),
-                        direction,
-                        source: Box::new(err),
-                    })?;
-                debug!(
-                    interface,
-                    direction, program_id, "attached TC program as a TCX link"
-                );
-                attachments.push(Attachment {
-                    interface: interface.clone(),
-                    direction: direction.to_string(),
-                    program_id,
-                    mode: None,
-                });
-            }
+            let program: &mut CgroupSkb = program_mut(&mut ebpf, program)?;
+            program.load().map_err(load_error)?;
+            let program_id = program.info().map_err(load_error)?.id();
+            program
+                .attach(&cgroup, attach_type, CgroupAttachMode::Single)
+                .map_err(|err| TrackerError::Attach {
+                    interface: cgroup_root.display().to_string(),
+                    direction,
+                    source: Box::new(err),
+                })?;
+            debug!(cgroup = %cgroup_root.display(), direction, program_id, "attached packet program as a cgroup link");
+            attachments.push(Attachment {
+                interface: cgroup_root.display().to_string(),
+                direction: direction.to_string(),
+                program_id,
+                mode: None,
+            });
         }
         let kernel_log = if gate::wanted(config) {
             attachments.extend(gate::attach(&mut ebpf, config)?);
@@ -234,31 +239,33 @@ impl EbpfTracker {
                 .collect(),
             kernel_log,
         }
-        .with_existing_connections())
+        .with_existing_connections()?)
     }
 
-    /// Whether connections went untracked (the flow table was full) since the last seeding.
+    /// Whether connections went untracked (no storage for them) since the last seeding.
     pub fn untracked_pending(&self) -> Result<bool, TrackerError> {
         Ok(self.sample()?.iter().any(|sample| sample.untracked_pending))
     }
 
-    /// The fallback for a full flow table: connections the kernel established but could not
-    /// track are taken from the socket table into `SEEDED_FLOWS` as unknown, exactly like
-    /// connections older than the agent, so a drain waits for evidence about them instead of
-    /// trusting a table that missed them (docs/accounting.md). Returns how many were added.
+    /// The fallback for connections the kernel established but could not give storage (the
+    /// kernel was out of memory): they are taken from the socket table into `SEEDED_FLOWS` as
+    /// unknown, exactly like connections older than the agent, so a drain waits for evidence
+    /// about them instead of trusting a count that missed them (docs/accounting.md). Returns
+    /// how many were added.
     pub fn seed_untracked(&mut self) -> Result<usize, TrackerError> {
         let totals: Vec<u64> = self
             .sample()?
             .iter()
             .map(|sample| sample.flow_table_full.unwrap_or(0))
             .collect();
-        let seeded = self.seed_from_socket_table();
+        let untracked = self.take_keys(names::UNTRACKED)?;
+        let seeded = self.seed_from_socket_table(Seed::Only(&untracked));
         self.untracked_covered = totals;
         if seeded > 0 {
             warn!(
                 seeded,
-                "the flow table was full: connections it missed are counted as unknown from the \
-                 socket table (raise flow_table_size)"
+                "connections the kernel could not give storage are counted as unknown from the \
+                 socket table"
             );
         }
         Ok(seeded)
@@ -268,38 +275,58 @@ impl EbpfTracker {
     /// the socket table, to `SEEDED_FLOWS`: without them a restarted agent would undercount
     /// and could call a node drained while an older connection still carries a request. They
     /// start with unknown sequence numbers, which their first segment in each direction sets.
-    /// The kernel never called back for them, so the TC programs end them (FIN pair, exact
-    /// RST) and the garbage collector deletes them.
-    fn with_existing_connections(mut self) -> EbpfTracker {
-        let seeded = self.seed_from_socket_table();
+    /// The kernel never called back for them, so the packet programs end them (FIN pair,
+    /// exact RST) and the garbage collector deletes them.
+    fn with_existing_connections(mut self) -> Result<EbpfTracker, TrackerError> {
+        // Read after the socket table: a connection established before the read and after
+        // the sock_ops program was attached is in both, and is the kernel's.
+        let sockets = sockets::tcp_sockets();
+        let tracked = self.take_keys(names::ESTABLISHED_WHILE_SEEDING)?;
+        set_flag(&mut self.ebpf, names::SEEDING, false)?;
+        let _ = self.take_keys(names::ESTABLISHED_WHILE_SEEDING)?;
+        let seeded = match sockets {
+            Ok(sockets) => self.seed(sockets, Seed::Except(&tracked)),
+            Err(err) => {
+                warn!(%err, "cannot read the socket table: connections older than the agent are not counted");
+                0
+            }
+        };
         if seeded > 0 {
             info!(
                 seeded,
                 "counted connections established before the agent started, as unknown"
             );
         }
-        self
+        Ok(self)
     }
 
-    /// Adds every established connection on a backend port that neither map holds to
-    /// `SEEDED_FLOWS`, as unknown; returns how many.
-    fn seed_from_socket_table(&mut self) -> usize {
-        let sockets = match sockets::tcp_sockets() {
-            Ok(sockets) => sockets,
+    /// Removes and returns every key of one of the tuple maps the `sock_ops` program writes.
+    fn take_keys(&mut self, name: &'static str) -> Result<HashSet<FlowKey>, TrackerError> {
+        let mut keys: HashMap<&mut MapData, FlowKey, u32> =
+            HashMap::try_from(map_mut(&mut self.ebpf, name)?).map_err(read_error(name))?;
+        let taken: HashSet<FlowKey> = keys.keys().filter_map(Result::ok).collect();
+        for key in &taken {
+            let _ = keys.remove(key);
+        }
+        Ok(taken)
+    }
+
+    /// Reads the socket table and seeds what `which` selects; returns how many.
+    fn seed_from_socket_table(&mut self, which: Seed<'_>) -> usize {
+        match sockets::tcp_sockets() {
+            Ok(sockets) => self.seed(sockets, which),
             Err(err) => {
-                warn!(%err, "cannot read the socket table: connections the flow table does not hold are not counted");
-                return 0;
+                warn!(%err, "cannot read the socket table: untracked connections are not counted");
+                0
             }
-        };
-        let established: HashSet<FlowKey> = match map(&self.ebpf, names::FLOWS).and_then(|flows| {
-            HashMap::<&MapData, FlowKey, Flow>::try_from(flows)
-                .map_err(read_error("the flow table"))
-        }) {
-            Ok(flows) => flows.keys().filter_map(Result::ok).collect(),
-            Err(_) => return 0,
-        };
-        // Before the first insert: the TC programs look in SEEDED_FLOWS only while it is in
-        // use, and a segment of a just-seeded connection must find it.
+        }
+    }
+
+    /// Adds the established connections on a backend port that `which` selects to
+    /// `SEEDED_FLOWS`, as unknown; returns how many.
+    fn seed(&mut self, sockets: Vec<sockets::Socket>, which: Seed<'_>) -> usize {
+        // Before the first insert: the packet programs look in SEEDED_FLOWS only while it is
+        // in use, and a segment of a just-seeded connection must find it.
         self.mark_seeded_in_use(true);
         let Ok(flows) = map_mut(&mut self.ebpf, names::SEEDED_FLOWS) else {
             return 0;
@@ -324,8 +351,12 @@ impl EbpfTracker {
                 client_port,
                 server_port,
             };
-            // Established after the sock_ops program was attached: the kernel's own entry.
-            if established.contains(&key) {
+            let wanted = match which {
+                // Established after the sock_ops program was attached: the kernel's own flow.
+                Seed::Except(tracked) => !tracked.contains(&key),
+                Seed::Only(untracked) => untracked.contains(&key),
+            };
+            if !wanted {
                 continue;
             }
             // Whatever its queues say now, the agent did not see its request begin: a
@@ -357,16 +388,11 @@ impl EbpfTracker {
         seeded
     }
 
-    /// Tells the TC programs whether `SEEDED_FLOWS` may hold entries: while it does not, a
-    /// segment without an entry in `FLOWS` (a handshake, the last ACK after a close) costs one
-    /// hash lookup, not two. Only userspace inserts there, so it always knows.
+    /// Tells the packet programs whether `SEEDED_FLOWS` may hold entries: while it does not,
+    /// a packet of a socket without storage (a listener's, a handshake's) costs no hash
+    /// lookup. Only userspace inserts there, so it always knows.
     fn mark_seeded_in_use(&mut self, in_use: bool) {
-        let result = map_mut(&mut self.ebpf, names::SEEDED_FLOWS_IN_USE).and_then(|map| {
-            Array::<&mut MapData, u32>::try_from(map)
-                .and_then(|mut flag| flag.set(0, u32::from(in_use), 0))
-                .map_err(load_error)
-        });
-        if let Err(err) = result {
+        if let Err(err) = set_flag(&mut self.ebpf, names::SEEDED_FLOWS_IN_USE, in_use) {
             // A one-entry array of this object: failing means the object itself is broken.
             warn!(%err, "cannot update the seeded-flows flag");
         }
@@ -495,6 +521,16 @@ impl EbpfTracker {
         self.flow_table_size
     }
 
+    /// Entries of `SEEDED_FLOWS` (userspace inserted and deleted every one) over its size.
+    pub fn seeded_table_fill(&self) -> f64 {
+        let entries: i64 = self
+            .adjustments
+            .iter()
+            .map(|adjustment| adjustment.tracked)
+            .sum();
+        entries.max(0) as f64 / f64::from(self.flow_table_size.max(1))
+    }
+
     /// Deletes seeded flows (connections older than the agent) that are over: those the TC
     /// programs ended (FIN pair, exact RST) or a new handshake on their tuple replaced, and
     /// those silent for `flow_idle_check` whose socket no longer exists (the kernel gave up
@@ -587,6 +623,22 @@ impl EbpfTracker {
         self.release_seeded_if_empty();
         Ok(removed)
     }
+}
+
+/// Which established connections of the socket table a seeding adds.
+#[derive(Clone, Copy)]
+enum Seed<'a> {
+    /// All but these (the kernel's own, established while the agent started).
+    Except(&'a HashSet<FlowKey>),
+    /// Only these (established but untracked).
+    Only(&'a HashSet<FlowKey>),
+}
+
+/// Sets a one-entry flag array of the object.
+fn set_flag(ebpf: &mut Ebpf, name: &'static str, on: bool) -> Result<(), TrackerError> {
+    Array::<&mut MapData, u32>::try_from(map_mut(ebpf, name)?)
+        .and_then(|mut flag| flag.set(0, u32::from(on), 0))
+        .map_err(load_error)
 }
 
 /// What `garbage_candidates` found; `remove_garbage` finishes with the socket table.

@@ -232,18 +232,18 @@ impl Metrics {
         );
         registry.register(
             "flow_table_full",
-            "New connections not tracked because the flow table was full",
+            "New connections not tracked: the kernel could not allocate their storage (they are counted as unknown from the socket table)",
             metrics.flow_table_full.clone(),
         );
         if kernel_mode == "ebpf" {
             registry.register(
                 "flow_table_entries",
-                "Connections in the kernel flow table",
+                "Connections tracked by the kernel programs (in their sockets' storage, and seeded ones)",
                 metrics.flow_table_entries.clone(),
             );
             registry.register(
                 "flow_table_capacity",
-                "Size of the kernel flow table",
+                "Size of the table of seeded connections (older than the agent, or untracked): flow_table_size",
                 metrics.flow_table_capacity.clone(),
             );
         }
@@ -323,7 +323,7 @@ impl Metrics {
         );
         registry.register(
             "backend_flow_table_entries",
-            "The backend's entries in the kernel flow table (its share of flow_table_capacity)",
+            "The backend's tracked connections",
             metrics.backend_table.clone(),
         );
         registry.register(

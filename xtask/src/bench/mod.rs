@@ -22,7 +22,7 @@ mod scale;
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::unix::net::UnixStream,
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -31,7 +31,7 @@ use aya::programs::XdpMode;
 use drain_agent_tests::{Agent, Lab, Process, http::Connection, load::oha_binary, wait_until};
 use serde_json::{Value, json};
 
-use program_cost::{Baseline, EMPTY_TC_EGRESS, EMPTY_TC_INGRESS, EMPTY_XDP, RunTimeStats, Runs};
+use program_cost::{Baseline, EMPTY_SKB_EGRESS, EMPTY_SKB_INGRESS, EMPTY_XDP, RunTimeStats, Runs};
 
 /// The test API (gunicorn): its `/slow` endpoint holds a request for the detection figure.
 const API: u16 = 8080;
@@ -152,7 +152,7 @@ pub fn run(json_path: Option<&Path>, only: &[Section]) -> Result<()> {
         start_agent(&lab)
     };
     let agent = if wanted(Section::Cost) {
-        figures.extend(tc_cost(&lab, &agent)?);
+        figures.extend(packet_cost(&lab, &agent)?);
         let (agent, xdp) = xdp_gate_cost(&lab, agent)?;
         figures.extend(xdp);
         agent
@@ -385,39 +385,50 @@ fn agent_program_ids(agent: &Agent) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// The agent's TC programs against the bench's empty TC programs, attached after them on the
-/// same interface (so both run on every packet), in the same windows.
-fn tc_cost(lab: &Lab, agent: &Agent) -> Result<Vec<Figure>> {
+/// The agent's packet programs (`cgroup_skb`, both directions) against the bench's empty
+/// ones, attached after them on the same cgroup (so both run on every packet), in the same
+/// windows.
+///
+/// At the cgroup-v2 root they run on every socket of the machine, the bench's client (oha,
+/// in the client namespace) included: every segment between client and node runs them once at
+/// the sender's socket and once at the receiver's, so exactly half the runs are the node's.
+/// To the unwatched port, every run is an unwatched one (the node's port is not a backend's,
+/// nor is the client's). To the watched port, the client's half are the same unwatched runs,
+/// so the node's watched runs cost `(total - half × unwatched cost per run) / half`. The
+/// empty programs cost the same for every packet.
+fn packet_cost(lab: &Lab, agent: &Agent) -> Result<Vec<Figure>> {
     let status = agent.status();
-    let agent_program = |direction: &str| -> Result<u32> {
+    let attachment = |direction: &str| -> Result<(u32, PathBuf)> {
         status["attachments"]
             .as_array()
             .into_iter()
             .flatten()
-            .find(|a| a["interface"] == "eth0" && a["direction"] == direction)
-            .and_then(|a| a["program_id"].as_u64())
-            .map(|id| id as u32)
-            .with_context(|| format!("no {direction} program on eth0 in status: {status}"))
+            .find(|a| a["direction"] == direction && a["program_id"].as_u64().is_some())
+            .map(|a| {
+                (
+                    a["program_id"].as_u64().unwrap_or_default() as u32,
+                    PathBuf::from(a["interface"].as_str().unwrap_or_default()),
+                )
+            })
+            .with_context(|| format!("no {direction} program in status: {status}"))
     };
-    let ids_agent = [agent_program("ingress")?, agent_program("egress")?];
+    let (ingress, cgroup_root) = attachment("ingress")?;
+    let (egress, _) = attachment("egress")?;
     let dir = lab.dir.path().to_path_buf();
     let baseline = lab.node.run(move || -> Result<Baseline> {
         let mut baseline = Baseline::load(&dir)?;
-        baseline.attach_tc("eth0")?;
+        baseline.attach_cgroup_skb(&cgroup_root)?;
         Ok(baseline)
     })?;
     let ids = [
-        ids_agent[0],
-        ids_agent[1],
-        baseline.id(EMPTY_TC_INGRESS)?,
-        baseline.id(EMPTY_TC_EGRESS)?,
+        ingress,
+        egress,
+        baseline.id(EMPTY_SKB_INGRESS)?,
+        baseline.id(EMPTY_SKB_EGRESS)?,
     ];
     let stats = RunTimeStats::enable()?;
-    let mut figures = Vec::new();
-    for (port, what, goal) in [
-        (FAST, "watched port", 2.0),
-        (UNWATCHED, "unwatched port", 1.3),
-    ] {
+    let mut windows = Vec::new();
+    for port in [UNWATCHED, FAST] {
         let runs =
             program_cost::during(&stats, &ids, || oha_max(lab, port, COST_WINDOW).map(drop))?;
         let (drain, empty) = (runs[0].plus(runs[1]), runs[2].plus(runs[3]));
@@ -425,25 +436,52 @@ fn tc_cost(lab: &Lab, agent: &Agent) -> Result<Vec<Figure>> {
             drain.count > 1000 && drain.count == empty.count,
             "the agent's and the empty programs must run on the same packets: {runs:?}"
         );
-        println!(
-            "TC cost, {what}: {} packets; ingress {:.1} ns vs {:.1} ns empty, egress {:.1} ns vs {:.1} ns empty",
-            drain.count,
-            runs[0].per_run_ns(),
-            runs[2].per_run_ns(),
-            runs[1].per_run_ns(),
-            runs[3].per_run_ns()
-        );
-        figures.push(cost_figure(
-            &format!("TC cost per packet, {what}"),
-            drain,
-            empty,
-            "empty TC program, same interface and packets",
-            goal,
-        ));
+        windows.push((drain, empty));
     }
     drop(stats);
     drop(baseline);
-    Ok(figures)
+    let [(unwatched, unwatched_empty), (watched, watched_empty)] = windows[..] else {
+        bail!("two windows expected");
+    };
+    let node_runs = watched.count / 2;
+    let node_watched = Runs {
+        nanoseconds: (watched.nanoseconds as f64
+            - unwatched.per_run_ns() * (watched.count - node_runs) as f64)
+            .max(0.0) as u64,
+        count: node_runs,
+    };
+    let node_empty = Runs {
+        nanoseconds: (watched_empty.per_run_ns() * node_runs as f64) as u64,
+        count: node_runs,
+    };
+    println!(
+        "packet programs, unwatched port: {} runs, {:.1} ns vs {:.1} ns empty; watched port: {} \
+         runs (half the node's), {:.1} ns vs {:.1} ns empty on average, the node's watched runs \
+         {:.1} ns",
+        unwatched.count,
+        unwatched.per_run_ns(),
+        unwatched_empty.per_run_ns(),
+        watched.count,
+        watched.per_run_ns(),
+        watched_empty.per_run_ns(),
+        node_watched.per_run_ns(),
+    );
+    Ok(vec![
+        cost_figure(
+            "packet programs' cost per packet, watched port (the node's socket)",
+            node_watched,
+            node_empty,
+            "empty cgroup_skb program, same hook and packets",
+            2.0,
+        ),
+        cost_figure(
+            "packet programs' cost per packet, unwatched port",
+            unwatched,
+            unwatched_empty,
+            "empty cgroup_skb program, same hook and packets",
+            1.3,
+        ),
+    ])
 }
 
 fn cost_figure(name: &str, program: Runs, empty: Runs, baseline: &str, goal: f64) -> Figure {

@@ -1,6 +1,6 @@
 //! What a kernel program costs per packet, against an empty program of the same type that
-//! runs on the same interface, on the same packets, in the same window: the kernel's own
-//! run-time statistics (`BPF_ENABLE_STATS`, `run_time_ns` / `run_cnt` of `bpf_prog_info`).
+//! runs at the same hook, on the same packets, in the same window: the kernel's own run-time
+//! statistics (`BPF_ENABLE_STATS`, `run_time_ns` / `run_cnt` of `bpf_prog_info`).
 //!
 //! The empty programs are the bench's own tiny object, assembled here with LLVM's `llvm-mc`
 //! (installed by `cargo xtask setup` for bpf-linker): they are never part of the shipped
@@ -16,28 +16,31 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
-    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, loaded_programs},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Xdp, XdpMode, loaded_programs,
+    },
 };
 
-/// An empty TC classifier (`TC_ACT_UNSPEC`: the next program runs, as after the agent's) and
-/// an empty XDP program (`XDP_PASS`).
+/// Two empty `cgroup_skb` programs, one per direction (1: let the packet through, as the
+/// agent's do), and an empty XDP program (`XDP_PASS`).
 const BASELINE_ASSEMBLY: &str = r#"
-	.section	classifier,"ax",@progbits
-	.globl	empty_tc_ingress
-	.type	empty_tc_ingress,@function
-empty_tc_ingress:
-	r0 = -1
+	.section	cgroup_skb/ingress,"ax",@progbits
+	.globl	empty_skb_ingress
+	.type	empty_skb_ingress,@function
+empty_skb_ingress:
+	r0 = 1
 	exit
-.Lempty_tc_ingress_end:
-	.size	empty_tc_ingress, .Lempty_tc_ingress_end-empty_tc_ingress
+.Lempty_skb_ingress_end:
+	.size	empty_skb_ingress, .Lempty_skb_ingress_end-empty_skb_ingress
 
-	.globl	empty_tc_egress
-	.type	empty_tc_egress,@function
-empty_tc_egress:
-	r0 = -1
+	.section	cgroup_skb/egress,"ax",@progbits
+	.globl	empty_skb_egress
+	.type	empty_skb_egress,@function
+empty_skb_egress:
+	r0 = 1
 	exit
-.Lempty_tc_egress_end:
-	.size	empty_tc_egress, .Lempty_tc_egress_end-empty_tc_egress
+.Lempty_skb_egress_end:
+	.size	empty_skb_egress, .Lempty_skb_egress_end-empty_skb_egress
 
 	.section	xdp,"ax",@progbits
 	.globl	empty_xdp
@@ -55,10 +58,10 @@ LICENSE:
 	.size	LICENSE, 4
 "#;
 
-/// The empty TC programs' names in the bench's object: one per direction, so that each
-/// direction has its own statistics.
-pub const EMPTY_TC_INGRESS: &str = "empty_tc_ingress";
-pub const EMPTY_TC_EGRESS: &str = "empty_tc_egress";
+/// The empty `cgroup_skb` programs' names in the bench's object: one per direction, so that
+/// each direction has its own statistics.
+pub const EMPTY_SKB_INGRESS: &str = "empty_skb_ingress";
+pub const EMPTY_SKB_EGRESS: &str = "empty_skb_egress";
 /// The empty XDP program's name in the bench's object.
 pub const EMPTY_XDP: &str = "empty_xdp";
 
@@ -89,25 +92,33 @@ impl Baseline {
         }
         let bytes = std::fs::read(&object)?;
         let mut ebpf = Ebpf::load(&bytes).context("loading the bench's empty programs")?;
-        for name in [EMPTY_TC_INGRESS, EMPTY_TC_EGRESS] {
-            let tc: &mut SchedClassifier = program(&mut ebpf, name)?.try_into()?;
-            tc.load()?;
+        for name in [EMPTY_SKB_INGRESS, EMPTY_SKB_EGRESS] {
+            let skb: &mut CgroupSkb = program(&mut ebpf, name)?.try_into()?;
+            skb.load()?;
         }
         let xdp: &mut Xdp = program(&mut ebpf, EMPTY_XDP)?.try_into()?;
         xdp.load()?;
         Ok(Baseline { ebpf })
     }
 
-    /// Attaches the empty TC program to `interface` (of the calling thread's network
-    /// namespace) in both directions, after whatever is attached there (TCX).
-    pub fn attach_tc(&mut self, interface: &str) -> Result<()> {
+    /// Attaches the empty `cgroup_skb` programs to the cgroup-v2 root in both directions, as
+    /// links after whatever is attached there (the agent's packet programs): every packet of
+    /// every socket runs both.
+    pub fn attach_cgroup_skb(&mut self, cgroup_root: &Path) -> Result<()> {
+        let cgroup = std::fs::File::open(cgroup_root)
+            .with_context(|| format!("opening the cgroup {}", cgroup_root.display()))?;
         for (name, direction) in [
-            (EMPTY_TC_INGRESS, TcAttachType::Ingress),
-            (EMPTY_TC_EGRESS, TcAttachType::Egress),
+            (EMPTY_SKB_INGRESS, CgroupSkbAttachType::Ingress),
+            (EMPTY_SKB_EGRESS, CgroupSkbAttachType::Egress),
         ] {
-            let tc: &mut SchedClassifier = program(&mut self.ebpf, name)?.try_into()?;
-            tc.attach(interface, direction)
-                .with_context(|| format!("attaching the empty TC program to {interface}"))?;
+            let skb: &mut CgroupSkb = program(&mut self.ebpf, name)?.try_into()?;
+            skb.attach(&cgroup, direction, CgroupAttachMode::Single)
+                .with_context(|| {
+                    format!(
+                        "attaching the empty cgroup_skb program to {}",
+                        cgroup_root.display()
+                    )
+                })?;
         }
         Ok(())
     }
