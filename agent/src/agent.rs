@@ -441,7 +441,9 @@ async fn count_untracked(agent: Arc<Agent>) {
         let kernel = agent.kernel.clone();
         let result = tokio::task::spawn_blocking(move || {
             let mut tracker = kernel.tracker.lock().expect("tracker lock");
-            let fill = tracker.seeded_table_fill();
+            let fill = tracker
+                .flow_table()
+                .map(|(entries, capacity)| entries as f64 / capacity.max(1) as f64);
             tracker.seed_untracked().map(|seeded| (seeded, fill))
         })
         .await;
@@ -553,7 +555,7 @@ impl Agent {
         let tracker = self.kernel.tracker.lock().expect("tracker lock");
         match tracker.sample() {
             Ok(samples) => {
-                let table = tracker.flow_table(&samples);
+                let table = tracker.flow_table();
                 self.metrics.observe_kernel(&names, &samples, table);
             }
             Err(err) => {
@@ -855,7 +857,7 @@ impl Agent {
         let samples = tracker.sample()?;
         let board = self.operations.board();
         let flow_table = tracker
-            .flow_table(&samples)
+            .flow_table()
             .map(|(entries, capacity)| FlowTableStatus { entries, capacity });
         Ok(Status {
             kernel: tracker.mode().as_str().to_string(),

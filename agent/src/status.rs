@@ -39,11 +39,11 @@ pub struct Attachment {
 /// Flow table fill level.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FlowTableStatus {
-    /// Connections tracked: those established while the agent watched (in their sockets'
-    /// storage) and those seeded (older than the agent, or untracked).
+    /// Entries of the table of seeded connections (older than the agent, or untracked); the
+    /// connections established while the agent watched are in their sockets' storage, which
+    /// has no capacity to fill (each backend's `flow_table_entries` counts both).
     pub entries: u64,
-    /// Size of the table of seeded connections (`flow_table_size`); the sockets' storage has
-    /// no capacity to fill.
+    /// Size of that table (`flow_table_size`).
     pub capacity: u64,
 }
 
@@ -216,7 +216,7 @@ impl Status {
         if let Some(table) = &self.flow_table {
             let _ = write!(
                 out,
-                "   flow table: {}/{} entries",
+                "   seeded table: {}/{} entries",
                 table.entries, table.capacity
             );
         }

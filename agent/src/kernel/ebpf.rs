@@ -521,14 +521,14 @@ impl EbpfTracker {
         self.flow_table_size
     }
 
-    /// Entries of `SEEDED_FLOWS` (userspace inserted and deleted every one) over its size.
-    pub fn seeded_table_fill(&self) -> f64 {
+    /// Entries of `SEEDED_FLOWS`: userspace inserted and deletes every one.
+    pub fn seeded_entries(&self) -> u64 {
         let entries: i64 = self
             .adjustments
             .iter()
             .map(|adjustment| adjustment.tracked)
             .sum();
-        entries.max(0) as f64 / f64::from(self.flow_table_size.max(1))
+        entries.max(0) as u64
     }
 
     /// Deletes seeded flows (connections older than the agent) that are over: those the TC

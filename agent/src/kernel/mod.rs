@@ -115,24 +115,15 @@ impl Tracker {
         }
     }
 
-    /// Tracked connections (from the per-backend `tracked` gauges of `samples`) and the
-    /// seeded table's size (`flow_table_size`), in eBPF mode.
-    pub fn flow_table(&self, samples: &[BackendSample]) -> Option<(u64, u64)> {
+    /// Entries and size (`flow_table_size`) of the table of seeded connections (older than
+    /// the agent, or untracked), in eBPF mode. The connections established while the agent
+    /// watches live in their sockets' storage, which has no capacity to fill.
+    pub fn flow_table(&self) -> Option<(u64, u64)> {
         match self {
             Tracker::Ebpf(tracker) => Some((
-                samples.iter().filter_map(|sample| sample.tracked).sum(),
+                tracker.seeded_entries(),
                 u64::from(tracker.flow_table_size()),
             )),
-            Tracker::Procfs(_) => None,
-        }
-    }
-
-    /// How full the table of seeded connections (older than the agent, or untracked) is,
-    /// 0 to 1, in eBPF mode. The connections established while the agent watches live in
-    /// their sockets' storage, which has no capacity to fill.
-    pub fn seeded_table_fill(&self) -> Option<f64> {
-        match self {
-            Tracker::Ebpf(tracker) => Some(tracker.seeded_table_fill()),
             Tracker::Procfs(_) => None,
         }
     }

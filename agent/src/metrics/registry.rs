@@ -238,7 +238,7 @@ impl Metrics {
         if kernel_mode == "ebpf" {
             registry.register(
                 "flow_table_entries",
-                "Connections tracked by the kernel programs (in their sockets' storage, and seeded ones)",
+                "Entries of the table of seeded connections (older than the agent, or untracked)",
                 metrics.flow_table_entries.clone(),
             );
             registry.register(
