@@ -77,7 +77,9 @@ pub fn seeded_flow(key: &FlowKey) -> Option<&'static mut Flow> {
 /// Whether seeded flows may exist (see `seeded_flow`).
 #[inline(always)]
 pub fn seeded_in_use() -> bool {
-    SEEDED_FLOWS_IN_USE.get(0).is_some_and(|&in_use| in_use != 0)
+    SEEDED_FLOWS_IN_USE
+        .get(0)
+        .is_some_and(|&in_use| in_use != 0)
 }
 
 /// Sets hint bits; returns the bits that were set before.

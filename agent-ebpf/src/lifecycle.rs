@@ -7,9 +7,9 @@ use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1,
-        BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, bpf_sock_ops,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
+        bpf_sock_ops,
     },
     helpers::{bpf_get_netns_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     programs::SockOpsContext,

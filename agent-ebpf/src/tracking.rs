@@ -24,8 +24,7 @@ use drain_agent_common::flow::{
 
 use crate::{
     accounting::{
-        Ending, account_end, claim, counters, hint, seeded_flow, seeded_in_use, settle,
-        stored_flow,
+        Ending, account_end, claim, counters, hint, seeded_flow, seeded_in_use, settle, stored_flow,
     },
     lifecycle::our_netns_cookie,
     maps::BACKEND_BY_PORT,

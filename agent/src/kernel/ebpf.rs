@@ -216,7 +216,7 @@ impl EbpfTracker {
             "kernel programs attached"
         );
 
-        Ok(EbpfTracker {
+        EbpfTracker {
             ebpf,
             attachments,
             backends: config.backends.len(),
@@ -239,7 +239,7 @@ impl EbpfTracker {
                 .collect(),
             kernel_log,
         }
-        .with_existing_connections()?)
+        .with_existing_connections()
     }
 
     /// Whether connections went untracked (no storage for them) since the last seeding.

@@ -16,9 +16,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf,
-    programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Xdp, XdpMode, loaded_programs,
-    },
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, Xdp, XdpMode, loaded_programs},
 };
 
 /// Two empty `cgroup_skb` programs, one per direction (1: let the packet through, as the
