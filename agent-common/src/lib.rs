@@ -20,10 +20,10 @@ pub mod names {
     /// `Array<u32>` of one entry: 1 while userspace reads the socket table to seed connections
     /// older than the agent.
     pub const SEEDING: &str = "SEEDING";
-    /// `LruHashMap<FlowKey, u32>`: tuples the `sock_ops` program started tracking while
+    /// `HashMap<FlowKey, u32>`: tuples the `sock_ops` program started tracking while
     /// `SEEDING` was 1, which seeding must skip.
     pub const ESTABLISHED_WHILE_SEEDING: &str = "ESTABLISHED_WHILE_SEEDING";
-    /// `LruHashMap<FlowKey, u32>`: tuples established but untracked (no storage could be
+    /// `HashMap<FlowKey, u32>`: tuples established but untracked (no storage could be
     /// allocated), which userspace seeds as unknown.
     pub const UNTRACKED: &str = "UNTRACKED";
     /// `HashMap<FlowKey, Flow>`: connections older than the agent, seeded by userspace from

@@ -34,18 +34,18 @@ pub static FLOW_STORAGE: SkStorage<Flow> = SkStorage::new();
 #[map]
 pub static SEEDING: Array<u32> = Array::with_max_entries(1, 0);
 
-/// The tuples established while `SEEDING` was 1. LRU: seeding takes milliseconds; a tuple lost
-/// to 65,536 newer ones in that window would be seeded as unknown as well (counted twice until
-/// it ends).
+/// The tuples established while `SEEDING` was 1. Seeding takes milliseconds; a tuple that
+/// finds it full (65,536 handshakes in that window) would be seeded as unknown as well
+/// (counted twice until it ends). Not preallocated: it is empty but for those milliseconds.
 #[map]
-pub static ESTABLISHED_WHILE_SEEDING: LruHashMap<FlowKey, u32> =
-    LruHashMap::with_max_entries(65536, 0);
+pub static ESTABLISHED_WHILE_SEEDING: HashMap<FlowKey, u32> =
+    HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 /// Tuples of connections the kernel established but whose storage could not be allocated
 /// (counted as `flow_table_full`): userspace seeds them from the socket table as unknown, and
-/// deletes them here.
+/// deletes them here. Not preallocated: it is empty unless the kernel runs out of memory.
 #[map]
-pub static UNTRACKED: LruHashMap<FlowKey, u32> = LruHashMap::with_max_entries(65536, 0);
+pub static UNTRACKED: HashMap<FlowKey, u32> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
 /// Connections older than the agent, seeded by userspace; the programs update and may end them
 /// (mark them removed) but only userspace deletes. Not preallocated: it holds only what was

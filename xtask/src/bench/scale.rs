@@ -65,6 +65,7 @@ while True:
 pub fn status_at_scale(lab: &Lab, agent: &Agent, port: u16) -> Result<Vec<Figure>> {
     let total = super::count_from_env("DRAIN_AGENT_SCALE", CONNECTIONS);
     let rss_before = rss_kib(agent.process.pid())?;
+    let storage_before = storage_objects()?;
     for sysctl in [
         "net.core.somaxconn=65535",
         "net.ipv4.tcp_max_syn_backlog=65535",
@@ -209,6 +210,9 @@ pub fn status_at_scale(lab: &Lab, agent: &Agent, port: u16) -> Result<Vec<Figure
             .collect::<Result<Vec<_>>>()?,
     );
     let rss_at_scale = rss_kib(agent.process.pid())?;
+    let storage_per_connection = storage_objects()?.saturating_sub(storage_before) as f64
+        * STORAGE_OBJECT_BYTES as f64
+        / total as f64;
     let maps = map_memory(agent.process.pid())?;
     println!(
         "status over the control socket: p50 {status_p50:.3} ms, p99 {status_p99:.3} ms \
@@ -223,6 +227,12 @@ pub fn status_at_scale(lab: &Lab, agent: &Agent, port: u16) -> Result<Vec<Figure
         rss_at_scale as f64 / 1024.0,
         rss_before as f64 / 1024.0,
         maps as f64 / 1048576.0
+    );
+    println!(
+        "socket storage: {storage_per_connection:.0} bytes per tracked connection ({} slab grew \
+         by {:.1} MiB)",
+        STORAGE_SLAB,
+        storage_per_connection * total as f64 / 1048576.0
     );
 
     drop(clients);
@@ -279,6 +289,14 @@ pub fn status_at_scale(lab: &Lab, agent: &Agent, port: u16) -> Result<Vec<Figure
             met: Some(rss_at_scale as f64 / 1024.0 <= 20.0),
         },
         Figure {
+            name: "flow memory per tracked connection (socket storage, slab growth)".into(),
+            value: storage_per_connection,
+            unit: "bytes",
+            baseline: None,
+            target: "reported".into(),
+            met: None,
+        },
+        Figure {
             name: "kernel memory of the agent's maps (memlock; flows are in socket storage)".into(),
             value: maps as f64 / 1048576.0,
             unit: "MiB",
@@ -314,6 +332,24 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
         .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// The slab cache socket storage comes from: the flow's element (a 128-byte header, the
+/// data cache-line aligned, and the 64-byte `Flow`) and each socket's storage header (176
+/// bytes) are both 192-byte, memory-cgroup-accounted allocations.
+const STORAGE_SLAB: &str = "kmalloc-cg-192";
+const STORAGE_OBJECT_BYTES: u64 = 192;
+
+/// Objects in use in `STORAGE_SLAB` (`/proc/slabinfo`, root only).
+fn storage_objects() -> Result<u64> {
+    let slabinfo = std::fs::read_to_string("/proc/slabinfo").context("reading /proc/slabinfo")?;
+    slabinfo
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next()? == STORAGE_SLAB).then(|| fields.next()?.parse().ok())?
+        })
+        .with_context(|| format!("no {STORAGE_SLAB} in /proc/slabinfo"))
 }
 
 /// Kernel memory of the agent's maps (`memlock` in each map fd's fdinfo). Socket storage is
