@@ -39,9 +39,11 @@ pub(super) static EBPF_OBJECT: &[u8] =
 /// bpf_map_update_elem flag: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
 
-/// First kernel with TCX links: programs attached as links detach when the agent's process
-/// ends, so a crashed agent never leaves code in the node's data path.
-const TCX_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
+/// The oldest kernel the agent supports. What its programs use dates from 5.14 at the latest
+/// (cgroup, XDP and netns links, socket storage in `cgroup_skb`, SO_NETNS_COOKIE,
+/// lookup-and-delete of hash elements), but the verifier's verdict on them is only tested on
+/// newer kernels (6.18 here): below 6.6 the agent refuses rather than risks it.
+const MIN_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
 
 /// Userspace's share of a backend instance's gauges (indexed like `BACKEND_COUNTERS`): connections it seeded into `SEEDED_FLOWS` at
 /// start (positive) and seeded flows its garbage collector removed (negative). The kernel's counters
@@ -100,7 +102,7 @@ impl EbpfTracker {
             what: "the kernel version",
             source: err.to_string().into(),
         })?;
-        if kernel < TCX_KERNEL {
+        if kernel < MIN_KERNEL {
             return Err(TrackerError::KernelTooOld {
                 found: kernel.to_string(),
             });

@@ -238,9 +238,8 @@ pub enum TrackerError {
     )]
     Load { cause: String },
     #[error(
-        "kernel {found} is too old: drain-agent attaches its TC programs as links (TCX, kernel \
-         >= 6.6) so that they detach when the agent stops and the node keeps serving. Upgrade \
-         the kernel, or run with `--kernel procfs` (established connections only)"
+        "kernel {found} is too old: drain-agent's kernel programs are supported on kernel >= \
+         6.6. Upgrade the kernel, or run with `--kernel procfs` (established connections only)"
     )]
     KernelTooOld { found: String },
     #[error(
