@@ -338,6 +338,7 @@ impl EbpfTracker {
         };
         let now = monotonic_now();
         let mut seeded = 0;
+        let mut not_seeded = 0;
         for socket in sockets {
             if socket.state != procfs::net::TcpState::Established {
                 continue;
@@ -378,6 +379,8 @@ impl EbpfTracker {
                 ..Flow::default()
             };
             if flows.insert(key, flow, BPF_NOEXIST).is_err() {
+                // Already seeded (a second seeding of the same untracked tuple) or no room.
+                not_seeded += 1;
                 continue;
             }
             let adjustment = &mut self.adjustments[slot as usize];
@@ -385,6 +388,15 @@ impl EbpfTracker {
             adjustment.established += 1;
             adjustment.unknown += 1;
             seeded += 1;
+        }
+        if not_seeded > 0 {
+            warn!(
+                not_seeded,
+                capacity = self.flow_table_size,
+                "connections could not be seeded into the table of connections older than the \
+                 agent (full, or already there): those not there are not counted; raise \
+                 flow_table_size"
+            );
         }
         self.release_seeded_if_empty();
         seeded

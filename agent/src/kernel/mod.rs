@@ -196,8 +196,8 @@ impl Tracker {
         }
     }
 
-    /// Counts connections the full flow table missed as unknown, from the socket table, if
-    /// any went untracked since the last time (eBPF mode); returns how many were added.
+    /// Counts connections that went untracked (no storage could be allocated) as unknown, from
+    /// the socket table, if any did since the last time (eBPF mode); returns how many.
     pub fn seed_untracked(&mut self) -> Result<usize, TrackerError> {
         match self {
             Tracker::Ebpf(tracker) if tracker.untracked_pending()? => tracker.seed_untracked(),
