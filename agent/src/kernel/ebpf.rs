@@ -260,8 +260,10 @@ impl EbpfTracker {
             .iter()
             .map(|sample| sample.flow_table_full.unwrap_or(0))
             .collect();
+        // Read first: a failed read leaves the tuples (and the pending state) for the next try.
+        let sockets = sockets::tcp_sockets()?;
         let untracked = self.take_keys(names::UNTRACKED)?;
-        let seeded = self.seed_from_socket_table(Seed::Only(&untracked));
+        let seeded = self.seed(sockets, Seed::Only(&untracked));
         self.untracked_covered = totals;
         if seeded > 0 {
             warn!(
@@ -311,17 +313,6 @@ impl EbpfTracker {
             let _ = keys.remove(key);
         }
         Ok(taken)
-    }
-
-    /// Reads the socket table and seeds what `which` selects; returns how many.
-    fn seed_from_socket_table(&mut self, which: Seed<'_>) -> usize {
-        match sockets::tcp_sockets() {
-            Ok(sockets) => self.seed(sockets, which),
-            Err(err) => {
-                warn!(%err, "cannot read the socket table: untracked connections are not counted");
-                0
-            }
-        }
     }
 
     /// Adds the established connections on a backend port that `which` selects to
