@@ -59,14 +59,10 @@ fn storage(sk: *mut bpf_sock, init: *mut Flow, flags: u64) -> Option<&'static mu
     unsafe { flow.as_mut() }
 }
 
-/// The seeded flow (a connection older than the agent) of `key`, only while userspace has
-/// seeded connections: otherwise no hash lookup at all.
+/// The seeded flow (a connection older than the agent) of `key`. Callers look only while
+/// `seeded_in_use`: otherwise a packet pays no hash lookup at all.
 #[inline(always)]
 pub fn seeded_flow(key: &FlowKey) -> Option<&'static mut Flow> {
-    // An array lookup the verifier inlines.
-    if SEEDED_FLOWS_IN_USE.get(0).is_none_or(|&in_use| in_use == 0) {
-        return None;
-    }
     SEEDED_FLOWS
         .get_ptr_mut(key)
         // SAFETY: the pointer comes from a successful lookup and stays valid for this
@@ -74,7 +70,7 @@ pub fn seeded_flow(key: &FlowKey) -> Option<&'static mut Flow> {
         .map(|flow| unsafe { &mut *flow })
 }
 
-/// Whether seeded flows may exist (see `seeded_flow`).
+/// Whether seeded flows may exist: an array lookup the verifier inlines.
 #[inline(always)]
 pub fn seeded_in_use() -> bool {
     SEEDED_FLOWS_IN_USE

@@ -55,18 +55,21 @@ pub fn packet(ctx: &SkBuffContext, direction: Direction) {
     if port != 0 && !matches!(BACKEND_BY_PORT.get(port), Some(&backend) if backend != 0) {
         return;
     }
-    let (flow, seeded) = match stored_flow(sk) {
-        Some(flow) => (flow, false),
-        // Not a connection the agent saw established: perhaps one older than the agent.
-        None if seeded_in_use() => match seeded(ctx, direction) {
-            Some(flow) => (flow, true),
-            None => return,
-        },
-        None => return,
-    };
+    let stored = stored_flow(sk);
+    // Not a connection the agent saw established, and none older than the agent to look for.
+    if stored.is_none() && !seeded_in_use() {
+        return;
+    }
     let frame = packet::skb_frame(ctx);
     let Ok(segment) = packet::parse(frame) else {
         return;
+    };
+    let (flow, seeded) = match stored {
+        Some(flow) => (flow, false),
+        None => match seeded(ctx, &segment, frame, direction) {
+            Some(flow) => (flow, true),
+            None => return,
+        },
     };
     match direction {
         Direction::ToServer => from_client(&segment, flow, seeded),
@@ -77,13 +80,16 @@ pub fn packet(ctx: &SkBuffContext, direction: Direction) {
 /// The seeded flow of the packet's tuple. Seeded flows are found by tuple, which another
 /// namespace's connection may share: only this namespace's packets count.
 #[inline(always)]
-fn seeded(ctx: &SkBuffContext, direction: Direction) -> Option<&'static mut Flow> {
+fn seeded(
+    ctx: &SkBuffContext,
+    segment: &Segment,
+    frame: packet::Frame,
+    direction: Direction,
+) -> Option<&'static mut Flow> {
     // SAFETY: the helper takes the program's context.
     if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != our_netns_cookie() {
         return None;
     }
-    let frame = packet::skb_frame(ctx);
-    let segment = packet::parse(frame).ok()?;
     seeded_flow(&segment.key(frame, direction)?)
 }
 

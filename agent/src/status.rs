@@ -11,7 +11,8 @@ pub struct Status {
     pub kernel: String,
     /// Seconds since the agent started.
     pub uptime_seconds: f64,
-    /// Connections the flow table holds and can hold (eBPF mode only).
+    /// Entries and size of the table of seeded connections (older than the agent, or
+    /// untracked), eBPF mode only.
     pub flow_table: Option<FlowTableStatus>,
     /// The drain or cycle running on this node, if any (e.g. "cycle nova-api").
     pub running: Option<String>,
@@ -75,9 +76,9 @@ pub struct BackendStatus {
     pub reset: Option<u64>,
     pub reset_by_client: Option<u64>,
     pub reset_by_server: Option<u64>,
-    /// Connections that could not be tracked because the flow table was full.
+    /// Connections that could not be tracked: the kernel could not allocate their storage.
     pub flow_table_full: Option<u64>,
-    /// This backend's entries in the flow table (its share of the fill level).
+    /// This backend's tracked connections (socket storage and seeded).
     #[serde(default)]
     pub flow_table_entries: Option<u64>,
     /// Tracked connections that disappeared without FIN or RST (garbage-collected).

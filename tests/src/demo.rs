@@ -401,44 +401,49 @@ pub(crate) fn spawn_sampler(
 
 /// (req_tot, hrsp_5xx) of the "api" frontend, from the admin socket.
 fn frontend_counters(socket: &Path) -> Option<(u64, u64)> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    stream.write_all(b"show stat -1 1 -1\n").ok()?;
-    let mut out = String::new();
-    stream.read_to_string(&mut out).ok()?;
-    let mut lines = out.lines();
-    let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
-    let column = |name: &str| header.iter().position(|h| *h == name);
+    let (header, rows) = show_stat(socket, "-1 1 -1")?;
+    let column = |name: &str| header.iter().position(|h| h == name);
     let (req, err) = (column("req_tot")?, column("hrsp_5xx")?);
-    let row: Vec<&str> = lines
-        .find(|line| line.starts_with("api,FRONTEND"))?
-        .split(',')
-        .collect();
+    let row = rows.iter().find(|row| row.starts_with("api,FRONTEND"))?;
+    let row: Vec<&str> = row.split(',').collect();
     Some((row.get(req)?.parse().ok()?, row.get(err)?.parse().ok()?))
 }
 
 /// Servers of the "api" backend that are UP (in rotation: not DRAIN, MAINT or DOWN).
 fn servers_up(socket: &Path) -> Option<u64> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    stream.write_all(b"show stat -1 4 -1\n").ok()?;
-    let mut out = String::new();
-    stream.read_to_string(&mut out).ok()?;
-    let mut lines = out.lines();
-    let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
-    let status = header.iter().position(|h| *h == "status")?;
+    let (header, rows) = show_stat(socket, "-1 4 -1")?;
+    let status = header.iter().position(|h| h == "status")?;
     Some(
-        lines
-            .filter(|line| line.starts_with("api,"))
-            .filter(|line| {
-                line.split(',')
+        rows.iter()
+            .filter(|row| row.starts_with("api,"))
+            .filter(|row| {
+                row.split(',')
                     .nth(status)
                     .is_some_and(|status| status.starts_with("UP"))
             })
             .count() as u64,
     )
+}
+
+/// `show stat ARGS` over an HAProxy admin socket: the CSV header's column names, then the rows.
+/// `None` when the socket does not answer within a second.
+fn show_stat(socket: &Path, args: &str) -> Option<(Vec<String>, Vec<String>)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream
+        .write_all(format!("show stat {args}\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    stream.read_to_string(&mut out).ok()?;
+    let mut lines = out.lines();
+    let header = lines
+        .next()?
+        .trim_start_matches("# ")
+        .split(',')
+        .map(String::from)
+        .collect();
+    Some((header, lines.map(String::from).collect()))
 }
 
 /// How much of the tier stayed in rotation: the fewest servers UP at once, and the

@@ -282,12 +282,12 @@ impl EbpfTracker {
     /// The kernel never called back for them, so the packet programs end them (FIN pair,
     /// exact RST) and the garbage collector deletes them.
     fn with_existing_connections(mut self) -> Result<EbpfTracker, TrackerError> {
-        // Read after the socket table: a connection established before the read and after
-        // the sock_ops program was attached is in both, and is the kernel's.
+        // Taken after the socket table is read: a connection established before the read and
+        // after the sock_ops program was attached is in both, and is the kernel's. The flag
+        // goes off first, so that the one walk empties the map for good.
         let sockets = sockets::tcp_sockets();
-        let tracked = self.take_keys(names::ESTABLISHED_WHILE_SEEDING)?;
         set_flag(&mut self.ebpf, names::SEEDING, false)?;
-        let _ = self.take_keys(names::ESTABLISHED_WHILE_SEEDING)?;
+        let tracked = self.take_keys(names::ESTABLISHED_WHILE_SEEDING)?;
         let seeded = match sockets {
             Ok(sockets) => self.seed(sockets, Seed::Except(&tracked)),
             Err(err) => {
@@ -414,7 +414,7 @@ impl EbpfTracker {
         }
     }
 
-    /// Sums the per-CPU counters of every backend: O(backends × CPUs), never the flow table.
+    /// Sums the per-CPU counters of every backend: O(backends × CPUs), never a flow map.
     pub fn sample(&self) -> Result<Vec<BackendSample>, TrackerError> {
         let counters: PerCpuArray<&MapData, BackendCounters> =
             PerCpuArray::try_from(map(&self.ebpf, names::BACKEND_COUNTERS)?)
@@ -521,7 +521,7 @@ impl EbpfTracker {
         self.kernel_log.take()
     }
 
-    /// Size of the flow table.
+    /// Size of the seeded table (`flow_table_size`).
     pub fn flow_table_size(&self) -> u32 {
         self.flow_table_size
     }

@@ -50,7 +50,7 @@ pub struct BackendSample {
     pub cut_in_flight: Option<u64>,
     /// Time since the last in-flight → idle transition.
     pub since_last_idle: Option<Duration>,
-    /// Connections went untracked (the flow table was full) and are not yet counted as
+    /// Connections went untracked (no storage could be allocated) and are not yet counted as
     /// unknown from the socket table: the kernel's quiet cannot be trusted meanwhile.
     pub untracked_pending: bool,
     /// The backend's kernel gate, when it has one (eBPF mode).

@@ -7,7 +7,7 @@ use procfs::net::TcpState;
 use super::TrackerError;
 
 /// One TCP socket, addresses normalised to IPv6 (IPv4 as IPv4-mapped) so that both tables
-/// compare with the flow table's keys.
+/// compare with the flow keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Socket {
     pub local: SocketAddr,
@@ -43,7 +43,7 @@ pub fn tcp_sockets() -> Result<Vec<Socket>, TrackerError> {
     Ok(sockets)
 }
 
-/// IPv4 addresses as IPv4-mapped IPv6, the way the flow table stores them.
+/// IPv4 addresses as IPv4-mapped IPv6, the way flow keys hold them.
 pub fn mapped(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
         IpAddr::V4(v4) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port()),
@@ -64,7 +64,7 @@ pub fn from_flow_bytes(addr: [u8; 16], port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V6(Ipv6Addr::from(addr)), port)
 }
 
-/// Whether a socket in this state still holds a connection the flow table should know.
+/// Whether a socket in this state still holds a connection the tracker should know.
 pub fn is_connected(state: &TcpState) -> bool {
     matches!(
         state,
