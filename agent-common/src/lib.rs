@@ -26,9 +26,12 @@ pub mod names {
     /// `HashMap<FlowKey, u32>`: tuples established but untracked (no storage could be
     /// allocated), which userspace seeds as unknown.
     pub const UNTRACKED: &str = "UNTRACKED";
-    /// `HashMap<FlowKey, Flow>`: connections older than the agent, seeded by userspace from
-    /// the socket table at start; only userspace deletes from it.
+    /// `HashMap<u64, Flow>`: connections older than the agent by socket cookie, seeded by
+    /// userspace from the socket table (sock_diag) at start; only userspace deletes from it.
     pub const SEEDED_FLOWS: &str = "SEEDED_FLOWS";
+    /// `HashMap<FlowKey, u64>`: each seeded flow's tuple → its socket cookie, for the
+    /// `sock_ops` program (a handshake on a seeded tuple ends the older connection).
+    pub const SEEDED_TUPLES: &str = "SEEDED_TUPLES";
     /// `Array<u32>` of one entry: 1 while `SEEDED_FLOWS` may hold entries (set by userspace
     /// before it seeds, cleared once it deleted the last one), so that the packet programs look
     /// there only then.

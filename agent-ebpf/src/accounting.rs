@@ -12,8 +12,8 @@ use aya_ebpf::{
 use drain_agent_common::{
     counters::BackendCounters,
     flow::{
-        COUNTED_IDLE, COUNTED_IN_FLIGHT, COUNTED_REMOVED, COUNTED_UNKNOWN, Flow, FlowKey,
-        PAYLOAD_SEEN, carries_work,
+        COUNTED_IDLE, COUNTED_IN_FLIGHT, COUNTED_REMOVED, COUNTED_UNKNOWN, Flow, PAYLOAD_SEEN,
+        carries_work,
     },
 };
 
@@ -59,12 +59,12 @@ fn storage(sk: *mut bpf_sock, init: *mut Flow, flags: u64) -> Option<&'static mu
     unsafe { flow.as_mut() }
 }
 
-/// The seeded flow (a connection older than the agent) of `key`. Callers look only while
-/// `seeded_in_use`: otherwise a packet pays no hash lookup at all.
+/// The seeded flow (a connection older than the agent) of the socket with `cookie`. Callers
+/// look only while `seeded_in_use`: otherwise a packet pays no hash lookup at all.
 #[inline(always)]
-pub fn seeded_flow(key: &FlowKey) -> Option<&'static mut Flow> {
+pub fn seeded_flow(cookie: u64) -> Option<&'static mut Flow> {
     SEEDED_FLOWS
-        .get_ptr_mut(key)
+        .get_ptr_mut(cookie)
         // SAFETY: the pointer comes from a successful lookup and stays valid for this
         // program run (hash map elements are freed after an RCU grace period).
         .map(|flow| unsafe { &mut *flow })

@@ -23,9 +23,11 @@ use drain_agent_common::{
 };
 
 use crate::{
-    accounting::{Ending, account_end, add, claim, counters, hint, store_flow, stored_flow},
+    accounting::{
+        Ending, account_end, add, claim, counters, hint, seeded_flow, store_flow, stored_flow,
+    },
     maps::{
-        BACKEND_BY_PORT, ESTABLISHED_WHILE_SEEDING, SEEDED_FLOWS, SEEDING, STEERED, STEERING,
+        BACKEND_BY_PORT, ESTABLISHED_WHILE_SEEDING, SEEDED_TUPLES, SEEDING, STEERED, STEERING,
         UNTRACKED,
     },
 };
@@ -97,10 +99,13 @@ fn established(ctx: &SockOpsContext) {
     };
 
     // A seeded entry for the same tuple is a connection older than the agent that is gone
-    // now (its socket's tuple is in use again).
-    if let Some(old) = SEEDED_FLOWS.get_ptr_mut(key) {
-        // SAFETY: as above. Only userspace deletes seeded entries: mark it ended.
-        let old = unsafe { &mut *old };
+    // now (its socket's tuple is in use again). This program checked the namespace, so the
+    // tuple is this namespace's.
+    if let Some(cookie) = SEEDED_TUPLES.get_ptr(key)
+        // SAFETY: valid for this program run (see accounting::seeded_flow).
+        && let Some(old) = seeded_flow(unsafe { *cookie })
+    {
+        // Only userspace deletes seeded entries: mark it ended.
         if let Some(counted) = claim(old) {
             account_end(
                 old.backend,

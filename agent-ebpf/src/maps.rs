@@ -47,11 +47,22 @@ pub static ESTABLISHED_WHILE_SEEDING: HashMap<FlowKey, u32> =
 #[map]
 pub static UNTRACKED: HashMap<FlowKey, u32> = HashMap::with_max_entries(65536, BPF_F_NO_PREALLOC);
 
-/// Connections older than the agent, seeded by userspace; the programs update and may end them
-/// (mark them removed) but only userspace deletes. Not preallocated: it holds only what was
-/// established when the agent started, and shrinks from there.
+/// Connections older than the agent, seeded by userspace, by socket cookie: the packet
+/// programs read their socket's cookie (`bpf_get_socket_cookie`, in `cgroup_skb` since 4.12)
+/// and userspace reads it from `sock_diag`. A cookie is unique on the host, so, unlike a
+/// tuple, it needs no namespace check (`bpf_get_netns_cookie` came to `cgroup_skb` only in
+/// 6.15). The programs update and may end them (mark them removed) but only userspace deletes.
+/// Not preallocated: it holds only what was established when the agent started, and shrinks
+/// from there.
 #[map]
-pub static SEEDED_FLOWS: HashMap<FlowKey, Flow> =
+pub static SEEDED_FLOWS: HashMap<u64, Flow> =
+    HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_PREALLOC);
+
+/// The tuple of each seeded flow → its socket cookie, for the `sock_ops` program (which checks
+/// the namespace): a new handshake on a seeded tuple means the older connection is gone.
+/// Userspace inserts and deletes an entry with its seeded flow.
+#[map]
+pub static SEEDED_TUPLES: HashMap<FlowKey, u64> =
     HashMap::with_max_entries(DEFAULT_FLOW_TABLE_SIZE, BPF_F_NO_PREALLOC);
 
 /// 1 while `SEEDED_FLOWS` may hold entries (userspace sets it before it seeds and clears it

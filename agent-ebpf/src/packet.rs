@@ -3,11 +3,10 @@
 //! The parser reads the packet in place (direct packet access: a bounds check against the end
 //! of the readable bytes, then plain loads) over `(data, data_end)` only. Nothing on its path
 //! calls a helper. Which connection a packet belongs to is not its business: the programs take
-//! that from the socket the kernel attached to the packet (tracking.rs); only a connection
-//! older than the agent is found by its addresses and ports (`Segment::key`).
+//! that from the socket the kernel attached to the packet (tracking.rs), a connection older
+//! than the agent by that socket's cookie.
 
 use aya_ebpf::programs::SkBuffContext;
-use drain_agent_common::flow::FlowKey;
 use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
     tcp::TcpHdr,
@@ -40,44 +39,12 @@ pub struct Segment {
     /// The raw (unscaled) receive window; only "zero or not" is used.
     pub window: u16,
     pub payload_len: u32,
-    /// Where the TCP header starts, from the network header; whether the packet is IPv6.
-    tcp_at: usize,
-    ipv6: bool,
 }
 
 impl Segment {
     #[inline(always)]
     pub fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0
-    }
-
-    /// The flow key of the packet's connection, for a connection older than the agent (its
-    /// state is found by tuple, not by socket). `None` if the headers are no longer readable.
-    #[inline(always)]
-    pub fn key(&self, frame: Frame, direction: Direction) -> Option<FlowKey> {
-        let ip = frame.data;
-        let tcp = header_at(ip, self.tcp_at);
-        if tcp + TcpHdr::LEN > frame.data_end {
-            return None;
-        }
-        // SAFETY (every `load`): inside the bytes checked readable just before.
-        let (source, dest): (u16, u16) = unsafe { (load(tcp), load(tcp + 2)) };
-        let (source, dest) = (u16::from_be(source), u16::from_be(dest));
-        let (source_addr, dest_addr): ([u32; 4], [u32; 4]) = if self.ipv6 {
-            if ip + Ipv6Hdr::LEN > frame.data_end {
-                return None;
-            }
-            unsafe { (load(ip + 8), load(ip + 24)) }
-        } else {
-            if ip + Ipv4Hdr::LEN > frame.data_end {
-                return None;
-            }
-            unsafe { (v4_mapped(load(ip + 12)), v4_mapped(load(ip + 16))) }
-        };
-        Some(match direction {
-            Direction::ToServer => flow_key(source_addr, dest_addr, source, dest),
-            Direction::FromServer => flow_key(dest_addr, source_addr, dest, source),
-        })
     }
 }
 
@@ -108,7 +75,7 @@ pub fn parse(frame: Frame) -> Result<Segment, Skip> {
     let ip = frame.data;
     // The TCP header's offset and the IP payload length (TCP header + data; 0 when the header
     // does not say: BIG TCP/jumbograms, then the packet length is used).
-    let (ipv6, tcp_at, ip_payload_len): (bool, usize, u32);
+    let (tcp_at, ip_payload_len): (usize, u32);
     readable(frame, Ipv4Hdr::LEN)?;
     // SAFETY (every `load` below): the bytes were checked readable just before (`readable`).
     let version_ihl: u8 = unsafe { load(ip) };
@@ -123,7 +90,6 @@ pub fn parse(frame: Frame) -> Result<Segment, Skip> {
             return Err(Skip::NotTcp);
         }
         let total_len = u16::from_be(unsafe { load(ip + 2) });
-        ipv6 = false;
         tcp_at = header_len;
         ip_payload_len = u32::from(total_len).saturating_sub(header_len as u32);
     } else if version_ihl >> 4 == 6 {
@@ -132,7 +98,6 @@ pub fn parse(frame: Frame) -> Result<Segment, Skip> {
         if next_header != IPPROTO_TCP {
             return Err(Skip::NotTcp);
         }
-        ipv6 = true;
         tcp_at = Ipv6Hdr::LEN;
         ip_payload_len = u32::from(u16::from_be(unsafe { load(ip + 4) }));
     } else {
@@ -166,8 +131,6 @@ pub fn parse(frame: Frame) -> Result<Segment, Skip> {
         window: u16::from_be(window),
         // From the IP header, not the frame: padding on short frames is not data.
         payload_len: segment_len.saturating_sub(tcp_header_len),
-        tcp_at,
-        ipv6,
     })
 }
 
@@ -222,27 +185,4 @@ unsafe fn load<T: Copy>(at: usize) -> T {
     // SAFETY: the caller's; see above for the alignment. Not volatile: the compiler may then
     // move a load to where its value is needed (past the port check).
     unsafe { core::ptr::read(at as *const T) }
-}
-
-/// An IPv4 address (4 bytes as in the header) as the words of `::ffff:a.b.c.d`.
-#[inline(always)]
-fn v4_mapped(addr: u32) -> [u32; 4] {
-    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), addr]
-}
-
-/// The flow key from address words (bytes in network order, as loaded) and host-order ports,
-/// built a word at a time.
-#[inline(always)]
-fn flow_key(client: [u32; 4], server: [u32; 4], client_port: u16, server_port: u16) -> FlowKey {
-    let [a, b, c, d] = client;
-    let [e, f, g, h] = server;
-    let ports = u32::from_ne_bytes({
-        let [c0, c1] = client_port.to_ne_bytes();
-        let [s0, s1] = server_port.to_ne_bytes();
-        [c0, c1, s0, s1]
-    });
-    // SAFETY: FlowKey is repr(C): two 16-byte addresses, then the client's and the server's
-    // u16 port, 36 bytes without padding (layout test in drain-agent-common); any bytes are a
-    // valid FlowKey.
-    unsafe { core::mem::transmute::<[u32; 9], FlowKey>([a, b, c, d, e, f, g, h, ports]) }
 }

@@ -14,7 +14,7 @@ use core::intrinsics::{AtomicOrdering, atomic_and};
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_netns_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     programs::SkBuffContext,
 };
 use drain_agent_common::flow::{
@@ -26,7 +26,6 @@ use crate::{
     accounting::{
         Ending, account_end, claim, counters, hint, seeded_flow, seeded_in_use, settle, stored_flow,
     },
-    lifecycle::our_netns_cookie,
     maps::BACKEND_BY_PORT,
     packet::{self, Direction, Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -66,7 +65,7 @@ pub fn packet(ctx: &SkBuffContext, direction: Direction) {
     };
     let (flow, seeded) = match stored {
         Some(flow) => (flow, false),
-        None => match seeded(ctx, &segment, frame, direction) {
+        None => match seeded(ctx) {
             Some(flow) => (flow, true),
             None => return,
         },
@@ -77,20 +76,18 @@ pub fn packet(ctx: &SkBuffContext, direction: Direction) {
     }
 }
 
-/// The seeded flow of the packet's tuple. Seeded flows are found by tuple, which another
-/// namespace's connection may share: only this namespace's packets count.
+/// The seeded flow of the packet's socket, by its cookie: unique on the host, so another
+/// namespace's connection on the same tuple cannot match, and no namespace helper is needed
+/// (`bpf_get_netns_cookie` reached `cgroup_skb` only in 6.15; this one has been there since
+/// 4.12).
 #[inline(always)]
-fn seeded(
-    ctx: &SkBuffContext,
-    segment: &Segment,
-    frame: packet::Frame,
-    direction: Direction,
-) -> Option<&'static mut Flow> {
-    // SAFETY: the helper takes the program's context.
-    if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != our_netns_cookie() {
+fn seeded(ctx: &SkBuffContext) -> Option<&'static mut Flow> {
+    // SAFETY: the helper takes the program's context (the cookie of skb->sk, 0 without one).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if cookie == 0 {
         return None;
     }
-    seeded_flow(&segment.key(frame, direction)?)
+    seeded_flow(cookie)
 }
 
 /// A segment from the client. Not trusted: anyone on the path can send one.

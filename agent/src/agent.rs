@@ -35,6 +35,18 @@ struct Kernel {
 }
 
 impl KernelView for Kernel {
+    fn unsupported(&self, feature: crate::kernel::features::Feature) -> Option<String> {
+        let tracker = self.tracker.lock().expect("tracker lock");
+        tracker
+            .features()
+            .into_iter()
+            .find(|status| {
+                status.feature == feature.name()
+                    && status.state == crate::kernel::features::FeatureState::Unsupported
+            })
+            .map(|status| status.detail.unwrap_or_default())
+    }
+
     fn sample(&self, backend: usize) -> Result<BackendSample, String> {
         let tracker = self.tracker.lock().expect("tracker lock");
         match tracker.sample() {
@@ -175,6 +187,7 @@ async fn serve(config: Config, mut tracker: Tracker) -> anyhow::Result<()> {
     let metrics_listener = listen(config.metrics_listen, "metrics", "metrics_listen").await?;
     let kernel_log = tracker.take_kernel_log();
     let kernel_mode = tracker.mode();
+    let kernel_features = tracker.features();
     let kernel = Arc::new(Kernel {
         tracker: Mutex::new(tracker),
     });
@@ -222,6 +235,7 @@ async fn serve(config: Config, mut tracker: Tracker) -> anyhow::Result<()> {
         kernel,
         started: Instant::now(),
     });
+    agent.metrics.kernel_features(&kernel_features);
 
     let mut tasks = Vec::new();
     let answering = agent.clone();
@@ -864,6 +878,7 @@ impl Agent {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             flow_table,
             attachments: tracker.attachments(),
+            features: tracker.features(),
             running: board.running(),
             backends: self
                 .config

@@ -54,11 +54,73 @@ pub async fn check(path: &Path, online: bool) -> (Option<Config>, Vec<Problem>) 
         Ok(()) => Vec::new(),
         Err(errors) => errors.0.into_iter().map(Problem::error).collect(),
     };
+    problems.extend(check_kernel(&config));
     problems.extend(check_load_balancers(&config).await);
     if online {
         problems.extend(check_online(&config, &problems).await);
     }
     (Some(config), problems)
+}
+
+/// Loads every kernel program and discards it (`kernel::features::probe`): the accounting
+/// must load; a gate or a handover the kernel refuses is an error at the key that asks for it,
+/// with the kernel it needs. Without the permission to load programs, a warning.
+fn check_kernel(config: &Config) -> Vec<Problem> {
+    use crate::kernel::features::{self, Feature};
+    let node = |message: String| ConfigError {
+        path: config.path.clone(),
+        line: None,
+        key: None,
+        message,
+    };
+    let release = features::kernel_release();
+    if let Ok(kernel) = aya::util::KernelVersion::current()
+        && kernel < crate::kernel::ebpf::MIN_KERNEL
+    {
+        let err = crate::kernel::TrackerError::KernelTooOld { found: release };
+        return vec![Problem::error(node(err.to_string()))];
+    }
+    let probed = match features::probe() {
+        Ok(probed) => probed,
+        Err(err) => {
+            return vec![Problem::warning(node(format!(
+                "cannot probe what this kernel runs ({err}): run check-config as root"
+            )))];
+        }
+    };
+    let mut problems = Vec::new();
+    for (feature, loaded) in probed {
+        let Err(reason) = loaded else {
+            continue;
+        };
+        let refused = |key: Option<String>| {
+            let message = format!(
+                "kernel {release} refused the {name} programs: {reason}. The {name} needs {needs} \
+                 (docs/troubleshooting.md#kernels)",
+                name = feature.name(),
+                needs = feature.needs(),
+            );
+            Problem::error(match key {
+                Some(key) => config.error_at(&key, message),
+                None => node(message),
+            })
+        };
+        match feature {
+            Feature::Accounting => problems.push(refused(None)),
+            Feature::Gate | Feature::Handover => {
+                for (index, backend) in config.backends.iter().enumerate() {
+                    let (configured, key) = match feature {
+                        Feature::Gate => (backend.gate.is_some(), "gate"),
+                        _ => (backend.handover.is_some(), "handover"),
+                    };
+                    if configured {
+                        problems.push(refused(Some(format!("backend[{index}].{key}"))));
+                    }
+                }
+            }
+        }
+    }
+    problems
 }
 
 /// Asks each load balancer for every configured HAProxy server. An unreachable one is a

@@ -18,6 +18,10 @@ pub struct Status {
     pub running: Option<String>,
     /// The kernel programs and where they are attached (eBPF mode); the ids match bpftool's.
     pub attachments: Vec<Attachment>,
+    /// What runs on this kernel (eBPF mode): the accounting, the gate, the handover, each
+    /// `active`, `unsupported` (configured, refused by the kernel) or `not_configured`.
+    #[serde(default)]
+    pub features: Vec<crate::kernel::features::FeatureStatus>,
     /// One entry per configured backend, in config order.
     pub backends: Vec<BackendStatus>,
 }
@@ -277,6 +281,19 @@ impl Status {
                 show(backend.reset),
                 show(backend.flow_table_full),
             );
+        }
+        if !self.features.is_empty() {
+            let features: Vec<String> = self
+                .features
+                .iter()
+                .map(|feature| format!("{} {}", feature.feature, feature.state.as_str()))
+                .collect();
+            let _ = writeln!(out, "kernel features: {}", features.join(", "));
+            for feature in &self.features {
+                if let Some(detail) = &feature.detail {
+                    let _ = writeln!(out, "{}: {detail}", feature.feature);
+                }
+            }
         }
         for attachment in &self.attachments {
             if let Some(mode) = &attachment.mode {

@@ -7,6 +7,7 @@
 pub mod demo;
 pub mod fleet;
 pub mod http;
+pub mod kernels;
 pub mod lab;
 pub mod load;
 pub mod package;

@@ -108,6 +108,14 @@ enum Task {
         #[arg(long, value_delimiter = ',', value_name = "PART")]
         only: Vec<bench::Section>,
     },
+    /// The kernel matrix: boot Debian's kernels (6.1, 6.12) under QEMU and run the smoke suite
+    /// in each, then on the running kernel (root). Prints a table kernel × check; fails unless
+    /// every kernel passes (docs/troubleshooting.md#kernels).
+    Kernels {
+        /// Also write the matrix as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     /// Keep the demo's environment running to explore it: `lab up`, `lab status`, `lab down`.
     Lab {
         #[command(subcommand)]
@@ -210,6 +218,21 @@ fn main() -> Result<()> {
             build(&root)?;
             bench::run(json.as_deref(), &only)
         }
+        Task::Kernels { json } => {
+            setup::ensure()?;
+            let binary = build(&root)?;
+            let smoke = build_smoke(&root)?;
+            let rows = drain_agent_tests::kernels::run_matrix(&root, &binary, &smoke);
+            print!("{}", drain_agent_tests::kernels::table(&rows));
+            if let Some(path) = json {
+                drain_agent_tests::kernels::write_json(&path, &rows)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if !rows.iter().all(drain_agent_tests::kernels::Row::passed) {
+                bail!("the kernel matrix failed");
+            }
+            Ok(())
+        }
         Task::Lab { action } => {
             let lab = drain_agent_tests::lab::LabName::default_lab();
             match action {
@@ -244,6 +267,19 @@ fn main() -> Result<()> {
 fn build(root: &Path) -> Result<PathBuf> {
     cargo(&["build", "--release", "--package", "drain-agent"])?;
     Ok(root.join("target/release/drain-agent"))
+}
+
+/// The kernel matrix's smoke suite; returns the binary's path.
+fn build_smoke(root: &Path) -> Result<PathBuf> {
+    cargo(&[
+        "build",
+        "--release",
+        "--package",
+        "drain-agent-tests",
+        "--bin",
+        "kernel-smoke",
+    ])?;
+    Ok(root.join("target/release/kernel-smoke"))
 }
 
 fn test(root: &Path, args: &[String]) -> Result<()> {

@@ -31,6 +31,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // Scrapes the agent's metrics in a test; verifies the systemd unit.
     "prometheus",
     "systemd",
+    // The kernel matrix: Debian's kernels booted under software emulation from an initramfs
+    // of busybox, the release binary and the smoke suite; their modules are xz-compressed.
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
     // Records the agent's system calls, checked against the unit's SystemCallFilter.
     "strace",
     // The fleet: the role and playbooks run by Debian's Ansible (ansible-core 2.14 in

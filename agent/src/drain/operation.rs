@@ -89,6 +89,9 @@ pub trait KernelView: Send + Sync + 'static {
         instance: u32,
         socket: Option<&std::os::fd::OwnedFd>,
     ) -> Result<(), String>;
+    /// Why `feature` does not run on this kernel though configured (the kernel refused its
+    /// program), or `None` when it runs or is not configured.
+    fn unsupported(&self, feature: crate::kernel::features::Feature) -> Option<String>;
 }
 
 /// An operation that did not start; nothing was changed.

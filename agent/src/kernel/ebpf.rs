@@ -5,7 +5,6 @@
 use std::{
     collections::HashSet,
     fs::File,
-    net::SocketAddr,
     os::fd::{AsFd, AsRawFd, RawFd},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -27,9 +26,13 @@ use drain_agent_common::{
     names,
     steer::{INSTANCES, Steering, counter_slot},
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::{BackendSample, InstanceSample, TrackerError, gate, sockets, steer};
+use super::{
+    BackendSample, InstanceSample, TrackerError,
+    features::{self, Feature, FeatureState, FeatureStatus},
+    gate, sockets, steer,
+};
 use crate::{config::Config, status::Attachment};
 
 /// The eBPF object, built by build.rs from agent-ebpf.
@@ -39,11 +42,12 @@ pub(super) static EBPF_OBJECT: &[u8] =
 /// bpf_map_update_elem flag: insert only if the key is absent.
 const BPF_NOEXIST: u64 = 1;
 
-/// The oldest kernel the agent supports. What its programs use dates from 5.14 at the latest
-/// (cgroup, XDP and netns links, socket storage in `cgroup_skb`, SO_NETNS_COOKIE,
-/// lookup-and-delete of hash elements), but the verifier's verdict on them is only tested on
-/// newer kernels (6.18 here): below 6.6 the agent refuses rather than risks it.
-const MIN_KERNEL: KernelVersion = KernelVersion::new(6, 6, 0);
+/// The oldest kernel the agent runs on: the lowest that passed `cargo xtask kernels` (Debian
+/// 12's 6.1; docs/troubleshooting.md#kernels). What the accounting uses dates from 5.15
+/// (`bpf_get_netns_cookie` in `sock_ops`), but below the tested floor the agent refuses
+/// rather than risks the verifier's verdict. Above it, the gate and the handover are probed by
+/// loading their programs (`features`), not by version.
+pub const MIN_KERNEL: KernelVersion = KernelVersion::new(6, 1, 0);
 
 /// Userspace's share of a backend instance's gauges (indexed like `BACKEND_COUNTERS`): connections it seeded into `SEEDED_FLOWS` at
 /// start (positive) and seeded flows its garbage collector removed (negative). The kernel's counters
@@ -82,6 +86,9 @@ pub struct EbpfTracker {
     started: Instant,
     /// Local port → backend index, for seeding from the socket table.
     backend_of_port: std::collections::HashMap<u16, usize>,
+    /// The seeded flows (by socket cookie) and their tuples: `SEEDED_TUPLES` is keyed by tuple,
+    /// and the log names a removed connection by its addresses.
+    seeded_tuples: std::collections::HashMap<u64, FlowKey>,
     /// Per backend, the `flow_table_full` total the last seeding from the socket table
     /// covered: above it, connections went untracked and are not yet counted as unknown.
     untracked_covered: Vec<u64>,
@@ -91,6 +98,8 @@ pub struct EbpfTracker {
     steering: Vec<Steering>,
     /// The kernel programs' log records, until the agent's runtime takes them.
     kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// What runs on this kernel: the accounting, the gate, the handover's steering.
+    features: Vec<FeatureStatus>,
 }
 
 impl EbpfTracker {
@@ -119,6 +128,7 @@ impl EbpfTracker {
         } as u8;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(names::SEEDED_FLOWS, config.flow_table_size)
+            .map_max_entries(names::SEEDED_TUPLES, config.flow_table_size)
             .override_global(names::NETNS_COOKIE, &netns_cookie, true)
             .override_global(aya_log::LEVEL, &kernel_log_level, false)
             .load(EBPF_OBJECT)
@@ -150,7 +160,9 @@ impl EbpfTracker {
         // packets has a flow (the ones before are seeded from the socket table afterwards).
         {
             let program: &mut SockOps = program_mut(&mut ebpf, names::SOCK_OPS_PROGRAM)?;
-            program.load().map_err(load_error)?;
+            program
+                .load()
+                .map_err(|err| features::load_failure(Feature::Accounting, err))?;
             let program_id = program.info().map_err(load_error)?.id();
             // A link (kernel >= 5.7) detaches when the agent's process ends. Cgroup links
             // always coexist with other programs on the same cgroup (other agents, one per
@@ -183,7 +195,9 @@ impl EbpfTracker {
             (names::EGRESS_PROGRAM, CgroupSkbAttachType::Egress, "egress"),
         ] {
             let program: &mut CgroupSkb = program_mut(&mut ebpf, program)?;
-            program.load().map_err(load_error)?;
+            program
+                .load()
+                .map_err(|err| features::load_failure(Feature::Accounting, err))?;
             let program_id = program.info().map_err(load_error)?.id();
             program
                 .attach(&cgroup, attach_type, CgroupAttachMode::Single)
@@ -200,21 +214,32 @@ impl EbpfTracker {
                 mode: None,
             });
         }
-        let kernel_log = if gate::wanted(config) {
+        let mut features = vec![FeatureStatus {
+            feature: Feature::Accounting.name().to_string(),
+            state: FeatureState::Active,
+            detail: None,
+        }];
+        // The gate and the handover are features: where the kernel refuses one, it is
+        // reported by name and the rest runs (a drain then has no gate; a handover is refused).
+        let mut kernel_log = None;
+        let gate = optional(Feature::Gate, gate::wanted(config), || {
             attachments.extend(gate::attach(&mut ebpf, config)?);
-            gate::kernel_log(&mut ebpf)
-        } else {
-            None
-        };
-        if steer::wanted(config) {
+            kernel_log = gate::kernel_log(&mut ebpf);
+            Ok(())
+        })?;
+        features.push(gate);
+        let handover = optional(Feature::Handover, steer::wanted(config), || {
             attachments.push(steer::attach(&mut ebpf)?);
-        }
+            Ok(())
+        })?;
+        features.push(handover);
+        let gate_active = features[1].state == FeatureState::Active;
         info!(
             interfaces = ?config.interfaces,
             backends = config.backends.len(),
             flow_table_size = config.flow_table_size,
-            gate = gate::wanted(config),
-            handover = steer::wanted(config),
+            gate = features[1].state.as_str(),
+            handover = features[2].state.as_str(),
             "kernel programs attached"
         );
 
@@ -233,12 +258,14 @@ impl EbpfTracker {
                 .enumerate()
                 .flat_map(|(index, backend)| backend.ports.iter().map(move |&port| (port, index)))
                 .collect(),
+            seeded_tuples: std::collections::HashMap::new(),
             untracked_covered: vec![0; config.backends.len()],
             gates: config
                 .backends
                 .iter()
-                .map(|backend| backend.gate.is_some())
+                .map(|backend| gate_active && backend.gate.is_some())
                 .collect(),
+            features,
             kernel_log,
         }
         .with_existing_connections()
@@ -324,7 +351,7 @@ impl EbpfTracker {
         let Ok(flows) = map_mut(&mut self.ebpf, names::SEEDED_FLOWS) else {
             return 0;
         };
-        let Ok(mut flows) = HashMap::<&mut MapData, FlowKey, Flow>::try_from(flows) else {
+        let Ok(mut flows) = HashMap::<&mut MapData, u64, Flow>::try_from(flows) else {
             return 0;
         };
         let now = monotonic_now();
@@ -369,17 +396,19 @@ impl EbpfTracker {
                 last_seen_ns: now,
                 ..Flow::default()
             };
-            if flows.insert(key, flow, BPF_NOEXIST).is_err() {
-                // Already seeded (a second seeding of the same untracked tuple) or no room.
+            if flows.insert(socket.cookie, flow, BPF_NOEXIST).is_err() {
+                // Already seeded (a second seeding of the same untracked socket) or no room.
                 not_seeded += 1;
                 continue;
             }
+            self.seeded_tuples.insert(socket.cookie, key);
             let adjustment = &mut self.adjustments[slot as usize];
             adjustment.tracked += 1;
             adjustment.established += 1;
             adjustment.unknown += 1;
             seeded += 1;
         }
+        self.index_seeded_tuples();
         if not_seeded > 0 {
             warn!(
                 not_seeded,
@@ -391,6 +420,21 @@ impl EbpfTracker {
         }
         self.release_seeded_if_empty();
         seeded
+    }
+
+    /// Writes `SEEDED_TUPLES` (tuple → cookie) for the seeded flows, for the `sock_ops`
+    /// program: a handshake on a seeded tuple ends the older connection. A tuple that does not
+    /// fit only loses that shortcut: the garbage collector still finds the socket gone.
+    fn index_seeded_tuples(&mut self) {
+        let Ok(tuples) = map_mut(&mut self.ebpf, names::SEEDED_TUPLES) else {
+            return;
+        };
+        let Ok(mut tuples) = HashMap::<&mut MapData, FlowKey, u64>::try_from(tuples) else {
+            return;
+        };
+        for (&cookie, key) in &self.seeded_tuples {
+            let _ = tuples.insert(key, cookie, 0);
+        }
     }
 
     /// Tells the packet programs whether `SEEDED_FLOWS` may hold entries: while it does not,
@@ -474,6 +518,11 @@ impl EbpfTracker {
     /// Where the programs are attached.
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
+    }
+
+    /// Which features run on this kernel.
+    pub fn features(&self) -> &[FeatureStatus] {
+        &self.features
     }
 
     /// Closes backend `index`'s gate for at most `deadline`; `Ok(false)` when it has none.
@@ -563,9 +612,9 @@ impl EbpfTracker {
         // Grace for the socket table: seeded sockets existed at start, but a check right
         // after start has nothing to gain.
         let check_silent = self.started.elapsed() >= self.flow_idle_check;
-        type Entries = Vec<(FlowKey, Flow)>;
+        type Entries = Vec<(u64, Flow)>;
         let (ended, silent): (Entries, Entries) = {
-            let flows: HashMap<&MapData, FlowKey, Flow> =
+            let flows: HashMap<&MapData, u64, Flow> =
                 HashMap::try_from(map(&self.ebpf, names::SEEDED_FLOWS)?)
                     .map_err(read_error("the seeded flow table"))?;
             flows
@@ -585,7 +634,7 @@ impl EbpfTracker {
     pub fn remove_garbage(
         &mut self,
         candidates: GarbageCandidates,
-        live: HashSet<(SocketAddr, SocketAddr)>,
+        live: HashSet<u64>,
     ) -> Result<u64, TrackerError> {
         let GarbageCandidates { ended, silent } = candidates;
         if ended.is_empty() && silent.is_empty() {
@@ -593,17 +642,18 @@ impl EbpfTracker {
         }
         let fd = map_fd(map(&self.ebpf, names::SEEDED_FLOWS)?)?;
         let mut removed = 0;
-        for (key, _) in ended
-            .into_iter()
-            .chain(silent.into_iter().filter(|(key, _)| {
-                let local = sockets::from_flow_bytes(key.server_addr, key.server_port);
-                let remote = sockets::from_flow_bytes(key.client_addr, key.client_port);
-                !live.contains(&(local, remote))
-            }))
-        {
-            let Some(flow) = lookup_and_delete(fd, &key)? else {
+        for (cookie, _) in ended.into_iter().chain(
+            silent
+                .into_iter()
+                .filter(|(cookie, _)| !live.contains(cookie)),
+        ) {
+            let Some(flow) = lookup_and_delete(fd, &cookie)? else {
                 continue;
             };
+            let key = self.seeded_tuples.remove(&cookie);
+            if let Some(key) = &key {
+                self.forget_seeded_tuple(key, cookie);
+            }
             let Some(adjustment) = self.adjustments.get_mut(flow.backend as usize) else {
                 continue;
             };
@@ -621,12 +671,36 @@ impl EbpfTracker {
                 adjustment.unknown -= 1;
             }
             removed += 1;
-            let local = sockets::from_flow_bytes(key.server_addr, key.server_port);
-            let remote = sockets::from_flow_bytes(key.client_addr, key.client_port);
-            warn!(%local, %remote, "removed a connection older than the agent whose socket is gone");
+            match key {
+                Some(key) => {
+                    let local = sockets::from_flow_bytes(key.server_addr, key.server_port);
+                    let remote = sockets::from_flow_bytes(key.client_addr, key.client_port);
+                    warn!(%local, %remote, "removed a connection older than the agent whose socket is gone");
+                }
+                None => warn!(
+                    cookie,
+                    "removed a connection older than the agent whose socket is gone"
+                ),
+            }
         }
         self.release_seeded_if_empty();
         Ok(removed)
+    }
+}
+
+impl EbpfTracker {
+    /// Deletes a seeded flow's `SEEDED_TUPLES` entry, unless a later seeding of the same tuple
+    /// (a newer socket) owns it now.
+    fn forget_seeded_tuple(&mut self, key: &FlowKey, cookie: u64) {
+        let Ok(tuples) = map_mut(&mut self.ebpf, names::SEEDED_TUPLES) else {
+            return;
+        };
+        let Ok(mut tuples) = HashMap::<&mut MapData, FlowKey, u64>::try_from(tuples) else {
+            return;
+        };
+        if tuples.get(key, 0).is_ok_and(|owner| owner == cookie) {
+            let _ = tuples.remove(key);
+        }
     }
 }
 
@@ -639,6 +713,32 @@ enum Seed<'a> {
     Only(&'a HashSet<FlowKey>),
 }
 
+/// Attaches an optional feature if configured. The kernel refusing its program makes it
+/// `unsupported` (logged with the verifier's reason) instead of failing the start; any other
+/// failure fails it.
+fn optional(
+    feature: Feature,
+    wanted: bool,
+    attach: impl FnOnce() -> Result<(), TrackerError>,
+) -> Result<FeatureStatus, TrackerError> {
+    let status = |state, detail| FeatureStatus {
+        feature: feature.name().to_string(),
+        state,
+        detail,
+    };
+    if !wanted {
+        return Ok(status(FeatureState::NotConfigured, None));
+    }
+    match attach() {
+        Ok(()) => Ok(status(FeatureState::Active, None)),
+        Err(err @ TrackerError::Unsupported { .. }) => {
+            error!(feature = feature.name(), %err, "a configured feature cannot run on this kernel: it is off, the rest runs");
+            Ok(status(FeatureState::Unsupported, Some(err.to_string())))
+        }
+        Err(err) => Err(err),
+    }
+}
+
 /// Sets a one-entry flag array of the object.
 fn set_flag(ebpf: &mut Ebpf, name: &'static str, on: bool) -> Result<(), TrackerError> {
     Array::<&mut MapData, u32>::try_from(map_mut(ebpf, name)?)
@@ -649,8 +749,8 @@ fn set_flag(ebpf: &mut Ebpf, name: &'static str, on: bool) -> Result<(), Tracker
 /// What `garbage_candidates` found; `remove_garbage` finishes with the socket table.
 #[derive(Debug, Default)]
 pub struct GarbageCandidates {
-    ended: Vec<(FlowKey, Flow)>,
-    silent: Vec<(FlowKey, Flow)>,
+    ended: Vec<(u64, Flow)>,
+    silent: Vec<(u64, Flow)>,
 }
 
 impl GarbageCandidates {
@@ -660,14 +760,14 @@ impl GarbageCandidates {
     }
 }
 
-/// Connected sockets of this network namespace (local, remote), IPv4 mapped: what a silent
-/// seeded entry is checked against. Hundreds of milliseconds at 100k sockets, so callers read
-/// it without holding the tracker's lock.
-pub fn live_sockets() -> Result<HashSet<(SocketAddr, SocketAddr)>, TrackerError> {
+/// The cookies of this network namespace's connected sockets: what a silent seeded entry is
+/// checked against. Hundreds of milliseconds at 100k sockets, so callers read it without
+/// holding the tracker's lock.
+pub fn live_sockets() -> Result<HashSet<u64>, TrackerError> {
     Ok(sockets::tcp_sockets()?
         .into_iter()
         .filter(|socket| sockets::is_connected(&socket.state))
-        .map(|socket| (socket.local, socket.remote))
+        .map(|socket| socket.cookie)
         .collect())
 }
 
@@ -684,7 +784,7 @@ fn map_fd(map: &Map) -> Result<RawFd, TrackerError> {
 /// BPF_MAP_LOOKUP_AND_DELETE_ELEM on a hash map (kernel >= 5.14): removes `key` and returns
 /// the value it held at that moment, `None` if it was gone. aya 0.14 wraps this command only
 /// for queues and stacks.
-fn lookup_and_delete(fd: RawFd, key: &FlowKey) -> Result<Option<Flow>, TrackerError> {
+fn lookup_and_delete(fd: RawFd, key: &u64) -> Result<Option<Flow>, TrackerError> {
     const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
     /// The `map_elem` member of `union bpf_attr`.
     #[repr(C)]
@@ -699,12 +799,12 @@ fn lookup_and_delete(fd: RawFd, key: &FlowKey) -> Result<Option<Flow>, TrackerEr
     let attr = MapElemAttr {
         map_fd: fd as u32,
         _pad: 0,
-        key: key as *const FlowKey as u64,
+        key: key as *const u64 as u64,
         value: &mut value as *mut Flow as u64,
         flags: 0,
     };
     // SAFETY: bpf(2) with a correctly laid out attribute whose key and value point to live,
-    // correctly sized buffers (FlowKey and Flow are the map's key and value types); the
+    // correctly sized buffers (u64 and Flow are the map's key and value types); the
     // kernel writes at most size_of::<Flow>() bytes to `value`.
     let ret = unsafe {
         libc::syscall(
@@ -877,6 +977,44 @@ pub fn monotonic_now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_feature_the_kernel_refuses_is_unsupported_by_name_and_the_rest_runs() {
+        let refused = optional(Feature::Gate, true, || {
+            Err(TrackerError::Unsupported {
+                feature: "gate",
+                needs: Feature::Gate.needs(),
+                kernel: "5.4.0".into(),
+                reason: "Invalid argument; the verifier said: unknown func bpf_xdp_adjust_tail#65"
+                    .into(),
+            })
+        })
+        .expect("a refusal is not an error of the start");
+        assert_eq!(refused.state, FeatureState::Unsupported);
+        assert_eq!(refused.feature, "gate");
+        let detail = refused.detail.expect("the reason");
+        assert!(
+            detail.contains("kernel 5.4.0 refused the gate programs"),
+            "{detail}"
+        );
+        assert!(
+            detail.contains("unknown func bpf_xdp_adjust_tail"),
+            "{detail}"
+        );
+        assert!(
+            detail.contains("XDP programs attached as links (Linux 5.9)"),
+            "{detail}"
+        );
+
+        let other = optional(Feature::Handover, true, || {
+            Err(TrackerError::Load {
+                cause: "Operation not permitted".into(),
+            })
+        });
+        assert!(other.is_err(), "any other failure fails the start");
+        let unconfigured = optional(Feature::Handover, false, || unreachable!()).unwrap();
+        assert_eq!(unconfigured.state, FeatureState::NotConfigured);
+    }
 
     #[test]
     fn finds_the_cgroup2_root_in_a_hybrid_layout() {

@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 use super::{
     TrackerError,
     ebpf::{load_error, map, map_mut, monotonic_now, program_mut, read_error},
+    features::{self, Feature},
 };
 use crate::{config::Config, status::Attachment};
 
@@ -55,7 +56,9 @@ pub fn attach(ebpf: &mut Ebpf, config: &Config) -> Result<Vec<Attachment>, Track
         }
     }
     let program: &mut Xdp = program_mut(ebpf, names::GATE_PROGRAM)?;
-    program.load().map_err(load_error)?;
+    program
+        .load()
+        .map_err(|err| features::load_failure(Feature::Gate, err))?;
     let program_id = program.info().map_err(load_error)?.id();
     let mut attachments = Vec::new();
     for interface in &config.interfaces {

@@ -1,6 +1,7 @@
 //! Where connection numbers come from: the eBPF programs, or /proc in degraded mode.
 
 pub mod ebpf;
+pub mod features;
 pub mod gate;
 pub mod listeners;
 pub mod procfs;
@@ -136,6 +137,21 @@ impl Tracker {
         }
     }
 
+    /// Which kernel features run (eBPF mode; empty in procfs mode, which loads nothing).
+    pub fn features(&self) -> Vec<features::FeatureStatus> {
+        match self {
+            Tracker::Ebpf(tracker) => tracker.features().to_vec(),
+            Tracker::Procfs(_) => Vec::new(),
+        }
+    }
+
+    /// Whether `feature` is loaded and attached.
+    pub fn feature_active(&self, feature: features::Feature) -> bool {
+        self.features().iter().any(|status| {
+            status.feature == feature.name() && status.state == features::FeatureState::Active
+        })
+    }
+
     /// Closes backend `index`'s gate for at most `deadline`. `Ok(false)`: it has none (or
     /// procfs mode, where there is no gate).
     pub fn close_gate(&mut self, index: usize, deadline: Duration) -> Result<bool, TrackerError> {
@@ -218,7 +234,7 @@ impl Tracker {
     pub fn remove_garbage(
         &mut self,
         candidates: ebpf::GarbageCandidates,
-        live: std::collections::HashSet<(std::net::SocketAddr, std::net::SocketAddr)>,
+        live: std::collections::HashSet<u64>,
     ) -> Result<u64, TrackerError> {
         match self {
             Tracker::Ebpf(tracker) => tracker.remove_garbage(candidates, live),
@@ -233,13 +249,24 @@ pub enum TrackerError {
     #[error(
         "the eBPF programs could not be loaded ({cause}). drain-agent needs CAP_BPF, \
          CAP_NET_ADMIN and CAP_PERFMON (run it as root, or grant them in the systemd unit) and a \
-         kernel >= 6.6 with BTF. Where that cannot be had, `drain-agent run --kernel procfs` \
-         counts established connections only, without in-flight tracking"
+         kernel with BTF. Where that cannot be had, `drain-agent run --kernel procfs` counts \
+         established connections only, without in-flight tracking"
     )]
     Load { cause: String },
     #[error(
-        "kernel {found} is too old: drain-agent's kernel programs are supported on kernel >= \
-         6.6. Upgrade the kernel, or run with `--kernel procfs` (established connections only)"
+        "kernel {kernel} refused the {feature} programs: {reason}. The {feature} needs {needs} \
+         (docs/troubleshooting.md#kernels)"
+    )]
+    Unsupported {
+        feature: &'static str,
+        needs: &'static str,
+        kernel: String,
+        reason: String,
+    },
+    #[error(
+        "kernel {found} is older than any kernel drain-agent's programs were tested on (6.1, \
+         Debian 12's; docs/troubleshooting.md#kernels). Upgrade the kernel, or run with \
+         `--kernel procfs` (established connections only)"
     )]
     KernelTooOld { found: String },
     #[error(

@@ -1,7 +1,20 @@
-//! The node's TCP socket table from /proc/net/tcp{,6} (this network namespace's).
+//! The node's TCP socket table from `sock_diag` (this network namespace's): what
+//! /proc/net/tcp{,6} shows, plus each socket's cookie, which keys the flows of connections
+//! older than the agent in the kernel (docs/accounting.md).
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags},
+};
+use netlink_sys::{
+    Socket as NetlinkSocket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG,
+};
 use procfs::net::TcpState;
 
 use super::TrackerError;
@@ -17,30 +30,104 @@ pub struct Socket {
     pub rx_queue: u32,
     /// Bytes sent and not yet acknowledged (or not yet sent).
     pub tx_queue: u32,
+    /// The kernel's cookie of the socket (`bpf_get_socket_cookie`): unique on the host for
+    /// the socket's lifetime.
+    pub cookie: u64,
 }
 
 /// Every TCP socket (IPv4 and IPv6) in this network namespace.
 pub fn tcp_sockets() -> Result<Vec<Socket>, TrackerError> {
-    let read = |table: procfs::ProcResult<Vec<procfs::net::TcpNetEntry>>| {
-        table.map_err(|err| TrackerError::Read {
-            what: "/proc/net/tcp",
-            source: Box::new(err),
-        })
+    let read_error = |err: std::io::Error| TrackerError::Read {
+        what: "the socket table (sock_diag; module tcp_diag)",
+        source: Box::new(err),
     };
+    let mut socket = NetlinkSocket::new(NETLINK_SOCK_DIAG).map_err(read_error)?;
+    socket.bind_auto().map_err(read_error)?;
+    socket
+        .connect(&NetlinkAddr::new(0, 0))
+        .map_err(read_error)?;
     let mut sockets = Vec::new();
-    for entry in read(procfs::net::tcp())?
-        .into_iter()
-        .chain(read(procfs::net::tcp6())?)
-    {
-        sockets.push(Socket {
-            local: mapped(entry.local_address),
-            remote: mapped(entry.remote_address),
-            state: entry.state,
-            rx_queue: entry.rx_queue,
-            tx_queue: entry.tx_queue,
-        });
+    for family in [AF_INET, AF_INET6] {
+        dump(&socket, family, &mut sockets).map_err(read_error)?;
     }
     Ok(sockets)
+}
+
+/// One family's TCP sockets, every state, appended to `out`.
+fn dump(socket: &NetlinkSocket, family: u8, out: &mut Vec<Socket>) -> std::io::Result<()> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id: if family == AF_INET {
+                SocketId::new_v4()
+            } else {
+                SocketId::new_v6()
+            },
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut bytes = vec![0; request.buffer_len()];
+    request.serialize(&mut bytes);
+    socket.send(&bytes, 0)?;
+
+    let invalid = |err: netlink_packet_core::DecodeError| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, err.to_string())
+    };
+    let mut buffer = vec![0; 256 * 1024];
+    loop {
+        let received = socket.recv(&mut &mut buffer[..], 0)?;
+        let mut at = 0;
+        while at < received {
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(&buffer[at..received])
+                .map_err(invalid)?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    if let Some(socket) = from_response(&response) {
+                        out.push(socket);
+                    }
+                }
+                NetlinkPayload::Done(_) => return Ok(()),
+                NetlinkPayload::Error(err) => {
+                    return Err(err
+                        .code
+                        .map(|code| std::io::Error::from_raw_os_error(-code.get()))
+                        .unwrap_or_else(|| std::io::Error::other("sock_diag dump failed")));
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            // Messages are 4-byte aligned in the buffer.
+            at += (length + 3) & !3;
+        }
+    }
+}
+
+fn from_response(response: &InetResponse) -> Option<Socket> {
+    let header = &response.header;
+    let id = &header.socket_id;
+    Some(Socket {
+        local: mapped(SocketAddr::new(id.source_address, id.source_port)),
+        remote: mapped(SocketAddr::new(id.destination_address, id.destination_port)),
+        state: TcpState::from_u8(header.state)?,
+        rx_queue: header.recv_queue,
+        tx_queue: header.send_queue,
+        // Two host-order u32 words, low word first (sock_diag_save_cookie).
+        cookie: {
+            let [a, b, c, d, e, f, g, h] = id.cookie;
+            u64::from(u32::from_ne_bytes([a, b, c, d]))
+                | u64::from(u32::from_ne_bytes([e, f, g, h])) << 32
+        },
+    })
 }
 
 /// IPv4 addresses as IPv4-mapped IPv6, the way flow keys hold them.

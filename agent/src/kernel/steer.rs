@@ -21,6 +21,7 @@ use tracing::debug;
 use super::{
     TrackerError,
     ebpf::{load_error, map_mut, program_mut},
+    features::{self, Feature},
 };
 use crate::{config::Config, status::Attachment};
 
@@ -35,7 +36,9 @@ pub fn wanted(config: &Config) -> bool {
 /// Loads the program and attaches it to this network namespace.
 pub fn attach(ebpf: &mut Ebpf) -> Result<Attachment, TrackerError> {
     let program: &mut SkLookup = program_mut(ebpf, names::STEER_PROGRAM)?;
-    program.load().map_err(load_error)?;
+    program
+        .load()
+        .map_err(|err| features::load_failure(Feature::Handover, err))?;
     let program_id = program.info().map_err(load_error)?.id();
     let netns = File::open("/proc/self/ns/net").map_err(|err| TrackerError::Attach {
         interface: "network namespace".to_string(),

@@ -20,6 +20,7 @@ use super::process::ProcessCollector;
 use crate::{
     drain::{Phase, Report},
     kernel::BackendSample,
+    kernel::features::FeatureStatus,
 };
 
 type Labels = Vec<(String, String)>;
@@ -68,6 +69,7 @@ const DURATION_BUCKETS: [f64; 12] = [
 /// The agent's metrics.
 pub struct Metrics {
     registry: Registry,
+    kernel_feature: Family<Labels, Gauge>,
     phase: Family<Labels, Gauge>,
     phase_since: Family<Labels, Seconds>,
     connections: Family<Labels, Gauge>,
@@ -133,6 +135,7 @@ impl Metrics {
     /// first failure is an increase (`increase()` cannot see a series born at 1).
     pub fn new(backends: &[String], kernel_mode: &str) -> Metrics {
         let metrics = Metrics {
+            kernel_feature: Family::default(),
             phase: Family::default(),
             phase_since: Family::default(),
             connections: Family::default(),
@@ -187,6 +190,13 @@ impl Metrics {
              (degraded: established connections only; in-flight and the connection counters \
              are not served)",
             kernel,
+        );
+        registry.register(
+            "kernel_feature",
+            "What runs on this kernel (1 for each feature's state): feature=\"accounting\", \
+             \"gate\" or \"handover\"; state=\"active\", \"unsupported\" (configured, but \
+             the kernel refused its program) or \"not_configured\"",
+            metrics.kernel_feature.clone(),
         );
         registry.register(
             "backend_phase",
@@ -606,6 +616,18 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition (`exposition.rs` turns it into Prometheus text).
+    /// Sets what runs on this kernel (once, at start).
+    pub fn kernel_features(&self, features: &[FeatureStatus]) {
+        for status in features {
+            self.kernel_feature
+                .get_or_create(&vec![
+                    ("feature".into(), status.feature.clone()),
+                    ("state".into(), status.state.as_str().into()),
+                ])
+                .set(1);
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
@@ -616,6 +638,31 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::features::FeatureState;
+
+    #[test]
+    fn kernel_features_are_exposed_by_name_and_state() {
+        let metrics = Metrics::new(&names(), "ebpf");
+        metrics.kernel_features(&[
+            FeatureStatus {
+                feature: "accounting".into(),
+                state: FeatureState::Active,
+                detail: None,
+            },
+            FeatureStatus {
+                feature: "gate".into(),
+                state: FeatureState::Unsupported,
+                detail: Some("the verifier said: unknown func".into()),
+            },
+        ]);
+        has(
+            &metrics.render(),
+            &[
+                "drain_agent_kernel_feature{feature=\"accounting\",state=\"active\"} 1",
+                "drain_agent_kernel_feature{feature=\"gate\",state=\"unsupported\"} 1",
+            ],
+        );
+    }
 
     fn names() -> Vec<String> {
         vec!["nova-api".to_string()]

@@ -40,6 +40,8 @@ use crate::{
     service,
 };
 
+use crate::kernel::features::Feature;
+
 /// Where the agent's probes of the new version come from: a loopback address of their own,
 /// which the `sk_lookup` program sends to the new version while clients still go to the old.
 pub const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 86);
@@ -68,6 +70,12 @@ impl Operations {
                 ),
             ));
         };
+        if let Some(why) = self.kernel.unsupported(Feature::Handover) {
+            return Err(Refusal::new(
+                exit::REFUSED,
+                format!("refused: the handover cannot run on this kernel: {why}"),
+            ));
+        }
         let sample = self.kernel.sample(index).map_err(|err| {
             Refusal::new(
                 exit::ERROR,
