@@ -114,6 +114,8 @@ struct Agent {
     following: Mutex<Option<Following>>,
     /// Per backend, what load balancers show that differs from the agent's phase at rest.
     drift: Mutex<Vec<Vec<String>>>,
+    /// The previous agent's journal was unreadable (torn, or of another format).
+    journal_torn: bool,
     /// Per backend (config order), the last finished operation.
     last_reports: Mutex<Vec<Option<LastOperation>>>,
     config: Arc<Config>,
@@ -195,15 +197,15 @@ async fn serve(config: Config, mut tracker: Tracker) -> anyhow::Result<()> {
         tokio::spawn(read_kernel_log(log));
     }
     let journal = Journal::open(&config.state_dir)?;
-    let (record, torn) = match journal.read()? {
-        Found::Nothing => (Record::default(), None),
+    let (record, torn, found) = match journal.read()? {
+        Found::Nothing => (Record::default(), None, JournalFound::Missing),
         Found::Record(record) => {
             info!(journal = %journal.path().display(), "read the operation journal");
-            (record, None)
+            (record, None, JournalFound::Read)
         }
         Found::Torn(err) => {
             error!(%err, "the operation journal is torn");
-            (Record::default(), Some(err))
+            (Record::default(), Some(err), JournalFound::Torn)
         }
     };
     let board = Arc::new(Board::restored(
@@ -211,6 +213,10 @@ async fn serve(config: Config, mut tracker: Tracker) -> anyhow::Result<()> {
         Some(journal),
         &record,
     ));
+    if matches!(found, JournalFound::Missing | JournalFound::Torn) {
+        board.mark_past_unknown();
+    }
+    warn_held_out(&board, &config, found);
     let pollers = Arc::new(agent_check::Pollers::default());
     let agent = Arc::new(Agent {
         operations: Arc::new(Operations::new(
@@ -230,6 +236,7 @@ async fn serve(config: Config, mut tracker: Tracker) -> anyhow::Result<()> {
         following: Mutex::new(None),
         last_reports: Mutex::new(config.backends.iter().map(|_| None).collect()),
         drift: Mutex::new(vec![Vec::new(); config.backends.len()]),
+        journal_torn: found == JournalFound::Torn,
         config: config.clone(),
         control_gid,
         kernel,
@@ -325,6 +332,49 @@ async fn serve(config: Config, mut tracker: Tracker) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the start found of the previous agent's journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JournalFound {
+    Read,
+    Missing,
+    Torn,
+}
+
+/// Says, at WARN, which backends the journal brings back out of rotation: since when, by which
+/// operation, and the command that puts each back (they stay out until someone says so).
+/// Without a readable journal, says what the agent cannot know and leaves alone.
+fn warn_held_out(board: &Board, config: &Config, found: JournalFound) {
+    if found == JournalFound::Torn && config.agent_check_listen.is_some() {
+        for backend in &config.backends {
+            warn!(
+                backend = backend.name,
+                "the journal was unreadable: load balancers that only agent-check reaches may \
+                 still hold the server out from before, and this agent leaves them as they are \
+                 (its answers carry no admin word). `drain-agent resume {}` tells them `ready`",
+                backend.name
+            );
+        }
+    }
+    for (index, backend) in config.backends.iter().enumerate() {
+        let state = board.get(index);
+        if !state.phase.holds_out() {
+            continue;
+        }
+        let since = std::time::UNIX_EPOCH + Duration::from_millis(state.since_unix_ms);
+        warn!(
+            backend = backend.name,
+            phase = state.phase.as_str(),
+            since = %humantime::format_rfc3339_seconds(since),
+            for_s = state.since.elapsed().as_secs(),
+            by = state.by.as_deref().unwrap_or("unknown"),
+            reason = state.reason.as_deref().unwrap_or(""),
+            "the journal says this agent left the server out of rotation; it stays out: \
+             `drain-agent resume {}` puts it back",
+            backend.name
+        );
+    }
+}
+
 /// Binds an optional TCP listener; the error names the setting to change.
 async fn listen(
     address: Option<std::net::SocketAddr>,
@@ -346,14 +396,21 @@ async fn listen(
 /// balancer shows for this node's servers with the agent's phases (drift.rs).
 async fn check_load_balancers(agent: Arc<Agent>) {
     let clients = RuntimeApiClient::for_each(&agent.config.load_balancers);
+    // Per (load balancer, backend), the HAProxy process that last showed the agent's DRAIN or
+    // MAINT: another process showing the server in rotation lost it (reload, restart).
+    let mut held_by: std::collections::HashMap<(String, usize), (u64, u64)> =
+        std::collections::HashMap::new();
     loop {
         let mut drift: Vec<Vec<String>> = vec![Vec::new(); agent.config.backends.len()];
         for client in &clients {
-            let up = client.command("show info").await.is_ok();
-            agent.metrics.observe_load_balancer(client.name(), up);
-            if !up {
+            let info = client.command("show info").await;
+            agent
+                .metrics
+                .observe_load_balancer(client.name(), info.is_ok());
+            let Ok(info) = info else {
                 continue;
-            }
+            };
+            let process = haproxy_process(&info);
             for (index, backend) in agent.config.backends.iter().enumerate() {
                 let Some(server) = &backend.haproxy else {
                     continue;
@@ -367,7 +424,20 @@ async fn check_load_balancers(agent: Arc<Agent>) {
                     .board()
                     .running()
                     .is_some_and(|running| running.ends_with(&format!(" {}", backend.name)));
-                match drift::judge(phase, drift::Shown::of(&stat), operating, &stat.status) {
+                let shown = drift::Shown::of(&stat);
+                let key = (client.name().to_string(), index);
+                if !phase.holds_out() {
+                    held_by.remove(&key);
+                } else if shown == drift::Shown::Out
+                    && let Some(process) = process
+                {
+                    held_by.insert(key.clone(), process);
+                }
+                // The same pid started within a few seconds (uptime is coarse) is the same one.
+                let restarted = held_by.get(&key).is_some_and(|held| {
+                    process.is_some_and(|now| now.0 != held.0 || now.1.abs_diff(held.1) > 2)
+                });
+                match drift::judge(phase, shown, operating, restarted, &stat.status) {
                     drift::Verdict::Agrees => {}
                     drift::Verdict::Reapply(state) => {
                         let result = client.set_state(server, state).await;
@@ -377,8 +447,9 @@ async fn check_load_balancers(agent: Arc<Agent>) {
                             shown = stat.status,
                             reapplied = state.as_str(),
                             ok = result.is_ok(),
-                            "a load balancer lost the server's state during an operation \
-                             (reloaded or restarted?): re-applied it"
+                            operating,
+                            "a load balancer lost the server's state the agent holds (reloaded \
+                             or restarted): re-applied it"
                         );
                         agent
                             .metrics
@@ -390,9 +461,38 @@ async fn check_load_balancers(agent: Arc<Agent>) {
                 }
             }
         }
+        if agent.journal_torn && agent.config.agent_check_listen.is_some() {
+            for (index, backend) in agent.config.backends.iter().enumerate() {
+                if agent.operations.board().past_unknown(index) {
+                    drift[index].push(format!(
+                        "the journal was unreadable at start: load balancers that only \
+                         agent-check reaches may still hold the server out from before; the \
+                         agent leaves them as they are. `drain-agent resume {}` tells them \
+                         `ready`",
+                        backend.name
+                    ));
+                }
+            }
+        }
         agent.set_drift(drift);
         tokio::time::sleep(LOAD_BALANCER_CHECK_EVERY).await;
     }
+}
+
+/// The HAProxy process behind a `show info` answer: its pid and start time (Unix seconds,
+/// from `Uptime_sec` against now).
+fn haproxy_process(info: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+    };
+    let pid = field("Pid")?;
+    let uptime = field("Uptime_sec")?;
+    Some((
+        pid,
+        (crate::journal::unix_ms() / 1000).saturating_sub(uptime),
+    ))
 }
 
 /// Periodically deletes seeded connections (older than the agent) that ended or vanished.
@@ -896,6 +996,8 @@ impl Agent {
                     status.versions = versions;
                     status.state = phase.phase.as_str().to_string();
                     status.reason = phase.reason;
+                    status.state_since_unix_ms = Some(phase.since_unix_ms);
+                    status.state_by = phase.by;
                     status.drift = self.drift.lock().expect("drift lock")[index].clone();
                     status.last_operation = self.last_reports.lock().expect("reports lock")[index]
                         .as_ref()
@@ -908,14 +1010,18 @@ impl Agent {
 }
 
 impl agent_check::Answer for Agent {
-    fn answer(&self, backend: Option<&str>) -> Option<(usize, String)> {
+    fn answer(&self, backend: Option<&str>, peer: std::net::IpAddr) -> Option<(usize, String)> {
         let index = match backend {
             Some(name) => self.config.backends.iter().position(|b| b.name == name)?,
             None if self.config.backends.len() == 1 => 0,
             None => return None,
         };
-        let phase = self.operations.board().get(index).phase;
-        Some((index, phase.agent_check_answer().to_string()))
+        let board = self.operations.board();
+        let phase = board.get(index).phase;
+        let owes_ready = board
+            .returned(index)
+            .is_some_and(|returned| self.operations.pollers().owes_ready(peer, index, returned));
+        Some((index, phase.agent_check_answer(owes_ready).to_string()))
     }
 }
 
@@ -953,6 +1059,8 @@ fn backend_status(
         vanished: sample.vanished,
         cut_in_flight: sample.cut_in_flight,
         reason: None,
+        state_since_unix_ms: None,
+        state_by: None,
         last_operation: None,
         drift: Vec::new(),
         gate: sample.gate.as_ref().map(crate::status::GateStatus::of),

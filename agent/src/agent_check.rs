@@ -1,5 +1,9 @@
-//! HAProxy agent-check responder: answers each connection with the backend's state word
-//! (`ready up 100%`, `drain`, `maint`) and closes. It never accepts commands.
+//! HAProxy agent-check responder: answers each connection with the backend's state word and
+//! closes. It never accepts commands. The words (docs/operations.md#what-agent-check-says):
+//! `drain` or `maint` while the agent holds the server out, `ready up` to each load balancer
+//! until it has been told twice after the agent put the server back, and `up` otherwise — no
+//! admin word, so an operator's MAINT or DRAIN stands (HAProxy applies agent answers and
+//! runtime API commands to the same admin flags: the last writer wins).
 //!
 //! HAProxy sends nothing unless the server line has `agent-send`; with `agent-send
 //! "nova-api\n"` the first line names the backend. With a single backend configured, a silent
@@ -43,9 +47,9 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// Looks up the answer for a backend name (`None`: the only backend).
 pub trait Answer: Send + Sync + 'static {
-    /// The backend's index and its state word, for the named backend or the only one;
-    /// `None` if unknown.
-    fn answer(&self, backend: Option<&str>) -> Option<(usize, String)>;
+    /// The backend's index and its state word for `peer`, for the named backend or the only
+    /// one; `None` if unknown.
+    fn answer(&self, backend: Option<&str>, peer: IpAddr) -> Option<(usize, String)>;
 }
 
 /// Who may connect and how many at once.
@@ -74,6 +78,21 @@ pub struct Answered {
     /// How many answers in a row carried this word, and when the first of them was sent.
     pub streak: u32,
     pub streak_since: Instant,
+    /// When the last two `ready` answers since the last `drain` or `maint` were sent (older,
+    /// newer); `up` answers in between leave them. Two of them after the agent put the server
+    /// back confirm the return (HAProxy marks a server UP after `rise` checks, so the second
+    /// `ready` is the evidence), and the agent owes that peer no more `ready`.
+    pub readies: (Option<Instant>, Option<Instant>),
+}
+
+impl Answered {
+    /// When the second `ready` at or after `since` was sent: the return is confirmed then.
+    pub fn ready_confirmed_since(&self, since: Instant) -> Option<Instant> {
+        match self.readies {
+            (Some(older), Some(newer)) if older >= since => Some(newer),
+            _ => None,
+        }
+    }
 }
 
 /// Every peer that polled, per backend: the evidence that an agent-check-only load balancer
@@ -88,9 +107,16 @@ impl Pollers {
     pub fn record(&self, peer: IpAddr, backend: usize, word: &str) {
         let now = Instant::now();
         let mut answers = self.answers.lock().expect("pollers lock");
-        let (streak, streak_since) = match answers.get(&(peer, backend)) {
+        let last = answers.get(&(peer, backend));
+        let (streak, streak_since) = match last {
             Some(last) if last.word == word => (last.streak + 1, last.streak_since),
             _ => (1, now),
+        };
+        let readies = last.map_or((None, None), |last| last.readies);
+        let readies = match word.split_whitespace().next() {
+            Some("ready") => (readies.1, Some(now)),
+            Some("drain" | "maint") => (None, None),
+            _ => readies,
         };
         answers.insert(
             (peer, backend),
@@ -99,8 +125,17 @@ impl Pollers {
                 at: now,
                 streak,
                 streak_since,
+                readies,
             },
         );
+    }
+
+    /// Whether `peer` still has to be told `ready` about `backend` after the agent put it
+    /// back at `returned`: until it was answered `ready` twice since then.
+    pub fn owes_ready(&self, peer: IpAddr, backend: usize, returned: Instant) -> bool {
+        self.last(peer, backend)
+            .and_then(|answered| answered.ready_confirmed_since(returned))
+            .is_none()
     }
 
     /// Peers that polled `backend` at or after `since`.
@@ -282,7 +317,7 @@ async fn respond(stream: TcpStream, peer: IpAddr, responder: &Responder) -> std:
         _ => None,
     };
     let asked = named.as_deref().filter(|name| !name.is_empty());
-    let (backend, answer) = match responder.answers.answer(asked) {
+    let (backend, answer) = match responder.answers.answer(asked, peer) {
         Some((backend, answer)) => (Some(backend), answer),
         None => {
             if let Some(suppressed) = responder.unknown_warning.allow() {
@@ -342,6 +377,51 @@ mod tests {
         assert_eq!(pollers.polled_since(0, before), vec![localhost]);
         assert_eq!(pollers.last(localhost, 0).unwrap().word, "drain");
         server.abort();
+    }
+
+    #[test]
+    fn a_return_is_owed_to_each_peer_until_it_was_told_ready_twice_and_up_does_not_undo_it() {
+        let pollers = Pollers::default();
+        let lb1: IpAddr = "192.0.2.11".parse().unwrap();
+        let lb2: IpAddr = "192.0.2.12".parse().unwrap();
+        pollers.record(lb1, 0, "maint");
+        let returned = Instant::now();
+        assert!(pollers.owes_ready(lb1, 0, returned));
+        assert!(
+            pollers.owes_ready(lb2, 0, returned),
+            "a peer never told is owed too"
+        );
+        pollers.record(lb1, 0, "ready up");
+        assert!(
+            pollers.owes_ready(lb1, 0, returned),
+            "one ready is not a return yet"
+        );
+        pollers.record(lb1, 0, "ready up");
+        assert!(!pollers.owes_ready(lb1, 0, returned));
+        let confirmed = pollers
+            .last(lb1, 0)
+            .unwrap()
+            .ready_confirmed_since(returned);
+        pollers.record(lb1, 0, "up");
+        assert!(
+            !pollers.owes_ready(lb1, 0, returned),
+            "up keeps the confirmation"
+        );
+        assert_eq!(
+            pollers
+                .last(lb1, 0)
+                .unwrap()
+                .ready_confirmed_since(returned),
+            confirmed
+        );
+        // The next drain clears it; the next return is owed again.
+        pollers.record(lb1, 0, "drain");
+        assert!(pollers.owes_ready(lb1, 0, returned));
+        // Readies from before a return do not count for it.
+        pollers.record(lb2, 0, "ready up");
+        pollers.record(lb2, 0, "ready up");
+        std::thread::sleep(Duration::from_millis(1));
+        assert!(pollers.owes_ready(lb2, 0, Instant::now()));
     }
 
     #[tokio::test]
@@ -412,13 +492,15 @@ mod fuzz {
 
 #[cfg(test)]
 mod tests_support {
+    use std::net::IpAddr;
+
     use super::Answer;
 
     /// One backend, "nova-api", draining.
     pub struct Fixed;
 
     impl Answer for Fixed {
-        fn answer(&self, backend: Option<&str>) -> Option<(usize, String)> {
+        fn answer(&self, backend: Option<&str>, _peer: IpAddr) -> Option<(usize, String)> {
             match backend {
                 None | Some("nova-api") => Some((0, "drain".into())),
                 Some(_) => None,

@@ -232,7 +232,10 @@ pub fn dispatch(cli: Cli) -> Result<(), Failure> {
             // kernel step says what privileges are missing.
             let _watch = match crate::instance::claim(&config) {
                 Ok(watch) => Some(watch),
-                Err(err @ crate::instance::InstanceError::Busy(_)) => {
+                Err(
+                    err @ (crate::instance::InstanceError::Busy(_)
+                    | crate::instance::InstanceError::StateDirBusy { .. }),
+                ) => {
                     return Err(Failure::Operation {
                         exit_code: exit::REFUSED,
                         message: err.to_string(),

@@ -1,6 +1,7 @@
-//! One agent per interface. Two agents watching the same interface fight over the server's
-//! state (each answers the load balancers' agent checks with its own phase), so a second
-//! `drain-agent run` is refused, naming the first.
+//! One agent per interface, and one per state directory. Two agents watching the same
+//! interface fight over the server's state (each answers the load balancers' agent checks with
+//! its own phase); two agents with one `state_dir` share one journal, and each would adopt the
+//! other's backends of the same name. A second `drain-agent run` is refused, naming the first.
 //!
 //! Each watched interface is an flock on a file under `/run/drain-agent/interfaces/`, named
 //! by network namespace and interface index (two namespaces may both have an `eth0`). The
@@ -20,6 +21,8 @@ use crate::config::Config;
 
 /// Where the interface locks live (the unit's `RuntimeDirectory=drain-agent`).
 pub const LOCK_DIR: &str = "/run/drain-agent/interfaces";
+/// The state directory's lock, beside the journal.
+const STATE_LOCK: &str = "agent.lock";
 
 /// The interfaces this agent watches, held until it is dropped (at exit).
 pub struct Watch {
@@ -54,6 +57,15 @@ pub enum InstanceError {
         pid = .0.pid
     )]
     Busy(Holder),
+    #[error(
+        "refused: drain-agent pid {pid} (config {config}) already uses state_dir {}. Two agents \
+         with one state_dir share one operation journal and would adopt each other's backends \
+         of the same name: give each agent its own `state_dir`, or stop that one first",
+        state_dir.display(),
+        pid = holder.pid,
+        config = holder.config
+    )]
+    StateDirBusy { state_dir: PathBuf, holder: Holder },
     #[error("cannot use the interface lock {path}: {reason}")]
     Lock {
         path: PathBuf,
@@ -64,31 +76,57 @@ pub enum InstanceError {
 /// Claims every interface of `config` for this process, or names the agent that holds one.
 pub fn claim(config: &Config) -> Result<Watch, InstanceError> {
     let mut locks = Vec::new();
+    let me = format!(
+        "pid={}\nconfig={}\n",
+        std::process::id(),
+        config.path.display()
+    );
+    // The state directory first: its refusal stands even where the interface locks cannot
+    // be taken (no write access to /run/drain-agent).
+    match take(&config.state_dir.join(STATE_LOCK), &me)? {
+        Taken::Locked(lock) => locks.push(lock),
+        Taken::Held(mut file) => {
+            return Err(InstanceError::StateDirBusy {
+                state_dir: config.state_dir.clone(),
+                holder: holder_of("", &mut file),
+            });
+        }
+    }
     for interface in &config.interfaces {
-        let path = lock_path(interface)?;
-        let error = |reason| InstanceError::Lock {
-            path: path.clone(),
-            reason,
-        };
-        let file = open(&path).map_err(error)?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+        match take(
+            &lock_path(interface)?,
+            &format!("{me}interface={interface}\n"),
+        )? {
+            Taken::Locked(lock) => locks.push(lock),
+            Taken::Held(mut file) => {
                 return Err(InstanceError::Busy(holder_of(interface, &mut file)));
             }
-            Err((_, errno)) => return Err(error(errno.into())),
-        };
-        lock.set_len(0).map_err(error)?;
-        write!(
-            *lock,
-            "pid={}\nconfig={}\ninterface={interface}\n",
-            std::process::id(),
-            config.path.display()
-        )
-        .map_err(error)?;
-        locks.push(lock);
+        }
     }
     Ok(Watch { _locks: locks })
+}
+
+/// A lock taken, or the file of one another process holds.
+enum Taken {
+    Locked(Flock<File>),
+    Held(File),
+}
+
+/// Takes the lock at `path` and writes who holds it (`contents`).
+fn take(path: &Path, contents: &str) -> Result<Taken, InstanceError> {
+    let error = |reason| InstanceError::Lock {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = open(path).map_err(error)?;
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((file, nix::errno::Errno::EWOULDBLOCK)) => return Ok(Taken::Held(file)),
+        Err((_, errno)) => return Err(error(errno.into())),
+    };
+    lock.set_len(0).map_err(error)?;
+    lock.write_all(contents.as_bytes()).map_err(error)?;
+    Ok(Taken::Locked(lock))
 }
 
 /// The agents that hold any of `config`'s interfaces now (nothing is kept locked).

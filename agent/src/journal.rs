@@ -73,6 +73,18 @@ pub struct BackendRecord {
     /// new version took over) or undoes it (it had not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handover: Option<HandoverRecord>,
+    /// The agent put the server back in service and not every agent-check poller has been
+    /// told `ready` twice since: a restarted agent owes each of them `ready` again (it told
+    /// them `maint` or `drain`; nobody else will undo that).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ready_owed: bool,
+    /// When the backend entered its phase (ms since the Unix epoch): status and the start's
+    /// log say since when, not since the agent started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_unix_ms: Option<u64>,
+    /// The operation that moved the backend into its phase ("drain", "cycle", ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
     /// Milliseconds since the Unix epoch of the last change.
     pub updated_unix_ms: u64,
 }
@@ -91,6 +103,20 @@ pub struct HandoverRecord {
     /// With `units`: the old version's unit and the new one's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub units: Option<(String, String)>,
+    /// Each old pid's start time (clock ticks since boot, /proc/PID/stat): a pid from the
+    /// journal is that process only if it still started then, on the same boot.
+    #[serde(default)]
+    pub old_starts: Vec<u64>,
+    /// The same for `new_pids`.
+    #[serde(default)]
+    pub new_starts: Vec<u64>,
+    /// The old version's listening sockets (inodes), written before `start` runs: whatever
+    /// else listens on the backend's ports after a crash is the new version, found or not.
+    #[serde(default)]
+    pub old_listeners: Vec<u64>,
+    /// The boot the pids belong to (/proc/sys/kernel/random/boot_id).
+    #[serde(default)]
+    pub boot_id: String,
 }
 
 /// The whole journal.
@@ -234,7 +260,14 @@ mod tests {
                     old_pids: vec![10, 11],
                     new_pids: vec![12],
                     units: None,
+                    old_starts: vec![100, 101],
+                    new_starts: vec![102],
+                    old_listeners: vec![7],
+                    boot_id: "b".into(),
                 }),
+                ready_owed: true,
+                since_unix_ms: Some(1),
+                by: Some("cycle".into()),
                 updated_unix_ms: 1,
             },
         );

@@ -91,6 +91,13 @@ pub struct BackendStatus {
     pub cut_in_flight: Option<u64>,
     /// Why the backend is in its phase, when it failed.
     pub reason: Option<String>,
+    /// When the backend entered its phase (ms since the Unix epoch): for a phase the journal
+    /// brought back, when the previous agent entered it.
+    #[serde(default)]
+    pub state_since_unix_ms: Option<u64>,
+    /// The operation that moved it into its phase ("drain", "cycle", ...), if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_by: Option<String>,
     /// The last drain, cycle or resume of this backend since the agent started.
     #[serde(default)]
     pub last_operation: Option<OperationSummary>,
@@ -344,6 +351,23 @@ impl Status {
             }
             if let Some(reason) = &backend.reason {
                 let _ = writeln!(out, "{} is {}: {reason}", backend.name, backend.state);
+            }
+            if backend.state != "serving"
+                && let Some(since) = backend.state_since_unix_ms
+            {
+                let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(since);
+                let _ = writeln!(
+                    out,
+                    "{} is {} since {}{}",
+                    backend.name,
+                    backend.state,
+                    humantime::format_rfc3339_seconds(at),
+                    backend
+                        .state_by
+                        .as_deref()
+                        .map(|by| format!(" (by {by})"))
+                        .unwrap_or_default()
+                );
             }
             let Some(last) = &backend.last_operation else {
                 continue;

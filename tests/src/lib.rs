@@ -4,6 +4,7 @@
 //! Everything a test creates is owned by a guard that removes it on drop, also when the test
 //! panics. Tests panic with context instead of returning errors, so a failure points at a line.
 
+pub mod agent_check_only;
 pub mod demo;
 pub mod fleet;
 pub mod http;
@@ -429,6 +430,48 @@ impl Lab {
 impl Default for Lab {
     fn default() -> Self {
         Lab::new()
+    }
+}
+
+impl Lab {
+    /// Runs a second agent in the node namespace with one backend (`other`, port 9000) on
+    /// `interface` and `state_dir`, its config in DIR/second.toml, which must be refused:
+    /// asserts exit 3 and that it never served its control socket; returns its stderr.
+    pub fn refused_second_agent(&self, dir: &Path, interface: &str, state_dir: &Path) -> String {
+        let config = dir.join("second.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "interfaces = [\"{interface}\"]\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\n\
+                 [[backend]]\nname = \"other\"\nports = [9000]\n",
+                dir.join("control.sock").display(),
+                state_dir.display()
+            ),
+        )
+        .unwrap();
+        let mut second = self
+            .node
+            .command_keeping_mounts(agent_binary())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // An agent that is not refused runs until stopped: give it ten seconds, not forever.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while second.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = second.kill();
+        let out = second.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(3), "not refused: {stderr}");
+        assert!(
+            !dir.join("control.sock").exists(),
+            "the refused agent must not serve"
+        );
+        stderr
     }
 }
 

@@ -144,6 +144,9 @@ pub struct HaproxyOptions {
     pub agent_inter: &'static str,
     /// `retries` in defaults: 0 shows every request a dead server costs.
     pub retries: u32,
+    /// Agent checks on the server lines; without them the load balancer follows the runtime
+    /// API only.
+    pub agent_check: bool,
 }
 
 impl Default for HaproxyOptions {
@@ -151,6 +154,7 @@ impl Default for HaproxyOptions {
         HaproxyOptions {
             agent_inter: "500ms",
             retries: 3,
+            agent_check: true,
         }
     }
 }
@@ -195,12 +199,18 @@ backend {BACKEND}
     }
     for node in nodes {
         config.push_str(&format!(
-            "    server {name} {v4}:{API_PORT} check inter 500ms fall 2 rise 2 agent-check \
-             agent-port {AGENT_CHECK_PORT} agent-inter {agent_inter} agent-send \"{BACKEND}\\n\"\n",
+            "    server {name} {v4}:{API_PORT} check inter 500ms fall 2 rise 2",
             name = node.name,
             v4 = node.v4,
-            agent_inter = options.agent_inter,
         ));
+        if options.agent_check {
+            config.push_str(&format!(
+                " agent-check agent-port {AGENT_CHECK_PORT} agent-inter {agent_inter} \
+                 agent-send \"{BACKEND}\\n\"",
+                agent_inter = options.agent_inter,
+            ));
+        }
+        config.push('\n');
     }
     config
 }

@@ -7,8 +7,8 @@ use crate::{
     Agent,
     http::Connection,
     topology::{
-        API_PORT, FRONTEND_PORT, Haproxy, Host, Topology, haproxy_config, start_api,
-        start_node_agent,
+        API_PORT, FRONTEND_PORT, Haproxy, HaproxyOptions, Host, Topology, haproxy_config_with,
+        start_api, start_node_agent,
     },
     wait_until,
 };
@@ -26,6 +26,11 @@ pub fn tier(extra_backend: &str) -> Tier {
 }
 
 pub fn tier_with(extra_backend: &str, extra_top: &str) -> Tier {
+    tier_with_options(extra_backend, extra_top, &HaproxyOptions::default())
+}
+
+/// [`tier_with`], HAProxy set up with `options` (e.g. without agent checks).
+pub fn tier_with_options(extra_backend: &str, extra_top: &str, options: &HaproxyOptions) -> Tier {
     let topology = Topology::new(&["client", "lb1", "lb2", "node1", "node2"]);
     let nodes: Vec<&Host> = vec![topology.host("node1"), topology.host("node2")];
     let lb_hosts: Vec<&Host> = vec![topology.host("lb1"), topology.host("lb2")];
@@ -38,7 +43,7 @@ pub fn tier_with(extra_backend: &str, extra_top: &str) -> Tier {
         .collect();
     let lbs: Vec<Haproxy> = lb_hosts
         .iter()
-        .map(|lb| Haproxy::start(lb, &haproxy_config(lb, &nodes)))
+        .map(|lb| Haproxy::start(lb, &haproxy_config_with(lb, &nodes, options)))
         .collect();
     for lb in &lbs {
         for node in ["node1", "node2"] {

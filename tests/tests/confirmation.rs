@@ -9,12 +9,9 @@ use std::{
 };
 
 use drain_agent_tests::{
-    Agent,
+    agent_check_only::{self, Tier},
     load::{Connections, Load},
-    topology::{
-        AGENT_CHECK_PORT, FRONTEND_PORT, Haproxy, HaproxyOptions, Host, Topology,
-        haproxy_config_with, start_api, start_node_agent,
-    },
+    topology::{AGENT_CHECK_PORT, FRONTEND_PORT, Host},
     wait_until,
 };
 use serde_json::Value;
@@ -22,51 +19,10 @@ use serde_json::Value;
 /// HAProxy's `agent-inter` in these tests, and the agents' `agent_check_interval`.
 const AGENT_INTER: Duration = Duration::from_secs(2);
 
-struct Tier {
-    topology: Topology,
-    lb: Haproxy,
-    agents: Vec<Agent>,
-}
-
 /// client, lb1, node1, node2; HAProxy polls the agents every 2 s and retries nothing; the
 /// agents know no runtime API.
 fn agent_check_only_tier(extra_backend: &str) -> Tier {
-    let topology = Topology::new(&["client", "lb1", "node1", "node2"]);
-    let nodes = [topology.host("node1"), topology.host("node2")];
-    for node in nodes {
-        start_api(node, "1.0");
-    }
-    let agents = nodes
-        .iter()
-        .map(|node| {
-            start_node_agent(
-                node,
-                &[],
-                &format!("drain_timeout = \"30s\"\n{extra_backend}"),
-                "agent_check_interval = \"2s\"",
-            )
-        })
-        .collect();
-    let lb_host = topology.host("lb1");
-    let options = HaproxyOptions {
-        agent_inter: "2s",
-        retries: 0,
-    };
-    let lb = Haproxy::start(lb_host, &haproxy_config_with(lb_host, &nodes, &options));
-    for node in ["node1", "node2"] {
-        wait_until(
-            Duration::from_secs(10),
-            &format!("{node} UP on HAProxy"),
-            || lb.status(node) == "UP",
-        );
-    }
-    // Let HAProxy poll each agent at least once, so they know their poller.
-    std::thread::sleep(AGENT_INTER + Duration::from_millis(500));
-    Tier {
-        topology,
-        lb,
-        agents,
-    }
+    agent_check_only::tier(extra_backend, "2s", 0)
 }
 
 fn poller_entries(report: &Value) -> Vec<Value> {
@@ -227,7 +183,7 @@ fn two_thousand_idle_connections_to_the_agent_check_port_do_not_silence_it() {
             answer
         });
         check_times.push(started.elapsed());
-        assert_eq!(answer, "ready up 100%\n");
+        assert_eq!(answer, "up\n", "at rest the answer carries no admin word");
         let started = Instant::now();
         assert!(
             tier.agents[0].try_status().is_some(),

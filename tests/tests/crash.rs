@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use drain_agent_tests::{
     load::{Connections, Load},
-    topology::{API_PORT, FRONTEND_PORT, Haproxy, haproxy_config, serve_api_script},
+    topology::{
+        API_PORT, FRONTEND_PORT, Haproxy, HaproxyOptions, haproxy_config_with, serve_api_script,
+    },
     two_lbs::{Tier, tier},
     wait_until,
 };
@@ -239,13 +241,14 @@ fn a_load_balancer_restarted_mid_drain_gets_the_state_applied_again() {
     // only the agent's drift check can put the drain back.
     let lb2 = tier.topology.host("lb2");
     let nodes = [tier.node("node1"), tier.node("node2")];
-    let config: String = haproxy_config(lb2, &nodes)
-        .lines()
-        .map(|line| match line.find(" agent-check") {
-            Some(at) if line.trim_start().starts_with("server ") => format!("{}\n", &line[..at]),
-            _ => format!("{line}\n"),
-        })
-        .collect();
+    let config = haproxy_config_with(
+        lb2,
+        &nodes,
+        &HaproxyOptions {
+            agent_check: false,
+            ..HaproxyOptions::default()
+        },
+    );
     tier.lbs[1]
         .process
         .signal(nix::sys::signal::Signal::SIGKILL);

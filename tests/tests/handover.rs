@@ -343,3 +343,112 @@ fn a_start_that_fails_after_it_began_listening_is_undone_and_what_it_left_is_sto
     assert!(seen.iter().all(|version| version == "1.0"), "{seen:?}");
     assert_eq!(agent.backend("api")["state"], "serving");
 }
+
+/// A service on two ports (SO_REUSEPORT): the first at once, the second `DELAY` seconds later.
+const TWO_PORTS: &str = r#"
+import http.server, socket, sys, threading, time
+delay, version = float(sys.argv[1]), sys.argv[2]
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = ("version %s\n" % version).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Api-Version", version)
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+class Server(http.server.ThreadingHTTPServer):
+    allow_reuse_address = True
+    def server_bind(self):
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+def serve(port):
+    Server(("0.0.0.0", port), Handler).serve_forever()
+
+threading.Thread(target=serve, args=(8774,), daemon=True).start()
+time.sleep(delay)
+serve(8775)
+"#;
+
+#[test]
+fn a_handover_interrupted_before_the_new_listeners_were_seen_is_undone_with_the_new_version_stopped()
+ {
+    let topology = Topology::new(&["client", "node"]);
+    let node = topology.host("node");
+    let script = node.dir.join("two-ports.py");
+    std::fs::write(&script, TWO_PORTS).unwrap();
+    let mut old = node.netns.command("python3");
+    old.arg(&script).args(["0", "1.0"]);
+    let _old = drain_agent_tests::Process::spawn("two-ports 1.0", &mut old);
+    for port in [8774, 8775] {
+        let addr = node.addr(port);
+        wait_until(
+            Duration::from_secs(10),
+            "the old version on both ports",
+            || {
+                topology.host("client").netns.run(move || {
+                    Connection::connect(addr)
+                        .and_then(|mut c| c.get("/"))
+                        .is_ok()
+                })
+            },
+        );
+    }
+    // The new version listens on 8774 at once and on 8775 only 20 s later: the agent, which
+    // waits for both, is killed in between.
+    let config = format!(
+        "interfaces = [\"eth0\"]\ncontrol_socket = \"{dir}/control.sock\"\n\
+         [[backend]]\nname = \"api\"\nports = [8774, 8775]\n\
+         health = {{ http = \"http://127.0.0.1:8774/\", expect = 200, timeout = \"10s\" }}\n\
+         handover = {{ start = [\"/bin/sh\", \"-c\", \"python3 {script} 20 2.0 >/dev/null 2>&1 &\"], timeout = \"60s\" }}\n",
+        dir = node.dir.display(),
+        script = script.display(),
+    );
+    let mut agent = drain_agent_tests::start_agent_with_config(&node.netns, &node.dir, &config);
+    let handover = agent.cli_in_background(&["handover", "api"]);
+    // The service itself, not the `sh -c` that started it (whose command line goes on).
+    let pattern = format!("{} 20 2.0$", script.display());
+    let new_pid = || {
+        let out = std::process::Command::new("pgrep")
+            .args(["-f", &pattern])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| line.trim().parse::<i64>().ok())
+    };
+    wait_until(Duration::from_secs(10), "the new version started", || {
+        new_pid().is_some()
+    });
+    let pid = new_pid().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    agent.kill_and_restart();
+    let _ = handover.join();
+    wait_until(
+        Duration::from_secs(20),
+        "the new version stopped by the reconciliation",
+        || !running(pid),
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the reconciliation's report",
+        || agent.log().contains("reconciled an interrupted handover"),
+    );
+    let log = agent.log();
+    for words in [
+        "undone",
+        "found listening on the backend's ports",
+        "was stopped",
+    ] {
+        assert!(log.contains(words), "{words:?} missing in {log}");
+    }
+    let target = node.addr(8775);
+    let seen = versions_seen(topology.host("client"), target, 5);
+    assert!(seen.iter().all(|version| version == "1.0"), "{seen:?}");
+    assert_eq!(agent.backend("api")["state"], "serving");
+}

@@ -88,35 +88,13 @@ fn a_second_agent_on_the_same_interface_is_refused_naming_the_first() {
     let first = lab.start_agent(&[("api", &[8774])], "", "ebpf");
     let dir = TempDir::new("second-agent");
     let config = dir.path().join("second.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "interfaces = [\"eth0\"]\ncontrol_socket = \"{}\"\nstate_dir = \"{}\"\n\
-             [[backend]]\nname = \"other\"\nports = [9000]\n",
-            dir.path().join("control.sock").display(),
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
-    let out = lab
-        .node
-        .command_keeping_mounts(agent_binary())
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    let stderr = lab.refused_second_agent(dir.path(), "eth0", &dir.path().join("state"));
     let named = format!(
         "drain-agent pid {} (config {}) already watches interface `eth0`",
         first.process.pid(),
         first.config.display()
     );
     assert!(stderr.contains(&named), "{named:?} missing in {stderr}");
-    assert!(
-        !dir.path().join("control.sock").exists(),
-        "the refused agent must not serve"
-    );
     // The first one is untouched; the same interface name in another namespace is another
     // interface.
     assert_eq!(first.backend("api")["state"], "serving");

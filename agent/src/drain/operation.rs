@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     agent_check::Pollers,
-    config::{Backend, Config, HealthCheck, OnTimeout, Probe},
+    config::{Backend, Config, HaproxyServer, HealthCheck, OnTimeout, Probe},
     haproxy::{AdminState, HaproxyError, RuntimeApiClient},
     health,
     kernel::BackendSample,
@@ -154,6 +154,11 @@ impl Operations {
         &self.board
     }
 
+    /// Who polled the agent-check port and what they were told.
+    pub fn pollers(&self) -> &Arc<Pollers> {
+        &self.pollers
+    }
+
     /// Asks the running operation, if any, to stop draining and put the server back in
     /// service. A restart or health check already under way is not interrupted: the cycle
     /// ends as it ends. Nothing is kept for a later operation.
@@ -220,7 +225,7 @@ impl Operations {
             // The node stays in rotation: no load balancer is asked anything.
             return self.start_handover(index, backend, claim).await;
         }
-        let lbs = self.preflight(&backend).await?;
+        let lbs = self.preflight(index, &backend).await?;
 
         let (events, receiver) = mpsc::channel(64);
         let this = self.clone();
@@ -251,9 +256,11 @@ impl Operations {
     pub async fn resume(self: &Arc<Self>, backend_name: &str) -> Result<Report, Refusal> {
         let (index, backend) = self.backend(backend_name)?;
         if let Some(running) = self.board.running() {
-            if running == format!("drain {}", backend.name)
-                && self.board.get(index).phase == Phase::Draining
-            {
+            // A drain of this backend, or a restarted agent's reconciliation of it: `resume`
+            // cancels it (a restart or health check under way still ends as it ends).
+            let drain = running == format!("drain {}", backend.name)
+                && self.board.get(index).phase == Phase::Draining;
+            if drain || self.board.reconciling(index) {
                 self.board.cancel_running("`resume`");
                 // The drain restores service itself; wait until it has let go of the node.
                 let deadline = Instant::now() + Duration::from_secs(30);
@@ -267,6 +274,21 @@ impl Operations {
                 ));
             }
         }
+        if !self.board.get(index).phase.holds_out() {
+            // The agent holds nothing out: a server out of rotation is somebody else's, and
+            // stays so; nothing is changed either way.
+            return self.resume_at_rest(index, &backend).await;
+        }
+        let (_claim, mut run) = self.resume_run(index, &backend)?;
+        Ok(run.resume().await)
+    }
+
+    /// Claims the node for a `resume` of `backend` and sets up its run.
+    fn resume_run(
+        self: &Arc<Self>,
+        index: usize,
+        backend: &Backend,
+    ) -> Result<(super::phase::Claim, Run), Refusal> {
         let claim = self
             .board
             .claim(index, "resume")
@@ -277,13 +299,56 @@ impl Operations {
             self,
             claim.cancel(),
             index,
-            backend,
+            backend.clone(),
             Kind::Drain,
             lbs,
             events,
         );
         run.operation = "resume";
-        Ok(run.resume().await)
+        Ok((claim, run))
+    }
+
+    /// `resume` of a backend the agent has serving. Refused, naming them, when load balancers
+    /// hold the server out (somebody else's doing). When the journal was missing or torn,
+    /// load balancers that only agent-check reaches may still hold it out from an agent
+    /// before: they are told `ready` (and the return confirmed as any other). Otherwise
+    /// already in service, and nothing is changed.
+    async fn resume_at_rest(
+        self: &Arc<Self>,
+        index: usize,
+        backend: &Backend,
+    ) -> Result<Report, Refusal> {
+        let mut held = Vec::new();
+        if let Some(server) = &backend.haproxy {
+            for client in RuntimeApiClient::for_each(&self.config.load_balancers) {
+                if let Ok(stat) = client.server(server).await
+                    && crate::drift::Shown::of(&stat) == crate::drift::Shown::Out
+                {
+                    held.push(format!("{} holds it {}", client.name(), stat.status));
+                }
+            }
+            if !held.is_empty() {
+                return Err(held_by_someone_else(server, &held));
+            }
+        }
+        if self.board.past_unknown(index) && self.config.agent_check_listen.is_some() {
+            let (_claim, mut run) = self.resume_run(index, backend)?;
+            self.board.owe_ready(index);
+            return Ok(run
+                .back_in_service(
+                    Outcome::Ok,
+                    "the journal was missing or torn, so every agent-check poller was told \
+                     `ready`: back in service"
+                        .into(),
+                )
+                .await);
+        }
+        let mut report = Report::empty(&backend.name, "resume", Phase::Serving);
+        report.outcome = Outcome::Ok;
+        report.message = "already in service: this agent holds nothing out of rotation, and no \
+                          load balancer it can ask holds the server out; nothing was changed"
+            .to_string();
+        Ok(report)
     }
 
     pub(super) fn backend(&self, name: &str) -> Result<(usize, Backend), Refusal> {
@@ -313,12 +378,17 @@ impl Operations {
     /// Asks every load balancer about the backend before anything changes: the server must
     /// exist, enough other servers must stay UP, and an unreachable load balancer is only
     /// acceptable when agent-check can still tell it.
-    async fn preflight(&self, backend: &Backend) -> Result<Vec<RuntimeApiClient>, Refusal> {
+    async fn preflight(
+        &self,
+        index: usize,
+        backend: &Backend,
+    ) -> Result<Vec<RuntimeApiClient>, Refusal> {
         let clients = RuntimeApiClient::for_each(&self.config.load_balancers);
         let Some(server) = &backend.haproxy else {
             return Ok(clients);
         };
         let mut unreachable = Vec::new();
+        let mut held = Vec::new();
         for client in &clients {
             let servers = match client.servers(&server.backend).await {
                 Ok(servers) => servers,
@@ -328,13 +398,18 @@ impl Operations {
                 }
                 Err(err) => return Err(Refusal::new(exit::ERROR, err.to_string())),
             };
-            if !servers.iter().any(|stat| stat.name == server.server) {
+            let Some(ours) = servers.iter().find(|stat| stat.name == server.server) else {
                 let err = HaproxyError::NoSuchServer {
                     lb: client.name().to_string(),
                     backend: server.backend.clone(),
                     server: server.server.clone(),
                 };
                 return Err(Refusal::new(exit::CONFIG, err.to_string()));
+            };
+            if !self.board.get(index).phase.holds_out()
+                && crate::drift::Shown::of(ours) == crate::drift::Shown::Out
+            {
+                held.push(format!("{} holds it {}", client.name(), ours.status));
             }
             let others: Vec<_> = servers
                 .iter()
@@ -364,6 +439,9 @@ impl Operations {
                 ));
             }
         }
+        if !held.is_empty() {
+            return Err(held_by_someone_else(server, &held));
+        }
         if !unreachable.is_empty() && self.config.agent_check_listen.is_none() {
             return Err(Refusal::new(
                 exit::REFUSED,
@@ -382,6 +460,25 @@ impl Operations {
         }
         Ok(clients)
     }
+}
+
+/// The refusal of an operation on a server that somebody else holds out of rotation: the
+/// agent neither takes it over nor returns it to service behind the operator's back.
+fn held_by_someone_else(server: &HaproxyServer, held: &[String]) -> Refusal {
+    Refusal::new(
+        exit::REFUSED,
+        format!(
+            "refused: {}/{} is held out of rotation by someone else, not this agent ({}): the \
+             agent does not take over a server an operator holds, nor put it back. Return it \
+             there (`set server {}/{} state ready`) and run this again, or leave it held \
+             (`drain-agent status` shows it)",
+            server.backend,
+            server.server,
+            held.join(", "),
+            server.backend,
+            server.server,
+        ),
+    )
 }
 
 /// One running operation.
@@ -451,8 +548,12 @@ impl Run {
     }
 
     pub(super) async fn execute(&mut self, from: Phase) -> Report {
-        if from == Phase::Serving {
-            if let Err(outcome) = self.drain().await {
+        // A cycle from `drained` proves the drain again before it restarts anything: since
+        // the drain ended, a reload may have put the server back on a load balancer (runtime
+        // state is lost), an operator may have set it ready by hand, or the gate's deadline
+        // passed — and requests may have arrived meanwhile.
+        if from == Phase::Serving || (from == Phase::Drained && self.kind == Kind::Cycle) {
+            if let Err(outcome) = self.drain(from).await {
                 return self.finish(outcome.0, outcome.1);
             }
         }
@@ -473,8 +574,10 @@ impl Run {
         self.restart_and_verify().await
     }
 
-    /// serving → draining → drained. `Err` carries the outcome when the drain did not finish.
-    pub(super) async fn drain(&mut self) -> Result<(), (Outcome, String)> {
+    /// serving (or drained, for a cycle) → draining → drained. `Err` carries the outcome when
+    /// the drain did not finish: from serving the server is put back in service, from
+    /// drained it stays drained, as the operator left it.
+    pub(super) async fn drain(&mut self, from: Phase) -> Result<(), (Outcome, String)> {
         let sample = self.kernel.sample(self.index).ok();
         self.report.at_drain_start = sample.as_ref().map(|sample| Counts {
             established: sample.established,
@@ -486,11 +589,8 @@ impl Run {
         self.enter(Phase::Draining, None);
         let drain_started = Instant::now();
         if let Err(err) = self.set_all(AdminState::Drain).await {
-            self.restore_service().await;
-            return Err((
-                Outcome::Error,
-                format!("{err}; the server was put back in service"),
-            ));
+            let left = self.abandon_drain(from).await;
+            return Err((Outcome::Error, format!("{err}; {left}")));
         }
         let mut pollers = PollerWait::new(self, drain_started);
 
@@ -543,13 +643,10 @@ impl Run {
                 }
             }
             if let Some(by) = self.cancel.reason() {
-                self.restore_service().await;
+                let left = self.abandon_drain(from).await;
                 return Err((
                     Outcome::Cancelled,
-                    format!(
-                        "drain cancelled by {by}; {}",
-                        self.back_in_service_sentence()
-                    ),
+                    format!("drain cancelled by {by}; {left}"),
                 ));
             }
             if Instant::now() >= deadline {
@@ -566,13 +663,12 @@ impl Run {
                 let timeout = humantime::format_duration(self.backend.drain_timeout);
                 match self.backend.on_timeout {
                     OnTimeout::Abort => {
-                        self.restore_service().await;
+                        let left = self.abandon_drain(from).await;
                         return Err((
                             Outcome::DrainTimeout,
                             format!(
                                 "still {in_flight} request(s) in flight and {sessions} after \
-                                 drain_timeout ({timeout}); on_timeout = \"abort\": {}",
-                                self.back_in_service_sentence()
+                                 drain_timeout ({timeout}); on_timeout = \"abort\": {left}"
                             ),
                         ));
                     }
@@ -600,6 +696,21 @@ impl Run {
             warn!(backend = self.backend.name, %err, "could not move the server to MAINT");
         }
         Ok(())
+    }
+
+    /// Gives up a drain that did not finish: a server that was serving goes back in service; one
+    /// that was drained before a cycle stays drained (MAINT), as it was. Returns what became
+    /// of it, for the report.
+    async fn abandon_drain(&mut self, from: Phase) -> String {
+        if from != Phase::Drained {
+            self.restore_service().await;
+            return self.back_in_service_sentence();
+        }
+        self.enter(Phase::Drained, None);
+        match self.set_all(AdminState::Maint).await {
+            Ok(()) => "the server stays drained (MAINT), as it was before the cycle".into(),
+            Err(err) => format!("the server stays drained, but {err}"),
+        }
     }
 
     /// The evidence that the backend is drained, in words for the report, or `None` while
@@ -1207,15 +1318,25 @@ impl PollerWait {
                 .unwrap_or(since),
         );
         // A return needs a second poll (see `settle`), so it may take two intervals.
-        let polls = if run.board.get(run.index).phase == Phase::Serving {
-            2
-        } else {
-            1
+        let returning = run.board.get(run.index).phase == Phase::Serving;
+        let polls = if returning { 2 } else { 1 };
+        if run.config.agent_check_listen.is_none() {
+            // Nobody polls: no `ready` is owed to anyone.
+            run.board.return_confirmed(run.index);
+        }
+        // A return counts the `ready` answers from the moment the phase changed (the
+        // responder owes them from then on), not from when this wait began.
+        let since = match run.board.returned(run.index) {
+            Some(returned) if polls == 2 => returned.min(since),
+            _ => since,
         };
         PollerWait {
             since,
             bound: since + interval * polls + POLL_GRACE,
-            done: run.config.agent_check_listen.is_none(),
+            // Nothing to confirm without agent-check, nor for a server the agent never took
+            // out (no `ready` is owed: the answers stay `up`).
+            done: run.config.agent_check_listen.is_none()
+                || (returning && run.board.returned(run.index).is_none()),
             none_known: known.is_empty(),
         }
     }
@@ -1231,29 +1352,22 @@ impl PollerWait {
             .checked_sub(interval * KNOWN_POLLER_INTERVALS)
             .unwrap_or(self.since);
         let peers = run.pollers.polled_since(run.index, look_back);
-        let word = phase.agent_check_answer();
-        let wanted = |answered: &str| match phase {
-            Phase::Serving => answered == word,
-            // Draining or further out: "drain" or "maint" both keep new requests away.
-            _ => answered != Phase::Serving.agent_check_answer(),
-        };
         let now = Instant::now();
         let mut all = true;
         for peer in &peers {
-            // A drain takes effect on the poll that carries it. A return from MAINT does not:
-            // HAProxy reset the server's health and marks it UP only after `rise` checks, so
-            // the second "ready" in a row (one agent-inter later) is the confirmation —
-            // docs/operations.md asks for rise × inter below agent-inter.
-            let polls_needed = if phase == Phase::Serving { 2 } else { 1 };
-            let confirmed_at = run
-                .pollers
-                .last(*peer, run.index)
-                .filter(|answered| {
-                    answered.at >= self.since
-                        && answered.streak >= polls_needed
-                        && wanted(&answered.word)
-                })
-                .map(|answered| answered.at);
+            // A drain takes effect on the poll that carries it: "drain" or "maint" both keep
+            // new requests away. A return from MAINT does not: HAProxy resets the server's
+            // health and marks it UP only after `rise` checks, so the second "ready" (one
+            // agent-inter later) is the confirmation — docs/operations.md asks for rise ×
+            // inter below agent-inter.
+            let confirmed_at = run.pollers.last(*peer, run.index).and_then(|answered| {
+                if phase == Phase::Serving {
+                    answered.ready_confirmed_since(self.since)
+                } else {
+                    let out = matches!(answered.word.as_str(), "drain" | "maint");
+                    (out && answered.at >= self.since).then_some(answered.at)
+                }
+            });
             let entry = poller_entry(&mut run.report, *peer);
             match confirmed_at {
                 Some(at) => {
@@ -1289,6 +1403,10 @@ impl PollerWait {
                 .any(|lb| lb.via == Via::RuntimeApi && lb.error.is_none());
         // Nobody polled yet and no runtime API vouches for the step: wait the whole
         // interval for a poller to show up before believing there is none.
+        if all && !peers.is_empty() && phase == Phase::Serving {
+            // Every poller was told twice: the agent owes none of them `ready` any more.
+            run.board.return_confirmed(run.index);
+        }
         let waiting_for_first = self.none_known && peers.is_empty() && !runtime_api_confirmed;
         if (all && !waiting_for_first) || now >= self.bound {
             if peers.is_empty() && !runtime_api_confirmed {

@@ -44,12 +44,22 @@ impl Phase {
         }
     }
 
-    /// The HAProxy agent-check answer for this phase. "ready" also undoes a DRAIN or MAINT
-    /// that this agent set earlier, which is how an HAProxy that missed the runtime API
-    /// commands (stopped, reloaded, unreachable) converges on its next agent check.
-    pub fn agent_check_answer(self) -> &'static str {
+    /// Whether the agent holds the server out of rotation in this phase (it set DRAIN or
+    /// MAINT on the load balancers, and owns that state).
+    pub fn holds_out(self) -> bool {
+        !matches!(self, Phase::Serving | Phase::HandingOver)
+    }
+
+    /// The HAProxy agent-check answer for this phase, to one load balancer. HAProxy applies
+    /// an agent's admin word and a runtime API command to the same admin flags (the last
+    /// writer wins), so the agent sends one only when its own state calls for it: `drain` or
+    /// `maint` while it holds the server out (re-asserted on every poll, which also restores
+    /// it after a reload), `ready` only to undo its own `drain`/`maint` (`owes_ready`), and
+    /// otherwise `up`, which leaves an operator's MAINT, DRAIN or weight as they are.
+    pub fn agent_check_answer(self, owes_ready: bool) -> &'static str {
         match self {
-            Phase::Serving | Phase::HandingOver => "ready up 100%",
+            Phase::Serving | Phase::HandingOver if owes_ready => "ready up",
+            Phase::Serving | Phase::HandingOver => "up",
             Phase::Draining => "drain",
             Phase::Drained | Phase::Restarting | Phase::Verifying | Phase::Failed => "maint",
         }
@@ -60,7 +70,13 @@ impl Phase {
 #[derive(Debug, Clone)]
 pub struct PhaseState {
     pub phase: Phase,
+    /// When the backend entered the phase (for a phase restored from the journal, when the
+    /// previous agent entered it).
     pub since: Instant,
+    /// The same, in ms since the Unix epoch (journaled).
+    pub since_unix_ms: u64,
+    /// The operation that moved the backend into the phase ("drain", "cycle", ...), if one did.
+    pub by: Option<String>,
     pub reason: Option<String>,
 }
 
@@ -92,6 +108,9 @@ struct Running {
     what: String,
     backend: usize,
     cancel: Arc<CancelToken>,
+    /// A restarted agent's reconciliation of an interrupted operation: an operator's
+    /// `resume` cancels it rather than being refused (or undone by it).
+    reconciling: bool,
 }
 
 /// Why an operation could not claim the node.
@@ -114,7 +133,9 @@ pub struct Board {
     names: Vec<String>,
     journal: Option<Journal>,
     /// Per backend, the operation the journal says was running when the last agent stopped.
-    interrupted: Vec<Option<String>>,
+    /// Cleared once anything moves the backend's phase: what is left to reconcile is only
+    /// what nobody has acted on since the start.
+    interrupted: Mutex<Vec<Option<String>>>,
     /// Per backend, the process group of the restart or rollback command running now.
     step_groups: Mutex<Vec<Option<i32>>>,
     /// Per backend, the one the journal says was running when the last agent stopped.
@@ -123,6 +144,13 @@ pub struct Board {
     gates: Mutex<Vec<Option<u64>>>,
     /// Per backend, the handover under way, as journaled.
     handovers: Mutex<Vec<Option<HandoverRecord>>>,
+    /// Per backend, when the agent last put the server back in service while `ready` is still
+    /// owed to some agent-check poller (journaled as `ready_owed`).
+    returned: Mutex<Vec<Option<Instant>>>,
+    /// Per backend, whether what came before this agent is unknown (the journal was missing
+    /// or torn) and nothing has happened since: load balancers that only agent-check reaches
+    /// may still hold the server out from before, and `resume` tells them `ready`.
+    past_unknown: Mutex<Vec<bool>>,
     /// Journal writes that failed (each logged at error level).
     journal_errors: std::sync::atomic::AtomicU64,
 }
@@ -140,14 +168,22 @@ impl Board {
         let phases = names
             .iter()
             .map(|name| match record.backends.get(name) {
-                Some(saved) => PhaseState {
-                    phase: saved.phase,
-                    since: now,
-                    reason: saved.reason.clone(),
-                },
+                Some(saved) => {
+                    let since_unix_ms = saved.since_unix_ms.unwrap_or(saved.updated_unix_ms);
+                    let ago = Duration::from_millis(unix_ms().saturating_sub(since_unix_ms));
+                    PhaseState {
+                        phase: saved.phase,
+                        since: now.checked_sub(ago).unwrap_or(now),
+                        since_unix_ms,
+                        by: saved.by.clone(),
+                        reason: saved.reason.clone(),
+                    }
+                }
                 None => PhaseState {
                     phase: Phase::Serving,
                     since: now,
+                    since_unix_ms: unix_ms(),
+                    by: None,
                     reason: None,
                 },
             })
@@ -188,23 +224,41 @@ impl Board {
                     .and_then(|saved| saved.handover.clone())
             })
             .collect();
+        // A return the previous agent had not confirmed everywhere: owed again to every poller.
+        let returned = names
+            .iter()
+            .map(|name| {
+                record
+                    .backends
+                    .get(name)
+                    .is_some_and(|saved| saved.ready_owed && !saved.phase.holds_out())
+                    .then_some(now)
+            })
+            .collect();
         Board {
             phases: Mutex::new(phases),
             handovers: Mutex::new(handovers),
+            returned: Mutex::new(returned),
+            past_unknown: Mutex::new(vec![false; names.len()]),
             running: Mutex::new(None),
             step_groups: Mutex::new(vec![None; names.len()]),
             interrupted_step_groups,
             gates: Mutex::new(gates),
             names,
             journal,
-            interrupted,
+            interrupted: Mutex::new(interrupted),
             journal_errors: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
     /// The operation the previous agent left running on `backend`, if any.
     pub fn interrupted(&self, backend: usize) -> Option<String> {
-        self.interrupted.get(backend).cloned().flatten()
+        self.interrupted
+            .lock()
+            .expect("interrupted lock")
+            .get(backend)
+            .cloned()
+            .flatten()
     }
 
     /// The process group of the restart or rollback command the previous agent left running
@@ -271,6 +325,7 @@ impl Board {
         let step_groups = self.step_groups.lock().expect("step group lock").clone();
         let gates = self.gates.lock().expect("gate lock").clone();
         let handovers = self.handovers.lock().expect("handover lock").clone();
+        let returned = self.returned.lock().expect("returned lock").clone();
         for (index, (name, state)) in self.names.iter().zip(phases).enumerate() {
             record.backends.insert(
                 name.clone(),
@@ -283,6 +338,9 @@ impl Board {
                     step_process_group: step_groups.get(index).copied().flatten(),
                     gate_closed_until_unix_ms: gates.get(index).copied().flatten(),
                     handover: handovers.get(index).cloned().flatten(),
+                    ready_owed: returned.get(index).is_some_and(Option::is_some),
+                    since_unix_ms: Some(state.since_unix_ms),
+                    by: state.by.clone(),
                     updated_unix_ms: unix_ms(),
                 },
             );
@@ -342,11 +400,26 @@ impl Board {
                 "phase change"
             );
         }
+        let by = Board::running_record(&self.running.lock().expect("running lock"))
+            .filter(|(running, _)| *running == backend)
+            .map(|(_, operation)| operation);
         phases[backend] = PhaseState {
             phase,
             since: Instant::now(),
+            since_unix_ms: unix_ms(),
+            by,
             reason,
         };
+        self.past_unknown.lock().expect("past lock")[backend] = false;
+        self.interrupted.lock().expect("interrupted lock")[backend] = None;
+        {
+            let mut returned = self.returned.lock().expect("returned lock");
+            if from.holds_out() && !phase.holds_out() {
+                returned[backend] = Some(Instant::now());
+            } else if phase.holds_out() {
+                returned[backend] = None;
+            }
+        }
         // Logged and counted on failure: stopping half-way would strand the server.
         let _ = self.persist_with_running(&phases);
     }
@@ -355,6 +428,34 @@ impl Board {
     /// `backend`, with a fresh cancel token, and journals it; `Err` names the operation
     /// already running, or says the journal could not record it (nothing changed).
     pub fn claim(self: &Arc<Self>, backend: usize, operation: &str) -> Result<Claim, ClaimError> {
+        self.claim_as(backend, operation, false)
+    }
+
+    /// Claims the node to reconcile the interrupted `operation` on `backend`, journaled under
+    /// that operation's name (a second crash reconciles it again).
+    pub fn claim_reconciliation(
+        self: &Arc<Self>,
+        backend: usize,
+        operation: &str,
+    ) -> Result<Claim, ClaimError> {
+        self.claim_as(backend, operation, true)
+    }
+
+    /// Whether a reconciliation of `backend` holds the node.
+    pub fn reconciling(&self, backend: usize) -> bool {
+        self.running
+            .lock()
+            .expect("running lock")
+            .as_ref()
+            .is_some_and(|running| running.reconciling && running.backend == backend)
+    }
+
+    fn claim_as(
+        self: &Arc<Self>,
+        backend: usize,
+        operation: &str,
+        reconciling: bool,
+    ) -> Result<Claim, ClaimError> {
         let phases = self.phases.lock().expect("phase lock");
         let mut running = self.running.lock().expect("running lock");
         if let Some(other) = running.as_ref() {
@@ -369,11 +470,52 @@ impl Board {
             ),
             backend,
             cancel: cancel.clone(),
+            reconciling,
         });
         Ok(Claim {
             board: self.clone(),
             cancel,
         })
+    }
+
+    /// When the agent put `backend` back in service, while it still owes some agent-check
+    /// poller a `ready` for it.
+    pub fn returned(&self, backend: usize) -> Option<Instant> {
+        self.returned.lock().expect("returned lock")[backend]
+    }
+
+    /// The journal was missing or torn: what every backend went through before is unknown.
+    pub fn mark_past_unknown(&self) {
+        self.past_unknown
+            .lock()
+            .expect("past lock")
+            .iter_mut()
+            .for_each(|unknown| *unknown = true);
+    }
+
+    /// Whether `backend`'s past is unknown (see [`Board::mark_past_unknown`]).
+    pub fn past_unknown(&self, backend: usize) -> bool {
+        self.past_unknown.lock().expect("past lock")[backend]
+    }
+
+    /// Owes every agent-check poller `ready` for `backend` from now on, as after a return of
+    /// the agent's own (journaled).
+    pub fn owe_ready(&self, backend: usize) {
+        let phases = self.phases.lock().expect("phase lock");
+        self.returned.lock().expect("returned lock")[backend] = Some(Instant::now());
+        let _ = self.persist_with_running(&phases);
+    }
+
+    /// Every agent-check poller has confirmed the return of `backend`: no `ready` is owed to
+    /// any known poller, and a restarted agent owes none either.
+    pub fn return_confirmed(&self, backend: usize) {
+        let phases = self.phases.lock().expect("phase lock");
+        let mut returned = self.returned.lock().expect("returned lock");
+        if returned[backend].take().is_none() {
+            return;
+        }
+        drop(returned);
+        let _ = self.persist_with_running(&phases);
     }
 
     /// The operation running on this node, if any.
@@ -482,10 +624,50 @@ mod tests {
     }
 
     #[test]
+    fn a_return_owes_ready_until_confirmed_and_a_restarted_agent_owes_it_again() {
+        let dir = std::env::temp_dir().join(format!("board-returned-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let names = vec!["nova-api".to_string()];
+        let journal = Journal::open(&dir).unwrap();
+        let board = Board::restored(names.clone(), Some(journal.clone()), &Record::default());
+        assert_eq!(
+            board.returned(0),
+            None,
+            "an agent that took nothing out owes nothing"
+        );
+        board.set(0, Phase::Drained, None);
+        assert_eq!(board.returned(0), None);
+        board.set(0, Phase::Serving, None);
+        assert!(
+            board.returned(0).is_some(),
+            "the agent's own return owes ready"
+        );
+        let restored = |journal: &Journal| {
+            let crate::journal::Found::Record(record) = journal.read().unwrap() else {
+                panic!("no journal");
+            };
+            Board::restored(names.clone(), Some(journal.clone()), &record)
+        };
+        assert!(
+            restored(&journal).returned(0).is_some(),
+            "journaled: owed after a crash"
+        );
+        board.return_confirmed(0);
+        assert_eq!(board.returned(0), None);
+        assert_eq!(restored(&journal).returned(0), None);
+        // A drain takes it out again: nothing owed until the next return.
+        board.set(0, Phase::Draining, None);
+        assert_eq!(board.returned(0), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn agent_check_words() {
-        assert_eq!(Phase::Serving.agent_check_answer(), "ready up 100%");
-        assert_eq!(Phase::Draining.agent_check_answer(), "drain");
-        assert_eq!(Phase::Restarting.agent_check_answer(), "maint");
-        assert_eq!(Phase::Failed.agent_check_answer(), "maint");
+        assert_eq!(Phase::Serving.agent_check_answer(true), "ready up");
+        assert_eq!(Phase::Serving.agent_check_answer(false), "up");
+        assert_eq!(Phase::HandingOver.agent_check_answer(false), "up");
+        assert_eq!(Phase::Draining.agent_check_answer(false), "drain");
+        assert_eq!(Phase::Restarting.agent_check_answer(true), "maint");
+        assert_eq!(Phase::Failed.agent_check_answer(false), "maint");
     }
 }

@@ -11,10 +11,7 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{
-    Kind, Operations, Outcome, Phase, Report,
-    operation::{Run, refusal_of_claim},
-};
+use super::{Kind, Operations, Outcome, Phase, Report, operation::Run};
 use crate::{config::OnRestart, haproxy::RuntimeApiClient, health};
 
 impl Operations {
@@ -26,15 +23,7 @@ impl Operations {
             let Some(operation) = self.board.interrupted(index) else {
                 continue;
             };
-            let phase = self.board.get(index).phase;
             let name = self.config.backends[index].name.clone();
-            warn!(
-                backend = name,
-                operation,
-                phase = phase.as_str(),
-                on_restart = self.config.on_restart.as_str(),
-                "the previous agent stopped in the middle of an operation: reconciling"
-            );
             if operation == "handover" {
                 let report = self.reconcile_handover(index).await;
                 warn!(
@@ -50,6 +39,34 @@ impl Operations {
                 reports.push(report);
                 continue;
             }
+            // Claimed before anything is read or awaited: the phase acted on is the one read
+            // under the claim, and an operator's `resume` from now on cancels this
+            // reconciliation instead of being refused, or undone by it.
+            let claim = match self.board.claim_reconciliation(index, &operation) {
+                Ok(claim) => claim,
+                Err(err) => {
+                    warn!(backend = name, %err, "could not reconcile");
+                    continue;
+                }
+            };
+            if self.board.interrupted(index).is_none() {
+                // An operator's command (a `resume`) acted on it since the start: the journal's
+                // phase is stale, and there is nothing left to reconcile.
+                info!(
+                    backend = name,
+                    operation,
+                    "an operator's command acted on the backend since the start: nothing to reconcile"
+                );
+                continue;
+            }
+            let phase = self.board.get(index).phase;
+            warn!(
+                backend = name,
+                operation,
+                phase = phase.as_str(),
+                on_restart = self.config.on_restart.as_str(),
+                "the previous agent stopped in the middle of an operation: reconciling"
+            );
             self.log_load_balancers(index).await;
             if self.config.backends[index].gate.is_some() && phase != Phase::Serving {
                 // Its XDP link went with the previous agent's process, and the new programs
@@ -59,7 +76,7 @@ impl Operations {
                     "the gate the previous agent may have closed opened when it stopped"
                 );
             }
-            match self.reconcile(index, &operation, phase).await {
+            match self.reconcile(index, &operation, phase, claim).await {
                 Ok(report) => {
                     info!(
                         backend = name,
@@ -138,6 +155,7 @@ impl Operations {
         index: usize,
         operation: &str,
         phase: Phase,
+        claim: super::phase::Claim,
     ) -> Result<Report, super::Refusal> {
         let backend = self.config.backends[index].clone();
         let kind = if operation == "cycle" {
@@ -145,15 +163,18 @@ impl Operations {
         } else {
             Kind::Drain
         };
-        // Claimed with the interrupted operation's name: a second crash reconciles it again.
-        let claim = self
-            .board
-            .claim(index, operation)
-            .map_err(refusal_of_claim)?;
         let lbs = RuntimeApiClient::for_each(&self.config.load_balancers);
         let (events, _) = tokio::sync::mpsc::channel(16);
         let mut run = Run::new(self, claim.cancel(), index, backend, kind, lbs, events);
         run.operation = "reconcile";
+        if let Some(by) = claim.cancel().reason() {
+            // An operator's `resume` came while the load balancers were read: it decides.
+            drop(claim);
+            return Ok(run.finish(
+                Outcome::Cancelled,
+                format!("the reconciliation was cancelled by {by} before it acted"),
+            ));
+        }
         let on_restart = self.config.on_restart;
         let report = match phase {
             // The service may be half restarted: verify it before anything goes back.

@@ -189,6 +189,26 @@ fn allow_accept_queue_migration() {
     }
 }
 
+/// The processes holding listeners on `ports` other than the `old` ones (inodes), less the old
+/// version's `old_pids`: what a start left listening, whether or not it was seen yet.
+pub(super) fn stray_listeners(ports: &[u16], old: &BTreeSet<u64>, old_pids: &[i32]) -> Vec<i32> {
+    let Ok(found) = listeners::on_ports(ports) else {
+        return Vec::new();
+    };
+    let fresh: BTreeSet<u64> = found
+        .iter()
+        .map(|listener| listener.inode)
+        .filter(|inode| !old.contains(inode))
+        .collect();
+    let pids: BTreeSet<i32> = listeners::holders(&fresh)
+        .into_values()
+        .flatten()
+        .map(|(pid, _)| pid)
+        .filter(|pid| !old_pids.contains(pid))
+        .collect();
+    pids.into_iter().collect()
+}
+
 /// A handover under way.
 struct HandoverRun {
     ops: Arc<Operations>,
@@ -224,12 +244,29 @@ impl HandoverRun {
         1 - (self.old.slot & 1)
     }
 
+    /// What the journal keeps of the handover: the versions' processes with their start
+    /// times and boot (a pid is signalled after a crash only if it is still that process),
+    /// and the old version's listeners (whatever else listens is the new version's).
     fn record(&self, switched: bool, new_pids: Vec<i32>) -> HandoverRecord {
+        let starts = |pids: &[i32]| {
+            pids.iter()
+                .map(|&pid| version::started_at(pid).unwrap_or(0))
+                .collect()
+        };
         HandoverRecord {
             switched,
             old_pids: self.old.pids.clone(),
+            old_starts: starts(&self.old.pids),
+            new_starts: starts(&new_pids),
             new_pids,
             units: self.old.unit.clone().zip(self.new_unit.clone()),
+            old_listeners: self
+                .old
+                .listeners
+                .iter()
+                .map(|listener| listener.inode)
+                .collect(),
+            boot_id: version::boot_id(),
         }
     }
 
@@ -602,21 +639,7 @@ impl HandoverRun {
     /// hold: what a failed start left behind.
     fn stray_listeners(&self) -> Vec<i32> {
         let old: BTreeSet<u64> = self.old.listeners.iter().map(|l| l.inode).collect();
-        let Ok(found) = listeners::on_ports(&self.backend.ports) else {
-            return Vec::new();
-        };
-        let fresh: BTreeSet<u64> = found
-            .iter()
-            .map(|listener| listener.inode)
-            .filter(|inode| !old.contains(inode))
-            .collect();
-        let pids: BTreeSet<i32> = listeners::holders(&fresh)
-            .into_values()
-            .flatten()
-            .map(|(pid, _)| pid)
-            .filter(|pid| !self.old.pids.contains(pid))
-            .collect();
-        pids.into_iter().collect()
+        stray_listeners(&self.backend.ports, &old, &self.old.pids)
     }
 
     fn note_accepted(&mut self) {

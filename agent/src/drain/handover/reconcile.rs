@@ -2,9 +2,11 @@
 
 use std::{sync::Arc, time::Instant};
 
+use tracing::warn;
+
 use super::{
-    keepalive,
-    version::{owner_of, stop, wait_exit},
+    keepalive, stray_listeners,
+    version::{owner_of, still_running, stop, wait_exit},
 };
 use crate::drain::{
     operation::Operations,
@@ -30,19 +32,47 @@ impl Operations {
                 self.config.path.display()
             ),
             (Some(record), Some(handover)) => {
-                let (pids, unit, which) = if record.switched {
+                // Journaled pids are used only while they are still the same processes (same
+                // boot, same start time): after a reboot or a pid reuse they may be anything.
+                let (old, old_gone) =
+                    still_running(&record.old_pids, &record.old_starts, &record.boot_id);
+                let (new, new_gone) =
+                    still_running(&record.new_pids, &record.new_starts, &record.boot_id);
+                let (mut pids, unit, which, gone) = if record.switched {
                     (
-                        record.old_pids.clone(),
+                        old,
                         record.units.clone().map(|(old, _)| old),
                         "old",
+                        old_gone,
                     )
                 } else {
                     (
-                        record.new_pids.clone(),
+                        new,
                         record.units.clone().map(|(_, new)| new),
                         "new",
+                        new_gone,
                     )
                 };
+                let mut stray = Vec::new();
+                if !record.switched {
+                    // Interrupted between `start` and the detection of the new listeners, the
+                    // journal has no new pids: whatever listens on the ports besides the old
+                    // version's sockets is the new version, as in the live undo.
+                    let old_listeners = record.old_listeners.iter().copied().collect();
+                    stray = stray_listeners(&backend.ports, &old_listeners, &record.old_pids)
+                        .into_iter()
+                        .filter(|pid| !pids.contains(pid))
+                        .collect();
+                    pids.extend(&stray);
+                }
+                if !gone.is_empty() {
+                    warn!(
+                        backend = backend.name,
+                        pids = ?gone,
+                        "pids of the journal are no longer the processes it recorded (restarted, \
+                         reused, or another boot): they are left alone"
+                    );
+                }
                 let owner = owner_of(&pids);
                 // The old version's connections outlive it, as in a handover's own stop.
                 let held = if record.switched {
@@ -50,7 +80,8 @@ impl Operations {
                 } else {
                     Vec::new()
                 };
-                let stopped = if pids.is_empty() && unit.is_none() {
+                let nothing_to_stop = pids.is_empty() && unit.is_none();
+                let stopped = if nothing_to_stop {
                     Ok(())
                 } else {
                     stop(handover, &pids, owner, unit).await
@@ -64,9 +95,27 @@ impl Operations {
                 } else {
                     "undone: the old version serves, as it did throughout"
                 };
+                let stray_said = if stray.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " (found listening on the backend's ports, pids {stray:?}: the start \
+                         had run, its listeners not yet seen)"
+                    )
+                };
                 match (stopped, exited) {
+                    (Ok(()), true) if nothing_to_stop => format!(
+                        "{done}; no process of the {which} version was left to stop{}",
+                        if gone.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (journaled pids {gone:?} are other processes now)")
+                        }
+                    ),
                     (Ok(()), true) => {
-                        format!("{done}; the {which} version (pids {pids:?}) was stopped")
+                        format!(
+                            "{done}; the {which} version (pids {pids:?}) was stopped{stray_said}"
+                        )
                     }
                     (Err(err), _) => {
                         report.outcome = Outcome::Error;

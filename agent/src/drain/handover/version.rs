@@ -137,6 +137,42 @@ pub(super) async fn stop(
     }
 }
 
+/// When `pid` started (clock ticks since boot), if it runs.
+pub(super) fn started_at(pid: i32) -> Option<u64> {
+    procfs::process::Process::new(pid)
+        .and_then(|process| process.stat())
+        .ok()
+        .map(|stat| stat.starttime)
+}
+
+/// This boot's identity: pids and start times from another boot mean nothing.
+pub(super) fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Of journaled `pids` (with their start times, recorded on `boot`), those that are still
+/// the same processes: same boot, same start time. Only these may be signalled or have
+/// descriptors taken (`pidfd_getfd`); the rest are returned apart.
+pub(super) fn still_running(pids: &[i32], starts: &[u64], boot: &str) -> (Vec<i32>, Vec<i32>) {
+    let same_boot = !boot.is_empty() && boot == boot_id();
+    let mut same = Vec::new();
+    let mut other = Vec::new();
+    for (at, &pid) in pids.iter().enumerate() {
+        if same_boot
+            && starts
+                .get(at)
+                .is_some_and(|&start| started_at(pid) == Some(start))
+        {
+            same.push(pid);
+        } else {
+            other.push(pid);
+        }
+    }
+    (same, other)
+}
+
 /// Of a version's processes, the one whose parent is not among them.
 pub(super) fn owner_of(pids: &[i32]) -> Option<i32> {
     listeners::owner(&pids.iter().map(|&pid| (pid, 0)).collect::<Vec<_>>())
