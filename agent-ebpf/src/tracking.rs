@@ -99,6 +99,13 @@ fn from_client(segment: &Segment, flow: &mut Flow, seeded: bool) {
     if seeded {
         touch(flow);
         if flow.client_unsynced != 0 {
+            // A RST cannot be the baseline: taken as one, any RST (a forged one included)
+            // would sit at the expected sequence number and end the connection. Until a
+            // segment the kernel would accept gives the baseline, the kernel's own check
+            // decides, and the garbage collector finds a socket it reset gone.
+            if segment.has(TCP_RST) {
+                return;
+            }
             sync_client(segment, flow);
         }
     }

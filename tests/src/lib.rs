@@ -388,6 +388,20 @@ impl Lab {
     /// `extra` top-level TOML, starts the agent in the node namespace, and waits until its
     /// control socket answers.
     pub fn start_agent(&self, backends: &[(&str, &[u16])], extra: &str, kernel: &str) -> Agent {
+        let mut agent = self.spawn_agent(backends, extra, kernel, &[]);
+        agent.wait_ready();
+        agent
+    }
+
+    /// [`Lab::start_agent`] with extra environment variables, returning as soon as the
+    /// process runs (before its programs are attached): [`Agent::wait_ready`] waits for it.
+    pub fn spawn_agent(
+        &self,
+        backends: &[(&str, &[u16])],
+        extra: &str,
+        kernel: &str,
+        env: &[(&str, &str)],
+    ) -> Agent {
         let socket = self.dir.path().join("control.sock");
         let mut config = format!(
             "interfaces = [\"eth0\"]\ncontrol_socket = \"{}\"\n{extra}\n",
@@ -400,7 +414,7 @@ impl Lab {
                 ports.join(", ")
             ));
         }
-        start_agent_in(&self.node, self.dir.path(), &config, kernel)
+        spawn_agent_in(&self.node, self.dir.path(), &config, kernel, env)
     }
 
     /// Opens a TCP connection from the client namespace.
@@ -478,10 +492,18 @@ impl Lab {
 /// Writes `config` (which must set `control_socket` to DIR/control.sock) to DIR/agent.toml,
 /// starts `drain-agent run` in `netns`, and waits until its control socket answers.
 pub fn start_agent_with_config(netns: &Netns, dir: &Path, config: &str) -> Agent {
-    start_agent_in(netns, dir, config, "ebpf")
+    let mut agent = spawn_agent_in(netns, dir, config, "ebpf", &[]);
+    agent.wait_ready();
+    agent
 }
 
-fn start_agent_in(netns: &Netns, dir: &Path, config: &str, kernel: &str) -> Agent {
+fn spawn_agent_in(
+    netns: &Netns,
+    dir: &Path,
+    config: &str,
+    kernel: &str,
+    env: &[(&str, &str)],
+) -> Agent {
     let socket = dir.join("control.sock");
     let config_path = dir.join("agent.toml");
     // The journal stays in the test's directory (top-level keys come before any table).
@@ -491,20 +513,29 @@ fn start_agent_in(netns: &Netns, dir: &Path, config: &str, kernel: &str) -> Agen
         format!("state_dir = \"{}\"\n{config}", dir.join("state").display())
     };
     std::fs::write(&config_path, config).unwrap();
-    let mut agent = Agent {
-        process: spawn_agent(netns, &config_path, &dir.join("agent.log"), kernel),
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect();
+    Agent {
+        process: spawn_agent(netns, &config_path, &dir.join("agent.log"), kernel, &env),
         socket,
         config: config_path,
         log: dir.join("agent.log"),
         netns: netns.name().to_string(),
         kernel: kernel.to_string(),
-    };
-    agent.wait_for_control_socket();
-    agent
+        env,
+    }
 }
 
 /// `drain-agent run` in `netns`, its output appended to `log`.
-fn spawn_agent(netns: &Netns, config: &Path, log: &Path, kernel: &str) -> Process {
+fn spawn_agent(
+    netns: &Netns,
+    config: &Path,
+    log: &Path,
+    kernel: &str,
+    env: &[(String, String)],
+) -> Process {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -515,6 +546,7 @@ fn spawn_agent(netns: &Netns, config: &Path, log: &Path, kernel: &str) -> Proces
         .args(["run", "--kernel", kernel, "--config"])
         .arg(config)
         .env("RUST_LOG", "debug")
+        .envs(env.iter().map(|(name, value)| (name, value)))
         .stdout(log.try_clone().unwrap())
         .stderr(log);
     Process::spawn("drain-agent", &mut command)
@@ -528,10 +560,13 @@ pub struct Agent {
     pub log: PathBuf,
     netns: String,
     kernel: String,
+    /// Extra environment of the process (tests' switches), kept across restarts.
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
-    fn wait_for_control_socket(&mut self) {
+    /// Waits until the agent's control socket answers (its programs are attached by then).
+    pub fn wait_ready(&mut self) {
         wait_until(
             Duration::from_secs(10),
             "the agent's control socket",
@@ -557,10 +592,10 @@ impl Agent {
             name: self.netns.clone(),
         };
         let started = Instant::now();
-        self.process = spawn_agent(&netns, &self.config, &self.log, &self.kernel);
+        self.process = spawn_agent(&netns, &self.config, &self.log, &self.kernel, &self.env);
         // The namespace belongs to its creator: do not delete it when this handle goes.
         std::mem::forget(netns);
-        self.wait_for_control_socket();
+        self.wait_ready();
         started
     }
 

@@ -414,10 +414,11 @@ fn killing_the_agent_detaches_the_programs_and_the_node_keeps_serving() {
     assert_eq!(
         programs.len(),
         3,
-        "sock_ops on the cgroup root, ingress and egress on eth0: {status}"
+        "ingress and egress, then sock_ops, on the cgroup root: {status}"
     );
+    // The packet programs first, the sock_ops program last (docs/accounting.md).
     assert_eq!(
-        status["attachments"][0]["direction"], "sock_ops",
+        status["attachments"][2]["direction"], "sock_ops",
         "{status}"
     );
     // A program exists in the kernel as long as a link (or an fd) holds it.
@@ -649,6 +650,9 @@ for line in sys.stdin:
     elif command == "reset":
         send(next_seq, 0, RST)
         print("reset", flush=True)
+    elif command == "far-reset":
+        send(next_seq + 0x40000000, 0, RST)
+        print("far-reset", flush=True)
     elif command == "exit":
         break
 "#;
@@ -777,6 +781,31 @@ fn spoofed_rst_and_fin(v6: bool) {
     assert_eq!(backend["cut_in_flight"], 0, "{backend}");
     assert_eq!(backend["vanished"], 0, "{backend}");
     assert_eq!(agent.status()["flow_table"]["entries"], 0);
+}
+
+#[test]
+fn a_spoofed_rst_as_the_first_segment_does_not_end_a_connection_older_than_the_agent() {
+    let lab = Lab::new();
+    let _api = lab.start_api(API);
+    let mut spoofer = Helper::start(&lab, SPOOFER, &[NODE_V4, &API.to_string()]);
+    let ready = spoofer.line();
+    assert!(ready.starts_with("ready "), "{ready}");
+    // Started after the connection and its request: the agent seeds it, sequence unknown.
+    let agent = lab.start_agent(&[(BACKEND, &[API])], "quiet_period = \"50ms\"", "ebpf");
+    assert_eq!(agent.count(BACKEND, "unknown"), 1);
+    // Its first client segment since: a RST far outside the window, which the kernel drops.
+    assert_eq!(spoofer.ask("far-reset"), "far-reset");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(500) {
+        let backend = agent.backend(BACKEND);
+        assert_eq!(
+            backend["established"], 1,
+            "a spoofed RST ended it: {backend}"
+        );
+        assert_eq!(backend["reset_by_client"], 0, "{backend}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(spoofer.ask("read"), "status 200");
 }
 
 /// /proc/net/netstat's TcpExt counter `name` in the node namespace.
@@ -1102,6 +1131,81 @@ fn a_request_older_than_the_agent_holds_the_drain_until_it_is_answered() {
             .is_some_and(|evidence| evidence.contains("the kernel counted 0 requests in flight")),
         "{report}"
     );
+}
+
+#[test]
+fn a_request_on_a_connection_set_up_while_the_programs_attach_holds_the_drain_until_answered() {
+    let lab = Lab::new();
+    let _api = lab.start_api(API);
+    // Three seconds between attaching the packet programs and the sock_ops program.
+    let mut agent = lab.spawn_agent(
+        &[(BACKEND, &[API])],
+        "quiet_period = \"50ms\"\nagent_check_listen = \"127.0.0.1:9500\"\n\
+         agent_check_interval = \"200ms\"",
+        "ebpf",
+        &[("DRAIN_AGENT_TEST_ATTACH_DELAY_MS", "3000")],
+    );
+    // In that window: established, and its request sent, while only part of the kernel side
+    // runs. Attached the other way round, the flow would start idle and miss its request.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut slow = lab.connect(Lab::node_addr(false, API));
+    slow.send("/slow?ms=5000").unwrap();
+    agent.wait_ready();
+    let log = agent.log();
+    let packet = log
+        .find("attached packet program")
+        .expect("packet programs attached");
+    let sock_ops = log
+        .find("attached sock_ops program")
+        .expect("sock_ops attached");
+    assert!(
+        packet < sock_ops,
+        "the packet programs attach first:\n{log}"
+    );
+    let backend = agent.backend(BACKEND);
+    assert_eq!(
+        backend["idle"], 0,
+        "a connection whose request nobody saw counted idle: {backend}"
+    );
+    let report = drain_outlasts(&agent, &mut slow);
+    assert!(
+        report["at_drain_start"]["unknown"].as_u64().unwrap_or(0)
+            + report["at_drain_start"]["in_flight"].as_u64().unwrap_or(0)
+            >= 1,
+        "{report}"
+    );
+}
+
+#[test]
+fn while_the_socket_table_cannot_be_read_a_drain_waits_for_evidence() {
+    let lab = Lab::new();
+    let _api = lab.start_api(API);
+    let mut slow = lab.connect(Lab::node_addr(false, API));
+    slow.send("/slow?ms=5000").unwrap();
+    std::thread::sleep(Duration::from_millis(300)); // the API is computing it
+    // The first six reads fail (about three seconds: the agent retries every half second),
+    // so the connection older than the agent is unknown to it meanwhile.
+    let mut agent = lab.spawn_agent(
+        &[(BACKEND, &[API])],
+        "quiet_period = \"50ms\"\nagent_check_listen = \"127.0.0.1:9500\"\n\
+         agent_check_interval = \"200ms\"",
+        "ebpf",
+        &[("DRAIN_AGENT_TEST_FAIL_SOCKET_READS", "6")],
+    );
+    agent.wait_ready();
+    // Not "no connection was left": without the socket table there is no evidence.
+    let report = drain_outlasts(&agent, &mut slow);
+    let evidence = report["drain_evidence"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !evidence.contains("no connection"),
+        "the drain ended on a socket table it could not read: {report}"
+    );
+    let log = agent.log();
+    assert!(log.contains("cannot read the socket table"), "{log}");
+    assert!(log.contains("the socket table could be read"), "{log}");
 }
 
 #[test]

@@ -20,8 +20,8 @@ use drain_agent_common::{
     MAX_BACKENDS,
     counters::BackendCounters,
     flow::{
-        COUNTED_IN_FLIGHT, COUNTED_REMOVED, COUNTED_UNKNOWN, FLOW_ESTABLISHED, Flow, FlowKey,
-        ORIGIN_SEEDED,
+        COUNTED_IN_FLIGHT, COUNTED_REMOVED, COUNTED_UNKNOWN, FIN_FROM_CLIENT, FLOW_ESTABLISHED,
+        Flow, FlowKey, ORIGIN_SEEDED,
     },
     names,
     steer::{INSTANCES, Steering, counter_slot},
@@ -100,6 +100,8 @@ pub struct EbpfTracker {
     kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// What runs on this kernel: the accounting, the gate, the handover's steering.
     features: Vec<FeatureStatus>,
+    /// The socket table could not be read for connections older than the agent yet.
+    unseeded: bool,
 }
 
 impl EbpfTracker {
@@ -155,34 +157,6 @@ impl EbpfTracker {
             source: Box::new(err),
         })?;
         let mut attachments = Vec::new();
-        // Connections start and end here: the packet programs below only follow them.
-        // Attached first, so that a connection established once the packet programs see its
-        // packets has a flow (the ones before are seeded from the socket table afterwards).
-        {
-            let program: &mut SockOps = program_mut(&mut ebpf, names::SOCK_OPS_PROGRAM)?;
-            program
-                .load()
-                .map_err(|err| features::load_failure(Feature::Accounting, err))?;
-            let program_id = program.info().map_err(load_error)?.id();
-            // A link (kernel >= 5.7) detaches when the agent's process ends. Cgroup links
-            // always coexist with other programs on the same cgroup (other agents, one per
-            // network namespace, share the root) and refuse any attach flag: `Single` is the
-            // mode that passes none.
-            program
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|err| TrackerError::Attach {
-                    interface: cgroup_root.display().to_string(),
-                    direction: "sock_ops",
-                    source: Box::new(err),
-                })?;
-            debug!(cgroup = %cgroup_root.display(), program_id, netns_cookie, "attached sock_ops program as a cgroup link");
-            attachments.push(Attachment {
-                interface: cgroup_root.display().to_string(),
-                direction: "sock_ops".to_string(),
-                program_id,
-                mode: None,
-            });
-        }
         // At the sockets, not the interfaces: the kernel has found the packet's socket there,
         // and the flow lives in its storage (docs/accounting.md). Every interface, loopback
         // included, of the agent's namespace.
@@ -210,6 +184,38 @@ impl EbpfTracker {
             attachments.push(Attachment {
                 interface: cgroup_root.display().to_string(),
                 direction: direction.to_string(),
+                program_id,
+                mode: None,
+            });
+        }
+        // Connections start and end here: the packet programs above only follow them.
+        // Attached last: a connection it starts has had every segment seen (the packet
+        // programs run already), so none can be counted idle without evidence; the ones
+        // established before are seeded from the socket table afterwards, as unknown.
+        if let Some(delay) = test_attach_delay() {
+            std::thread::sleep(delay);
+        }
+        {
+            let program: &mut SockOps = program_mut(&mut ebpf, names::SOCK_OPS_PROGRAM)?;
+            program
+                .load()
+                .map_err(|err| features::load_failure(Feature::Accounting, err))?;
+            let program_id = program.info().map_err(load_error)?.id();
+            // A link (kernel >= 5.7) detaches when the agent's process ends. Cgroup links
+            // always coexist with other programs on the same cgroup (other agents, one per
+            // network namespace, share the root) and refuse any attach flag: `Single` is the
+            // mode that passes none.
+            program
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|err| TrackerError::Attach {
+                    interface: cgroup_root.display().to_string(),
+                    direction: "sock_ops",
+                    source: Box::new(err),
+                })?;
+            debug!(cgroup = %cgroup_root.display(), program_id, netns_cookie, "attached sock_ops program as a cgroup link");
+            attachments.push(Attachment {
+                interface: cgroup_root.display().to_string(),
+                direction: "sock_ops".to_string(),
                 program_id,
                 mode: None,
             });
@@ -266,6 +272,7 @@ impl EbpfTracker {
                 .map(|backend| gate_active && backend.gate.is_some())
                 .collect(),
             features,
+            unseeded: false,
             kernel_log,
         }
         .with_existing_connections()
@@ -282,6 +289,10 @@ impl EbpfTracker {
     /// about them instead of trusting a count that missed them (docs/accounting.md). Returns
     /// how many were added.
     pub fn seed_untracked(&mut self) -> Result<usize, TrackerError> {
+        if self.unseeded {
+            // The first reading of the socket table failed: that one covers these too.
+            return self.seed_existing();
+        }
         let totals: Vec<u64> = self
             .sample()?
             .iter()
@@ -309,26 +320,42 @@ impl EbpfTracker {
     /// The kernel never called back for them, so the packet programs end them (FIN pair,
     /// exact RST) and the garbage collector deletes them.
     fn with_existing_connections(mut self) -> Result<EbpfTracker, TrackerError> {
+        self.seed_existing()?;
+        Ok(self)
+    }
+
+    /// Reads the socket table and seeds the connections older than the agent. When the read
+    /// fails, nothing is assumed: `SEEDING` stays on (the kernel keeps noting what it tracks
+    /// itself), every backend reports no evidence (`untracked_pending`: a drain waits rather
+    /// than end on "nothing left"), and the read is tried again until it succeeds.
+    fn seed_existing(&mut self) -> Result<usize, TrackerError> {
         // Taken after the socket table is read: a connection established before the read and
         // after the sock_ops program was attached is in both, and is the kernel's. The flag
         // goes off first, so that the one walk empties the map for good.
-        let sockets = sockets::tcp_sockets();
-        set_flag(&mut self.ebpf, names::SEEDING, false)?;
-        let tracked = self.take_keys(names::ESTABLISHED_WHILE_SEEDING)?;
-        let seeded = match sockets {
-            Ok(sockets) => self.seed(sockets, Seed::Except(&tracked)),
+        let sockets = match sockets::tcp_sockets() {
+            Ok(sockets) => sockets,
             Err(err) => {
-                warn!(%err, "cannot read the socket table: connections older than the agent are not counted");
-                0
+                if !self.unseeded {
+                    warn!(%err, "cannot read the socket table: connections older than the agent are unknown, and no drain ends until a read succeeds (retried every half second)");
+                }
+                self.unseeded = true;
+                return Ok(0);
             }
         };
+        set_flag(&mut self.ebpf, names::SEEDING, false)?;
+        let tracked = self.take_keys(names::ESTABLISHED_WHILE_SEEDING)?;
+        let seeded = self.seed(sockets, Seed::Except(&tracked));
+        if self.unseeded {
+            info!("the socket table could be read: connections older than the agent are counted");
+        }
+        self.unseeded = false;
         if seeded > 0 {
             info!(
                 seeded,
                 "counted connections established before the agent started, as unknown"
             );
         }
-        Ok(self)
+        Ok(seeded)
     }
 
     /// Removes and returns every key of one of the tuple maps the `sock_ops` program writes.
@@ -358,7 +385,10 @@ impl EbpfTracker {
         let mut seeded = 0;
         let mut not_seeded = 0;
         for socket in sockets {
-            if socket.state != procfs::net::TcpState::Established {
+            // A half-closed connection (the client sent its FIN, the node has not answered
+            // yet: CLOSE_WAIT) may carry a request as much as an established one.
+            let half_closed = socket.state == procfs::net::TcpState::CloseWait;
+            if socket.state != procfs::net::TcpState::Established && !half_closed {
                 continue;
             }
             let Some(&backend) = self.backend_of_port.get(&socket.local.port()) else {
@@ -394,6 +424,8 @@ impl EbpfTracker {
                 server_unsynced: 1,
                 counted_in_flight: COUNTED_UNKNOWN,
                 last_seen_ns: now,
+                // Its FIN was seen by the kernel before the agent: the node's FIN ends it.
+                hints: if half_closed { FIN_FROM_CLIENT } else { 0 },
                 ..Flow::default()
             };
             if flows.insert(socket.cookie, flow, BPF_NOEXIST).is_err() {
@@ -489,7 +521,8 @@ impl EbpfTracker {
                     adjustment = adjustment.plus(share);
                 }
                 Ok(BackendSample {
-                    untracked_pending: total.flow_table_full > self.untracked_covered[index],
+                    untracked_pending: self.unseeded
+                        || total.flow_table_full > self.untracked_covered[index],
                     unknown: Some(total.unknown.wrapping_add_signed(adjustment.unknown)),
                     tracked: Some(total.tracked.wrapping_add_signed(adjustment.tracked)),
                     established: total
@@ -711,6 +744,16 @@ enum Seed<'a> {
     Except(&'a HashSet<FlowKey>),
     /// Only these (established but untracked).
     Only(&'a HashSet<FlowKey>),
+}
+
+/// Tests only: a pause between attaching the packet programs and the `sock_ops` program
+/// (`DRAIN_AGENT_TEST_ATTACH_DELAY_MS`), so that a test can open a connection in between.
+fn test_attach_delay() -> Option<Duration> {
+    std::env::var("DRAIN_AGENT_TEST_ATTACH_DELAY_MS")
+        .ok()?
+        .parse()
+        .ok()
+        .map(Duration::from_millis)
 }
 
 /// Attaches an optional feature if configured. The kernel refusing its program makes it

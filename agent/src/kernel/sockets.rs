@@ -41,6 +41,11 @@ pub fn tcp_sockets() -> Result<Vec<Socket>, TrackerError> {
         what: "the socket table (sock_diag; module tcp_diag)",
         source: Box::new(err),
     };
+    if injected_failure() {
+        return Err(read_error(std::io::Error::other(
+            "failure injected by DRAIN_AGENT_TEST_FAIL_SOCKET_READS",
+        )));
+    }
     let mut socket = NetlinkSocket::new(NETLINK_SOCK_DIAG).map_err(read_error)?;
     socket.bind_auto().map_err(read_error)?;
     socket
@@ -51,6 +56,28 @@ pub fn tcp_sockets() -> Result<Vec<Socket>, TrackerError> {
         dump(&socket, family, &mut sockets).map_err(read_error)?;
     }
     Ok(sockets)
+}
+
+/// Tests only: the first N reads of the socket table fail
+/// (`DRAIN_AGENT_TEST_FAIL_SOCKET_READS=N`), as they would without the `tcp_diag` module.
+fn injected_failure() -> bool {
+    use std::sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    };
+    static LEFT: OnceLock<AtomicU32> = OnceLock::new();
+    let left = LEFT.get_or_init(|| {
+        AtomicU32::new(
+            std::env::var("DRAIN_AGENT_TEST_FAIL_SOCKET_READS")
+                .ok()
+                .and_then(|count| count.parse().ok())
+                .unwrap_or(0),
+        )
+    });
+    left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+        left.checked_sub(1)
+    })
+    .is_ok()
 }
 
 /// One family's TCP sockets, every state, appended to `out`.
