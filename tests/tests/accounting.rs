@@ -1151,17 +1151,6 @@ fn a_request_on_a_connection_set_up_while_the_programs_attach_holds_the_drain_un
     let mut slow = lab.connect(Lab::node_addr(false, API));
     slow.send("/slow?ms=5000").unwrap();
     agent.wait_ready();
-    let log = agent.log();
-    let packet = log
-        .find("attached packet program")
-        .expect("packet programs attached");
-    let sock_ops = log
-        .find("attached sock_ops program")
-        .expect("sock_ops attached");
-    assert!(
-        packet < sock_ops,
-        "the packet programs attach first:\n{log}"
-    );
     let backend = agent.backend(BACKEND);
     assert_eq!(
         backend["idle"], 0,
@@ -1173,6 +1162,17 @@ fn a_request_on_a_connection_set_up_while_the_programs_attach_holds_the_drain_un
             + report["at_drain_start"]["in_flight"].as_u64().unwrap_or(0)
             >= 1,
         "{report}"
+    );
+    let log = agent.log();
+    let packet = log
+        .find("attached packet program")
+        .expect("packet programs attached");
+    let sock_ops = log
+        .find("attached sock_ops program")
+        .expect("sock_ops attached");
+    assert!(
+        packet < sock_ops,
+        "the packet programs attach first:\n{log}"
     );
 }
 
