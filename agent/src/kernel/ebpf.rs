@@ -384,6 +384,7 @@ impl EbpfTracker {
         let now = monotonic_now();
         let mut seeded = 0;
         let mut not_seeded = 0;
+        let mut new_tuples = Vec::new();
         for socket in sockets {
             // A half-closed connection (the client sent its FIN, the node has not answered
             // yet: CLOSE_WAIT) may carry a request as much as an established one.
@@ -434,13 +435,14 @@ impl EbpfTracker {
                 continue;
             }
             self.seeded_tuples.insert(socket.cookie, key);
+            new_tuples.push((socket.cookie, key));
             let adjustment = &mut self.adjustments[slot as usize];
             adjustment.tracked += 1;
             adjustment.established += 1;
             adjustment.unknown += 1;
             seeded += 1;
         }
-        self.index_seeded_tuples();
+        self.index_seeded_tuples(&new_tuples);
         if not_seeded > 0 {
             warn!(
                 not_seeded,
@@ -454,17 +456,17 @@ impl EbpfTracker {
         seeded
     }
 
-    /// Writes `SEEDED_TUPLES` (tuple → cookie) for the seeded flows, for the `sock_ops`
+    /// Writes `SEEDED_TUPLES` (tuple → cookie) for flows just seeded, for the `sock_ops`
     /// program: a handshake on a seeded tuple ends the older connection. A tuple that does not
     /// fit only loses that shortcut: the garbage collector still finds the socket gone.
-    fn index_seeded_tuples(&mut self) {
+    fn index_seeded_tuples(&mut self, new: &[(u64, FlowKey)]) {
         let Ok(tuples) = map_mut(&mut self.ebpf, names::SEEDED_TUPLES) else {
             return;
         };
         let Ok(mut tuples) = HashMap::<&mut MapData, FlowKey, u64>::try_from(tuples) else {
             return;
         };
-        for (&cookie, key) in &self.seeded_tuples {
+        for (cookie, key) in new {
             let _ = tuples.insert(key, cookie, 0);
         }
     }

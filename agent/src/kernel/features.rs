@@ -124,7 +124,7 @@ pub fn probe() -> Result<Probed, TrackerError> {
 
 /// A program load's failure in a line or a few: the system call's error and, when the
 /// verifier refused it, the verifier's last lines (where it names what it refused).
-pub fn refusal(err: &ProgramError) -> String {
+fn refusal(err: &ProgramError) -> String {
     match err {
         ProgramError::LoadError {
             io_error,
@@ -149,7 +149,7 @@ pub fn refusal(err: &ProgramError) -> String {
 
 /// Whether a load failure is the verifier refusing the program (this kernel lacks something
 /// it uses), rather than a missing permission.
-pub fn refused_by_verifier(err: &ProgramError) -> bool {
+fn refused_by_verifier(err: &ProgramError) -> bool {
     matches!(err, ProgramError::LoadError { io_error, .. }
         if io_error.raw_os_error() != Some(libc::EPERM))
 }

@@ -17,7 +17,7 @@ use crate::{config::Config, status::Attachment};
 pub enum KernelMode {
     /// TC programs track every connection; in-flight and idle are exact.
     Ebpf,
-    /// Degraded: counts established sockets from /proc/net/tcp{,6}; no in-flight tracking.
+    /// Degraded: counts established sockets from the socket table (sock_diag); no in-flight tracking.
     Procfs,
 }
 
@@ -143,13 +143,6 @@ impl Tracker {
             Tracker::Ebpf(tracker) => tracker.features().to_vec(),
             Tracker::Procfs(_) => Vec::new(),
         }
-    }
-
-    /// Whether `feature` is loaded and attached.
-    pub fn feature_active(&self, feature: features::Feature) -> bool {
-        self.features().iter().any(|status| {
-            status.feature == feature.name() && status.state == features::FeatureState::Active
-        })
     }
 
     /// Closes backend `index`'s gate for at most `deadline`. `Ok(false)`: it has none (or

@@ -330,8 +330,12 @@ impl Smoke {
         }
     }
 
-    /// Runs `work` in the client's network namespace (a thread of its own, which `setns` moves).
-    fn in_client<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
+    /// Runs `work` in the client's network namespace, on a thread of its own (which `setns`
+    /// moves there).
+    fn spawn_in_client<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
         let netns = self.client_netns();
         thread::spawn(move || {
             let file = std::fs::File::open(&netns).expect("open the client's namespace");
@@ -339,8 +343,11 @@ impl Smoke {
                 .expect("enter the client's namespace");
             work()
         })
-        .join()
-        .expect("client thread")
+    }
+
+    /// [`Smoke::spawn_in_client`], waiting for its result.
+    fn in_client<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_in_client(work).join().expect("client thread")
     }
 
     /// Idle and in-flight counts, `drain --wait` held by a slow request, the gate.
@@ -370,20 +377,14 @@ impl Smoke {
         // The slow request: sent now, answered SLOW later, on a thread of its own.
         let (answered_tx, answered_rx) = mpsc::channel();
         let slow_started = Instant::now();
-        {
-            let netns = self.client_netns();
-            thread::spawn(move || {
-                let file = std::fs::File::open(&netns).expect("open the client's namespace");
-                nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .expect("enter the client's namespace");
-                let result = (|| -> std::io::Result<()> {
-                    let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
-                    stream.write_all(b"GET /slow HTTP/1.1\r\nHost: node\r\n\r\n")?;
-                    read_answer(&mut stream)
-                })();
-                let _ = answered_tx.send((result.map_err(|err| err.to_string()), Instant::now()));
-            });
-        }
+        self.spawn_in_client(move || {
+            let result = (|| -> std::io::Result<()> {
+                let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(5))?;
+                stream.write_all(b"GET /slow HTTP/1.1\r\nHost: node\r\n\r\n")?;
+                read_answer(&mut stream)
+            })();
+            let _ = answered_tx.send((result.map_err(|err| err.to_string()), Instant::now()));
+        });
         if self
             .wait_status(Duration::from_secs(3), |status| {
                 backend(status, "in_flight") == Some(1)
