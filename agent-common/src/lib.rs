@@ -4,6 +4,7 @@
 //! `bool`/enums so that any bit pattern the other side writes is a valid value.
 #![no_std]
 
+pub mod backend;
 pub mod counters;
 pub mod flow;
 pub mod gate;
@@ -12,8 +13,14 @@ pub mod steer;
 /// Names of the maps and programs in the eBPF object. The eBPF crate's `#[map]` statics carry
 /// the same names (the macro takes a literal), and userspace looks them up through these.
 pub mod names {
-    /// `Array<u32>` indexed by local TCP port: 0 = not watched, otherwise backend index + 1.
+    /// `Array<u32>` indexed by local TCP port: 0 = not watched, otherwise backend index + 1,
+    /// with `backend::ADDRESS_BOUND` set when the backend listens on given addresses only.
     pub const BACKEND_BY_PORT: &str = "BACKEND_BY_PORT";
+    /// `HashMap<ServiceAddress, u32>`: local (address, port) → backend index + 1. The listen
+    /// addresses of address-bound backends (what `sock_ops`, `sk_lookup` and the gate check),
+    /// and, for the gate only, the node's own addresses on the other backends' ports: a
+    /// closed gate refuses only SYNs addressed to the backend on this node.
+    pub const BACKEND_ADDRESSES: &str = "BACKEND_ADDRESSES";
     /// `SkStorage<Flow>`: the flow of each connection the kernel established while the agent
     /// watched, in its socket's own storage; created and ended only by the `sock_ops` program.
     pub const FLOW_STORAGE: &str = "FLOW_STORAGE";

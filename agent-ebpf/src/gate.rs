@@ -1,6 +1,10 @@
 //! The kernel gate (XDP): while a backend's gate is closed, a new connection (a SYN without
-//! ACK) to one of its ports from a source outside its allow list is answered with a RST built
-//! here and sent back out of the same interface (`XDP_TX`). The client's `connect` fails at
+//! ACK) addressed to the backend on this node — one of its listen addresses, or for a backend
+//! on every address one of the node's own — from a source outside its allow list is answered
+//! with a RST built here and sent back out of the same interface (`XDP_TX`). A SYN to another
+//! address on the port (HAProxy's frontend on the VIP, or traffic the node forwards to another
+//! host) passes. The frame may carry 802.1Q or 802.1ad tags (up to two): they are parsed past,
+//! and kept in the answer. The client's `connect` fails at
 //! once with "connection refused", and HAProxy with `option redispatch` retries another server
 //! at once; a dropped SYN would cost the client a retransmission (1 s or more) instead.
 //!
@@ -19,11 +23,19 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use drain_agent_common::gate::{ALLOW_KEY_BITS, AllowedSource};
 
-use crate::maps::{BACKEND_BY_PORT, GATE_ALLOW, GATE_COUNTERS, GATE_LOGGED_AT, GATES};
+use crate::{
+    backend,
+    maps::{GATE_ALLOW, GATE_COUNTERS, GATE_LOGGED_AT, GATES},
+};
 
-const ETH_LEN: usize = 14;
+/// The MAC addresses, before the first EtherType (or VLAN tag protocol identifier).
+const MACS_LEN: usize = 12;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// A VLAN tag: its protocol identifier and its control information.
+const VLAN_TAG_LEN: usize = 4;
 const IPV4_LEN: usize = 20;
 const IPV6_LEN: usize = 40;
 const TCP_LEN: usize = 20;
@@ -37,7 +49,9 @@ const LOG_EVERY_NS: u64 = 1_000_000_000;
 /// What the answer to a refused SYN needs from it.
 struct Syn {
     v6: bool,
-    /// Source and destination addresses; IPv4 uses the first 4 bytes.
+    /// Where the network header starts: past the MACs, any VLAN tags and the EtherType.
+    l3: usize,
+    /// Source and destination addresses; IPv4 IPv4-mapped (`::ffff:a.b.c.d`).
     src: [u8; 16],
     dst: [u8; 16],
     src_port: [u8; 2],
@@ -64,6 +78,25 @@ fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     at::<T>(ctx, offset).map(|p| unsafe { ptr::read_unaligned(p) })
 }
 
+/// The frame's EtherType and where its network header starts, past up to two VLAN tags
+/// (802.1ad outside 802.1Q, or either alone). A tag the NIC took off the frame before XDP
+/// ran is not here: userspace does not attach the gate where that can happen (gate.rs).
+#[inline(always)]
+fn network_header(ctx: &XdpContext) -> Option<(u16, usize)> {
+    let tagged = |ether_type| ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD;
+    let mut at = MACS_LEN;
+    let mut ether_type = u16::from_be_bytes(read::<[u8; 2]>(ctx, at)?);
+    if tagged(ether_type) {
+        at += VLAN_TAG_LEN;
+        ether_type = u16::from_be_bytes(read::<[u8; 2]>(ctx, at)?);
+        if tagged(ether_type) {
+            at += VLAN_TAG_LEN;
+            ether_type = u16::from_be_bytes(read::<[u8; 2]>(ctx, at)?);
+        }
+    }
+    Some((ether_type, at + 2))
+}
+
 /// The XDP verdict for one frame.
 #[inline(always)]
 pub fn handle(ctx: &XdpContext) -> u32 {
@@ -77,12 +110,12 @@ pub fn handle(ctx: &XdpContext) -> u32 {
 /// and not yet expired, from a source outside the backend's allow list.
 #[inline(always)]
 fn refused(ctx: &XdpContext) -> Option<Syn> {
-    let ether_type = u16::from_be_bytes(read::<[u8; 2]>(ctx, 12)?);
+    let (ether_type, l3) = network_header(ctx)?;
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
     let (v6, tcp_offset, segment_len) = match ether_type {
         ETH_P_IP => {
-            let ip = read::<[u8; IPV4_LEN]>(ctx, ETH_LEN)?;
+            let ip = read::<[u8; IPV4_LEN]>(ctx, l3)?;
             // Non-first fragments carry no TCP header.
             if ip[9] != IPPROTO_TCP || (u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff) != 0 {
                 return None;
@@ -91,17 +124,18 @@ fn refused(ctx: &XdpContext) -> Option<Syn> {
             if header_len < IPV4_LEN {
                 return None;
             }
-            src[..4].copy_from_slice(&ip[12..16]);
-            dst[..4].copy_from_slice(&ip[16..20]);
+            // IPv4-mapped, as the backend's addresses are stored.
+            src[10] = 0xff;
+            src[11] = 0xff;
+            src[12..].copy_from_slice(&ip[12..16]);
+            dst[10] = 0xff;
+            dst[11] = 0xff;
+            dst[12..].copy_from_slice(&ip[16..20]);
             let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
-            (
-                false,
-                ETH_LEN + header_len,
-                total.saturating_sub(header_len),
-            )
+            (false, l3 + header_len, total.saturating_sub(header_len))
         }
         ETH_P_IPV6 => {
-            let ip = read::<[u8; IPV6_LEN]>(ctx, ETH_LEN)?;
+            let ip = read::<[u8; IPV6_LEN]>(ctx, l3)?;
             // Extension headers are not followed: such a SYN passes.
             if ip[6] != IPPROTO_TCP {
                 return None;
@@ -110,7 +144,7 @@ fn refused(ctx: &XdpContext) -> Option<Syn> {
             dst.copy_from_slice(&ip[24..40]);
             (
                 true,
-                ETH_LEN + IPV6_LEN,
+                l3 + IPV6_LEN,
                 u16::from_be_bytes([ip[4], ip[5]]) as usize,
             )
         }
@@ -123,28 +157,20 @@ fn refused(ctx: &XdpContext) -> Option<Syn> {
         return None;
     }
     let port = u16::from_be_bytes([tcp[2], tcp[3]]);
-    let backend = *BACKEND_BY_PORT.get(port as u32)?;
-    if backend == 0 {
-        return None;
-    }
-    let backend = backend - 1;
+    backend::watched_port(u32::from(port))?;
+    // Addressed to the backend on this node: not to another listener on the port, nor to a
+    // host behind this one.
+    let backend = backend::addressed(dst, port)?;
     let closed_until = GATES.get(backend)?.closed_until_ns;
     // SAFETY: a helper without arguments.
     if closed_until == 0 || unsafe { bpf_ktime_get_ns() } >= closed_until {
         return None;
     }
     let counters = GATE_COUNTERS.get_ptr_mut(backend)?;
-    let mut source = AllowedSource {
+    let source = AllowedSource {
         backend_be: backend.to_be_bytes(),
-        addr: [0; 16],
+        addr: src,
     };
-    if v6 {
-        source.addr = src;
-    } else {
-        source.addr[10] = 0xff;
-        source.addr[11] = 0xff;
-        source.addr[12..].copy_from_slice(&src[..4]);
-    }
     if GATE_ALLOW.get(Key::new(ALLOW_KEY_BITS, source)).is_some() {
         // SAFETY: this CPU's own slot of a per-CPU array.
         unsafe { (*counters).allowed += 1 };
@@ -156,6 +182,7 @@ fn refused(ctx: &XdpContext) -> Option<Syn> {
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
     Some(Syn {
         v6,
+        l3,
         src,
         dst,
         src_port: [tcp[0], tcp[1]],
@@ -175,7 +202,8 @@ fn answer_with_reset(ctx: &XdpContext, syn: &Syn) -> u32 {
         return XDP_PASS;
     };
     let ip_len = if syn.v6 { IPV6_LEN } else { IPV4_LEN };
-    let reply_len = ETH_LEN + ip_len + TCP_LEN;
+    // The link header as it came, tags included: the answer leaves on the same VLAN.
+    let reply_len = syn.l3 + ip_len + TCP_LEN;
     let delta = reply_len as i32 - (ctx.data_end() - ctx.data()) as i32;
     // SAFETY: the helper takes the program's own context; delta only shrinks the frame.
     if delta != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
@@ -205,7 +233,7 @@ fn answer_with_reset(ctx: &XdpContext, syn: &Syn) -> u32 {
         sum += TCP_LEN as u32 + IPPROTO_TCP as u32;
         sum = add_words(sum, &tcp);
         tcp[16..18].copy_from_slice(&fold(sum).to_be_bytes());
-        write(ctx, ETH_LEN, ip) && write(ctx, ETH_LEN + IPV6_LEN, tcp)
+        write(ctx, syn.l3, ip) && write(ctx, syn.l3 + IPV6_LEN, tcp)
     } else {
         let mut ip = [0u8; IPV4_LEN];
         ip[0] = 0x45;
@@ -213,15 +241,15 @@ fn answer_with_reset(ctx: &XdpContext, syn: &Syn) -> u32 {
         ip[6] = 0x40; // don't fragment
         ip[8] = 64;
         ip[9] = IPPROTO_TCP;
-        ip[12..16].copy_from_slice(&syn.dst[..4]);
-        ip[16..20].copy_from_slice(&syn.src[..4]);
+        ip[12..16].copy_from_slice(&syn.dst[12..]);
+        ip[16..20].copy_from_slice(&syn.src[12..]);
         let checksum = fold(add_words(0, &ip));
         ip[10..12].copy_from_slice(&checksum.to_be_bytes());
         let mut sum = add_words(0, &ip[12..20]);
         sum += TCP_LEN as u32 + IPPROTO_TCP as u32;
         sum = add_words(sum, &tcp);
         tcp[16..18].copy_from_slice(&fold(sum).to_be_bytes());
-        write(ctx, ETH_LEN, ip) && write(ctx, ETH_LEN + IPV4_LEN, tcp)
+        write(ctx, syn.l3, ip) && write(ctx, syn.l3 + IPV4_LEN, tcp)
     };
     if !(written && write(ctx, 0, eth)) {
         // The frame was shrunk but could not be rewritten: drop rather than hand the stack a

@@ -26,10 +26,8 @@ use crate::{
     accounting::{
         Ending, account_end, add, claim, counters, hint, seeded_flow, store_flow, stored_flow,
     },
-    maps::{
-        BACKEND_BY_PORT, ESTABLISHED_WHILE_SEEDING, SEEDED_TUPLES, SEEDING, STEERED, STEERING,
-        UNTRACKED,
-    },
+    backend,
+    maps::{ESTABLISHED_WHILE_SEEDING, SEEDED_TUPLES, SEEDING, STEERED, STEERING, UNTRACKED},
 };
 
 /// The agent's network namespace cookie, set by the loader. Every namespace's sockets pass
@@ -57,16 +55,21 @@ fn established(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     // SAFETY (all `field` reads): `ops` is the program's context, valid for this run.
     let port = unsafe { field(addr_of!((*ops).local_port)) } as u16; // host order
-    let Some(&backend) = BACKEND_BY_PORT.get(u32::from(port)) else {
+    let Some(watched) = backend::watched_port(u32::from(port)) else {
         return;
     };
-    if backend == 0 || !our_netns(ctx) {
+    if !our_netns(ctx) {
         return;
     }
     let Some(key) = flow_key(ops, port) else {
         return;
     };
-    let slot = instance_slot(backend - 1, &key);
+    // Another listener on the backend's port (HAProxy's frontend on the VIP, say) is not the
+    // backend's.
+    let Some(backend) = backend::serving(watched, key.server_addr, port) else {
+        return;
+    };
+    let slot = instance_slot(backend, &key);
     // SAFETY: as above.
     let (rcv_nxt, snd_nxt, snd_una) = unsafe {
         (

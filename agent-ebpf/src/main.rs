@@ -15,6 +15,7 @@
 #![allow(internal_features)]
 
 mod accounting;
+mod backend;
 mod gate;
 mod lifecycle;
 mod maps;

@@ -8,16 +8,25 @@ use aya_ebpf::{
 };
 use drain_agent_common::{
     DEFAULT_FLOW_TABLE_SIZE, MAX_BACKENDS,
+    backend::{MAX_SERVICE_ADDRESSES, ServiceAddress},
     counters::BackendCounters,
     flow::{Flow, FlowKey},
     gate::{AllowedSource, Gate, GateCounters, MAX_ALLOWED_SOURCES},
     steer::{INSTANCES, Steering},
 };
 
-/// Local port → backend index + 1 (0: not watched). An array so that rejecting a packet of an
-/// unwatched port costs one direct lookup.
+/// Local port → backend index + 1 (0: not watched), flagged `ADDRESS_BOUND` when the backend
+/// listens on given addresses only. An array so that rejecting a packet of an unwatched port
+/// costs one direct lookup.
 #[map]
 pub static BACKEND_BY_PORT: Array<u32> = Array::with_max_entries(65536, 0);
+
+/// Local (address, port) → backend index + 1: the listen addresses of address-bound backends,
+/// and the node's own addresses on the other backends' ports (for the gate). Written by
+/// userspace only.
+#[map]
+pub static BACKEND_ADDRESSES: HashMap<ServiceAddress, u32> =
+    HashMap::with_max_entries(MAX_SERVICE_ADDRESSES, 0);
 
 /// Connections the kernel established while the agent watched: one `Flow` in each socket's own
 /// storage, created at `PASSIVE_ESTABLISHED` by the `sock_ops` program and ended at the

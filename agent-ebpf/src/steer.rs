@@ -1,6 +1,6 @@
 //! The handover's steering (`sk_lookup`, docs/handover.md): while a backend hands over from
 //! one version of its service to the next on the same port, the kernel's listener lookup for
-//! a new connection to the backend's ports asks this program first. It assigns the
+//! a new connection to the backend's addresses and ports asks this program first. It assigns the
 //! connection to the listening socket of the instance it should go to — the agent's own
 //! probes to the new version, clients to the serving one — bypassing SO_REUSEPORT's hash
 //! over the two versions' listeners. Established connections never come here: they stay
@@ -19,8 +19,9 @@ use drain_agent_common::{
 };
 
 use crate::{
+    backend,
     lifecycle::{v4_mapped, v6},
-    maps::{BACKEND_BY_PORT, STEER_SOCKETS, STEERED, STEERING},
+    maps::{STEER_SOCKETS, STEERED, STEERING},
 };
 
 const AF_INET: u32 = 2;
@@ -42,18 +43,9 @@ pub fn handle(ctx: &SkLookupContext) -> u32 {
     if protocol != IPPROTO_TCP || port > 0xffff {
         return SK_PASS;
     }
-    let Some(&backend) = BACKEND_BY_PORT.get(port) else {
+    let Some(watched) = backend::watched_port(port) else {
         return SK_PASS;
     };
-    if backend == 0 {
-        return SK_PASS;
-    }
-    let Some(steering) = STEERING.get(backend - 1) else {
-        return SK_PASS;
-    };
-    if steering.active == 0 {
-        return SK_PASS;
-    }
     // SAFETY: as above.
     let (family, remote4, local4, remote_port) = unsafe {
         (
@@ -68,26 +60,6 @@ pub fn handle(ctx: &SkLookupContext) -> u32 {
         AF_INET6 => true,
         _ => return SK_PASS,
     };
-    let instance = if !ipv6 && steering.probe_v4 != 0 && remote4 == steering.probe_v4 {
-        steering.probes
-    } else {
-        steering.clients
-    };
-    let assign = |ipv6| {
-        STEER_SOCKETS
-            .redirect_sk_lookup(
-                ctx,
-                socket_key(port as u16, ipv6, instance),
-                SK_LOOKUP_F_NO_REUSEPORT,
-            )
-            .is_ok()
-    };
-    // An IPv4 connection may go to a dual-stack IPv6 listener (`[::]:PORT`, the usual one).
-    if !assign(ipv6) && (ipv6 || !assign(true)) {
-        // No socket for the slot (its process closed it): the kernel's own lookup.
-        return SK_PASS;
-    }
-    // Remembered for the handshake's end, where the flow is created and counted.
     let (client_addr, server_addr) = if ipv6 {
         // SAFETY: as above.
         let (remote6, local6) = unsafe {
@@ -110,6 +82,37 @@ pub fn handle(ctx: &SkLookupContext) -> u32 {
     } else {
         (v4_mapped(remote4), v4_mapped(local4))
     };
+    // Only the backend's own addresses: a connection to another listener on the port
+    // (HAProxy's frontend on the VIP) goes where the kernel's lookup sends it.
+    let Some(backend) = backend::serving(watched, server_addr, port as u16) else {
+        return SK_PASS;
+    };
+    let Some(steering) = STEERING.get(backend) else {
+        return SK_PASS;
+    };
+    if steering.active == 0 {
+        return SK_PASS;
+    }
+    let instance = if !ipv6 && steering.probe_v4 != 0 && remote4 == steering.probe_v4 {
+        steering.probes
+    } else {
+        steering.clients
+    };
+    let assign = |ipv6| {
+        STEER_SOCKETS
+            .redirect_sk_lookup(
+                ctx,
+                socket_key(port as u16, ipv6, instance),
+                SK_LOOKUP_F_NO_REUSEPORT,
+            )
+            .is_ok()
+    };
+    // An IPv4 connection may go to a dual-stack IPv6 listener (`[::]:PORT`, the usual one).
+    if !assign(ipv6) && (ipv6 || !assign(true)) {
+        // No socket for the slot (its process closed it): the kernel's own lookup.
+        return SK_PASS;
+    }
+    // Remembered for the handshake's end, where the flow is created and counted.
     let key = FlowKey {
         client_addr,
         server_addr,

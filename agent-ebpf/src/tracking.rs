@@ -26,7 +26,7 @@ use crate::{
     accounting::{
         Ending, account_end, claim, counters, hint, seeded_flow, seeded_in_use, settle, stored_flow,
     },
-    maps::BACKEND_BY_PORT,
+    backend,
     packet::{self, Direction, Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -50,8 +50,10 @@ pub fn packet(ctx: &SkBuffContext, direction: Direction) {
     // socket and released its port: the RST of an abort leaves after that, and its flow
     // (ended, in the storage until the socket is freed) re-counts the ending.
     // SAFETY: checked non-null; the verifier allows this field of any attached socket.
+    // Only the port: a connection to another address on it (another listener's) has no
+    // storage and, older than the agent, was never seeded, so the lookups below skip it.
     let port = unsafe { (*sk).src_port };
-    if port != 0 && !matches!(BACKEND_BY_PORT.get(port), Some(&backend) if backend != 0) {
+    if port != 0 && backend::watched_port(port).is_none() {
         return;
     }
     let stored = stored_flow(sk);

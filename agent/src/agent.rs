@@ -1037,6 +1037,7 @@ fn backend_status(
     BackendStatus {
         name: backend.name.clone(),
         ports: backend.ports.clone(),
+        listen: backend.listen.iter().map(ToString::to_string).collect(),
         state: "serving".into(),
         established: sample.established,
         idle: sample.idle(),

@@ -13,11 +13,13 @@ use crate::{
     haproxy::{HaproxyError, RuntimeApiClient},
 };
 
-/// How bad a problem is: errors make the config unusable; warnings may be transient.
+/// How bad a problem is: errors make the config unusable; warnings may be transient; notes
+/// say what the agent will do with what it found, and change no exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Severity {
     Error,
     Warning,
+    Note,
 }
 
 /// One problem, located in the file as well as possible.
@@ -38,6 +40,13 @@ impl Problem {
     fn warning(error: ConfigError) -> Problem {
         Problem {
             severity: Severity::Warning,
+            error,
+        }
+    }
+
+    fn note(error: ConfigError) -> Problem {
+        Problem {
+            severity: Severity::Note,
             error,
         }
     }
@@ -287,6 +296,9 @@ async fn check_online(config: &Config, found: &[Problem]) -> Vec<Problem> {
         }
     }
     for (index, backend) in config.backends.iter().enumerate() {
+        problems.extend(check_listeners(config, index, backend));
+    }
+    for (index, backend) in config.backends.iter().enumerate() {
         if let Some(handover) = &backend.handover {
             problems.extend(check_handover(backend, handover).await.into_iter().map(
                 |(key, problem, error)| {
@@ -343,6 +355,126 @@ async fn check_online(config: &Config, found: &[Problem]) -> Vec<Problem> {
     problems
 }
 
+/// Who listens on `backend`'s ports now, against what it says it serves: a listen address
+/// nothing listens on (warning: the service may not run yet); another program's listener on
+/// the port (HAProxy's frontend on the VIP, as Kolla-Ansible deploys it) — a note of what the
+/// agent leaves alone when the backend names its addresses, an error when it claims every
+/// address of the port and would count that program's clients as the service's.
+fn check_listeners(
+    config: &Config,
+    index: usize,
+    backend: &crate::config::Backend,
+) -> Vec<Problem> {
+    use crate::kernel::listeners;
+    let key = format!(
+        "backend[{index}].{}",
+        if backend.address_bound() {
+            "listen"
+        } else {
+            "ports"
+        }
+    );
+    let (Ok(own), Ok(others)) = (
+        listeners::of_backend(backend),
+        listeners::others_on_ports(backend),
+    ) else {
+        return vec![Problem::warning(config.error_at(
+            &key,
+            format!(
+                "backend `{}`: cannot read the socket table for its listeners",
+                backend.name
+            ),
+        ))];
+    };
+    let inodes = own
+        .iter()
+        .chain(&others)
+        .map(|listener| listener.inode)
+        .collect();
+    let holding = listeners::holders(&inodes);
+    let program = |inode: u64| -> String {
+        let Some(pid) = holding
+            .get(&inode)
+            .and_then(|holders| listeners::owner(holders))
+        else {
+            return "a process the agent cannot see".to_string();
+        };
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|comm| comm.trim().to_string())
+            .unwrap_or_else(|_| "?".to_string());
+        format!("{name} (pid {pid})")
+    };
+    let mut problems = Vec::new();
+    for listen in &backend.listen {
+        if !own.iter().any(|listener| listen.covers(listener.local)) {
+            problems.push(Problem::warning(config.error_at(
+                &key,
+                format!(
+                    "backend `{}`: nothing listens on {listen} now (is the service running, and \
+                     bound to that address?)",
+                    backend.name
+                ),
+            )));
+        }
+    }
+    if backend.address_bound() {
+        for listener in &others {
+            problems.push(Problem::note(config.error_at(
+                &key,
+                format!(
+                    "{} listens on {} beside backend `{}`: the agent does not count its \
+                     connections, a closed gate lets them through, and a handover leaves it \
+                     alone (only {} are the backend's)",
+                    program(listener.inode),
+                    listener.local,
+                    backend.name,
+                    backend
+                        .listen
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )));
+        }
+    } else {
+        // Every address of the port is the backend's: listeners of more than one process
+        // tree there (not one service's master and workers) mean another program's clients
+        // would be counted as the service's.
+        let mut owners: std::collections::BTreeMap<String, Vec<std::net::SocketAddr>> =
+            Default::default();
+        for listener in &own {
+            owners
+                .entry(program(listener.inode))
+                .or_default()
+                .push(listener.local);
+        }
+        if owners.len() > 1 {
+            let shown: Vec<String> = owners
+                .iter()
+                .map(|(owner, addresses)| {
+                    let addresses: Vec<String> =
+                        addresses.iter().map(ToString::to_string).collect();
+                    format!("{owner} on {}", addresses.join(", "))
+                })
+                .collect();
+            problems.push(Problem::error(config.error_at(
+                &key,
+                format!(
+                    "backend `{}` claims every address of its ports, but several processes \
+                     listen there: {}. The agent would count the others' connections as the \
+                     service's (a drain would wait for them), a closed gate would refuse them, \
+                     and a handover would take them for the old version. Name the service's \
+                     own addresses with listen = [\"ADDRESS:PORT\"]",
+                    backend.name,
+                    shown.join("; ")
+                ),
+            )));
+        }
+    }
+    problems
+}
+
 /// What would stop a handover of `backend` now: its commands missing (errors), or nothing
 /// listening on a port, or a listener without SO_REUSEPORT (warnings: the service may just
 /// not run yet). Each with the key suffix it belongs to.
@@ -360,15 +492,15 @@ async fn check_handover(
             }
         }
     }
-    let found = match listeners::on_ports(&backend.ports) {
+    let found = match listeners::of_backend(backend) {
         Ok(found) => found,
         Err(err) => return vec![("", err.to_string(), false)],
     };
-    for port in &backend.ports {
-        if !found.iter().any(|listener| listener.local.port() == *port) {
+    for listen in &backend.listen {
+        if !found.iter().any(|listener| listen.covers(listener.local)) {
             problems.push((
                 "",
-                format!("nothing listens on port {port} now: a handover would be refused"),
+                format!("nothing listens on {listen} now: a handover would be refused"),
                 false,
             ));
         }

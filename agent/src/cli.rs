@@ -546,14 +546,12 @@ fn check_config(file: &std::path::Path, online: bool, allow_warnings: bool) -> R
         let word = match problem.severity {
             Severity::Error => "error",
             Severity::Warning => "warning",
+            Severity::Note => "note",
         };
         println!("{word}: {}", problem.error);
     }
-    let errors = problems
-        .iter()
-        .filter(|p| p.severity == Severity::Error)
-        .count();
-    let warnings = problems.len() - errors;
+    let count = |severity| problems.iter().filter(|p| p.severity == severity).count();
+    let (errors, warnings) = (count(Severity::Error), count(Severity::Warning));
     let counted = format!(
         "{}: {errors} error(s), {warnings} warning(s){}",
         file.display(),
@@ -594,6 +592,7 @@ fn refuse_unknown_haproxy_servers(config: &Config) -> Result<(), Failure> {
     for problem in runtime.block_on(check_load_balancers(config)) {
         match problem.severity {
             Severity::Warning => tracing::warn!("{}", problem.error),
+            Severity::Note => tracing::info!("{}", problem.error),
             Severity::Error => errors.push(problem.error),
         }
     }

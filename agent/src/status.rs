@@ -57,6 +57,9 @@ pub struct FlowTableStatus {
 pub struct BackendStatus {
     pub name: String,
     pub ports: Vec<u16>,
+    /// The addresses and ports it serves (`*:PORT`: every address of the node on that port).
+    #[serde(default)]
+    pub listen: Vec<String>,
     /// Drain phase; "serving" until drains exist.
     pub state: String,
     /// Connections with a completed handshake that have not closed.

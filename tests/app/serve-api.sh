@@ -8,6 +8,8 @@
 # in STATE_DIR/previous-version, and rollback makes that the version again and restarts.
 # Every instance listens with SO_REUSEPORT; start-beside starts one more next to the running
 # one (a handover's new version, with a pidfile of its own) and returns once it listens.
+# STATE_DIR/bind, if present, lists the addresses to bind (e.g. "198.18.0.11:8774
+# [2001:db8:da::11]:8774"); without it, every address on PORT.
 set -eu
 action=$1 dir=$2 port=$3
 pidfile="$dir/gunicorn.pid"
@@ -31,10 +33,14 @@ start() {
     if [ -f "$dir/restart-delay" ]; then sleep "$(cat "$dir/restart-delay")"; fi
     version=$(cat "$dir/version" 2>/dev/null || echo 1.0)
     echo "$version" > "$dir/running-version"
+    binds=""
+    for address in $(cat "$dir/bind" 2>/dev/null || echo "[::]:$port"); do
+        binds="$binds --bind $address"
+    done
     API_VERSION=$version \
     /usr/bin/python3 -m gunicorn --daemon --pid "$pidfile" \
         --worker-class gthread --workers 2 --threads 32 --keep-alive 300 \
-        --graceful-timeout 30 --backlog 4096 --reuse-port --bind "[::]:$port" \
+        --graceful-timeout 30 --backlog 4096 --reuse-port $binds \
         --chdir "$app_dir" --log-file "$dir/gunicorn.log" api:app
     # gunicorn --daemon returns before the workers listen; wait for the pidfile.
     i=0

@@ -210,13 +210,17 @@ pub enum Probe {
     Tcp(String),
 }
 
-/// One API service on this node: its ports, and how to drain, restart and verify it.
+/// One API service on this node: where it listens, and how to drain, restart and verify it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     /// Name the operator uses for it (CLI, status, agent-send).
     pub name: String,
-    /// Local TCP ports.
+    /// Local TCP ports: those of `listen`, once each.
     pub ports: Vec<u16>,
+    /// The addresses and ports its service listens on (`listen`); from `ports`, each port on
+    /// every address. Another listener on the same port at another address (HAProxy's
+    /// frontend on the VIP) is not the backend's.
+    pub listen: Vec<ServiceAddress>,
     /// This node's server in HAProxy (on every configured load balancer).
     pub haproxy: Option<HaproxyServer>,
     /// Never drain if fewer other servers of the HAProxy backend would stay UP.
@@ -233,6 +237,56 @@ pub struct Backend {
     /// The same-host handover: how the next version starts beside this one and how the
     /// old one stops (docs/handover.md).
     pub handover: Option<Handover>,
+}
+
+/// An address and port a backend's service listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceAddress {
+    /// `None`: every address of the node (a wildcard listener, or `ports = [...]`). IPv4 as
+    /// IPv4 (an IPv4-mapped address is taken as the IPv4 one).
+    pub addr: Option<std::net::IpAddr>,
+    pub port: u16,
+}
+
+impl ServiceAddress {
+    /// Whether a socket bound to `local` is on this address and port.
+    pub fn covers(&self, local: std::net::SocketAddr) -> bool {
+        local.port() == self.port
+            && self
+                .addr
+                .is_none_or(|addr| addr == local.ip().to_canonical())
+    }
+}
+
+impl std::fmt::Display for ServiceAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.addr {
+            None => write!(f, "*:{}", self.port),
+            Some(addr) => write!(f, "{}", std::net::SocketAddr::new(addr, self.port)),
+        }
+    }
+}
+
+impl Backend {
+    /// Whether a connection or listener with local address `local` is this backend's.
+    pub fn serves(&self, local: std::net::SocketAddr) -> bool {
+        self.listen.iter().any(|listen| listen.covers(local))
+    }
+
+    /// Whether the backend listens on given addresses only (not every address of a port).
+    pub fn address_bound(&self) -> bool {
+        self.listen.iter().any(|listen| listen.addr.is_some())
+    }
+
+    /// Where a plain TCP connection reaches the service: its first listen address, or the
+    /// loopback on its first port.
+    pub fn local_address(&self) -> std::net::SocketAddr {
+        let first = self.listen[0];
+        let addr = first
+            .addr
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        std::net::SocketAddr::new(addr, first.port)
+    }
 }
 
 /// How a backend hands over to a new version of its service on the same node.
@@ -426,11 +480,11 @@ impl Config {
         self.backends.iter().find(|backend| backend.name == name)
     }
 
-    /// The backend serving a local port.
-    pub fn backend_of_port(&self, port: u16) -> Option<usize> {
+    /// The backend a connection or listener with local address `local` belongs to.
+    pub fn backend_serving(&self, local: std::net::SocketAddr) -> Option<usize> {
         self.backends
             .iter()
-            .position(|backend| backend.ports.contains(&port))
+            .position(|backend| backend.serves(local))
     }
 }
 
@@ -481,14 +535,88 @@ ports = [8778, 8779]
     }
 
     #[test]
+    fn a_backend_is_its_listen_addresses_and_a_wildcard_keeps_the_port_on_every_address() {
+        let with = |listen: &str| GOOD.replacen("ports = [8774]", listen, 1);
+        let config = parse(&with(
+            "listen = [\"10.0.0.5:8774\", \"[fd00::5]:8774\", \"[::ffff:10.0.0.6]:8775\"]",
+        ))
+        .unwrap();
+        let backend = &config.backends[0];
+        assert_eq!(backend.ports, [8774, 8775]);
+        assert!(backend.address_bound());
+        assert!(backend.serves("10.0.0.5:8774".parse().unwrap()));
+        assert!(backend.serves("[::ffff:10.0.0.5]:8774".parse().unwrap()));
+        assert!(backend.serves("[fd00::5]:8774".parse().unwrap()));
+        assert!(backend.serves("10.0.0.6:8775".parse().unwrap()));
+        assert!(
+            !backend.serves("192.0.2.10:8774".parse().unwrap()),
+            "the VIP"
+        );
+        assert!(!backend.serves("[::]:8774".parse().unwrap()));
+        assert_eq!(backend.local_address(), "10.0.0.5:8774".parse().unwrap());
+        for wildcard in ["*:8774", "0.0.0.0:8774", "[::]:8774"] {
+            let config = parse(&with(&format!("listen = [\"{wildcard}\"]"))).unwrap();
+            let backend = &config.backends[0];
+            assert!(!backend.address_bound(), "{wildcard}");
+            assert!(
+                backend.serves("192.0.2.10:8774".parse().unwrap()),
+                "{wildcard}"
+            );
+            assert_eq!(backend.listen[0].to_string(), "*:8774");
+        }
+        for (listen, message) in [
+            (
+                "ports = [8774]\nlisten = [\"10.0.0.5:8774\"]",
+                "backend[0].listen: backend `nova-api` has both `ports` and `listen`",
+            ),
+            (
+                "listen = [\"10.0.0.5\"]",
+                "backend[0].listen[0]: `10.0.0.5` is not an address:port the service listens on",
+            ),
+            (
+                "listen = [\"*:8774\", \"10.0.0.5:8774\"]",
+                "backend[0].listen[1]: `10.0.0.5:8774` overlaps `*:8774`",
+            ),
+            (
+                "listen = [\"10.0.0.5:8774\", \"10.0.0.5:8774\"]",
+                "`10.0.0.5:8774` is listed twice",
+            ),
+            ("listen = []", "has no listen addresses"),
+            (
+                "listen = [\"10.0.0.5:0\"]",
+                "port 0 in `10.0.0.5:0` is out of range",
+            ),
+            ("name2 = 1", "missing field `listen`"),
+        ] {
+            let text = with(listen);
+            let text = if listen.starts_with("name2") {
+                text.replace("name2 = 1", "")
+            } else {
+                text
+            };
+            let found = error(&text);
+            assert!(found.contains(message), "{listen}: {found}");
+        }
+        let two = format!("{GOOD}\n[[backend]]\nname = \"other\"\nlisten = [\"10.0.0.9:8774\"]\n");
+        assert!(
+            error(&two).contains("port 8774 is already used by backend `nova-api`"),
+            "{}",
+            error(&two)
+        );
+    }
+
+    #[test]
     fn good_config_parses_with_defaults() {
         let config = parse(GOOD).unwrap();
         assert_eq!(config.interfaces, ["eth0"]);
         assert_eq!(config.quiet_period, Duration::from_millis(100));
         assert_eq!(config.flow_table_size, DEFAULT_FLOW_TABLE_SIZE);
         assert_eq!(config.backends[1].ports, [8778, 8779]);
-        assert_eq!(config.backend_of_port(8779), Some(1));
-        assert_eq!(config.backend_of_port(80), None);
+        assert_eq!(
+            config.backend_serving("10.0.0.5:8779".parse().unwrap()),
+            Some(1)
+        );
+        assert_eq!(config.backend_serving("[::1]:80".parse().unwrap()), None);
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub struct RawLoadBalancer {
 pub struct RawBackend {
     pub name: Option<Checked<Name>>,
     pub ports: Option<Checked<Vec<Checked<Port>>>>,
+    pub listen: Option<Checked<Vec<Checked<BackendListen>>>>,
     pub haproxy: Option<Checked<RawHaproxy>>,
     pub min_serving: Option<Checked<ServerCount>>,
     pub drain_timeout: Option<Checked<HumanDuration>>,
@@ -422,6 +423,37 @@ value_type!(
             .ok()
             .filter(|port| *port != 0)
             .ok_or_else(|| format!("port {port} is out of range: use 1 to 65535"))
+    }
+);
+
+value_type!(
+    /// One address:port a backend's service listens on; a wildcard address (`0.0.0.0`, `::`
+    /// or `*`) is every address of the node on that port.
+    BackendListen(crate::config::ServiceAddress),
+    |value| {
+        let example = "\"10.0.0.5:8774\" or \"[fd00::5]:8774\"";
+        let text = text(value, "an address:port the service listens on", example)?;
+        let wrong = || {
+            format!(
+                "`{text}` is not an address:port the service listens on: use the address and \
+                 port it binds, e.g. {example} (\"*:8774\" for every address)"
+            )
+        };
+        let (addr, port) = match text.strip_prefix("*:") {
+            Some(port) => (None, port.parse::<u16>().map_err(|_| wrong())?),
+            None => {
+                let address: SocketAddr = text.parse().map_err(|_| wrong())?;
+                let addr = address.ip().to_canonical();
+                (
+                    (!addr.is_unspecified()).then_some(addr),
+                    address.port(),
+                )
+            }
+        };
+        if port == 0 {
+            return Err(format!("port 0 in `{text}` is out of range: use 1 to 65535"));
+        }
+        Ok(crate::config::ServiceAddress { addr, port })
     }
 );
 

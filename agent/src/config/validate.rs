@@ -16,9 +16,12 @@ use super::{
     DEFAULT_FLOW_IDLE_CHECK, DEFAULT_HANDOVER_TIMEOUT, DEFAULT_HEALTH_TIMEOUT, DEFAULT_MIN_SERVING,
     DEFAULT_QUIET_PERIOD, DEFAULT_RUNTIME_API_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_STATE_DIR,
     DEFAULT_STEP_TIMEOUT, Gate, Handover, HandoverHow, HaproxyServer, HealthCheck, LoadBalancer,
-    OnRestart, OnShutdown, OnTimeout, Probe, Step,
+    OnRestart, OnShutdown, OnTimeout, Probe, ServiceAddress, Step,
     error::{Locator, did_you_mean},
-    raw::{Checked, RawBackend, RawConfig, RawGate, RawHandover, RawHealth, RawStep},
+    raw::{
+        BackendListen, Checked, Port, RawBackend, RawConfig, RawGate, RawHandover, RawHealth,
+        RawStep,
+    },
 };
 
 /// The problems found so far, and the lines later checks name.
@@ -398,44 +401,19 @@ fn backend_of(
         }
     };
     let shown_name = name.clone().unwrap_or_else(|| format!("#{index}"));
-    let mut ports = Vec::new();
-    match found.spanned(raw.ports, &key("ports")) {
-        None if found.has_error_at(&key("ports")) => {}
-        None => found.error(
-            Some(span.clone()),
-            &table_key,
-            format!(
-                "missing field `ports`: list the TCP ports backend `{shown_name}` serves, e.g. \
-                 ports = [8774]"
-            ),
-        ),
-        Some((list, ports_span)) if list.is_empty() => found.error(
-            Some(ports_span),
-            key("ports"),
-            format!(
-                "backend `{shown_name}` has no ports: list the TCP ports it serves, e.g. [8774]"
-            ),
-        ),
-        Some((list, _)) => {
-            for (position, port, port_span) in found.list(list, &key("ports")) {
-                let port = port.0;
-                if let Some(owner) = port_owner.get(&port) {
-                    let message = if ports.contains(&port) {
-                        format!(
-                            "port {port} is listed twice for backend `{shown_name}`: list it once"
-                        )
-                    } else {
-                        format!(
-                            "port {port} is already used by backend `{owner}`: a port belongs \
-                             to one backend"
-                        )
-                    };
-                    found.error(Some(port_span), key(&format!("ports[{position}]")), message);
-                    continue;
-                }
-                port_owner.insert(port, shown_name.clone());
-                ports.push(port);
-            }
+    let listen = listen_addresses(
+        found,
+        raw.ports,
+        raw.listen,
+        &table_key,
+        &span,
+        &shown_name,
+        port_owner,
+    );
+    let mut ports: Vec<u16> = Vec::new();
+    for address in &listen {
+        if !ports.contains(&address.port) {
+            ports.push(address.port);
         }
     }
     let haproxy =
@@ -504,6 +482,7 @@ fn backend_of(
     Some(Backend {
         name: name?,
         ports,
+        listen,
         haproxy,
         min_serving,
         drain_timeout,
@@ -514,6 +493,143 @@ fn backend_of(
         gate,
         handover,
     })
+}
+
+/// A backend's `ports` (each on every address) or `listen` (addresses and ports; exactly one of
+/// the two), against the other backends': a port belongs to one backend, whatever the address
+/// (the kernel's steering keys listeners by port).
+fn listen_addresses(
+    found: &mut Found<'_, '_>,
+    ports: Option<Checked<Vec<Checked<Port>>>>,
+    listen: Option<Checked<Vec<Checked<BackendListen>>>>,
+    table_key: &str,
+    span: &Range<usize>,
+    shown_name: &str,
+    port_owner: &mut BTreeMap<u16, String>,
+) -> Vec<ServiceAddress> {
+    let key = |field: &str| format!("{table_key}.{field}");
+    let (field, empty, entries, list_span) = match (ports, listen) {
+        (Some(_), Some(listen)) => {
+            let span = listen.span.clone();
+            found.error(
+                Some(span),
+                key("listen"),
+                format!(
+                    "backend `{shown_name}` has both `ports` and `listen`: keep `listen` (the \
+                     addresses and ports the service binds) and remove `ports`"
+                ),
+            );
+            return Vec::new();
+        }
+        (Some(ports), None) => match found.spanned(Some(ports), &key("ports")) {
+            None => return Vec::new(),
+            Some((list, list_span)) => (
+                "ports",
+                list.is_empty(),
+                found
+                    .list(list, &key("ports"))
+                    .into_iter()
+                    .map(|(position, port, span)| {
+                        (
+                            position,
+                            ServiceAddress {
+                                addr: None,
+                                port: port.0,
+                            },
+                            span,
+                        )
+                    })
+                    .collect::<Vec<_>>(),
+                list_span,
+            ),
+        },
+        (None, Some(listen)) => match found.spanned(Some(listen), &key("listen")) {
+            None => return Vec::new(),
+            Some((list, list_span)) => (
+                "listen",
+                list.is_empty(),
+                found
+                    .list(list, &key("listen"))
+                    .into_iter()
+                    .map(|(position, address, span)| (position, address.0, span))
+                    .collect::<Vec<_>>(),
+                list_span,
+            ),
+        },
+        (None, None) => {
+            if !found.has_error_at(&key("ports")) && !found.has_error_at(&key("listen")) {
+                found.error(
+                    Some(span.clone()),
+                    table_key,
+                    format!(
+                        "missing field `listen`: list the addresses and ports backend \
+                         `{shown_name}` serves, e.g. listen = [\"10.0.0.5:8774\"] (or ports = \
+                         [8774] for every address)"
+                    ),
+                );
+            }
+            return Vec::new();
+        }
+    };
+    if empty {
+        found.error(
+            Some(list_span),
+            key(field),
+            if field == "ports" {
+                format!(
+                    "backend `{shown_name}` has no ports: list the TCP ports it serves, e.g. \
+                     [8774]"
+                )
+            } else {
+                format!(
+                    "backend `{shown_name}` has no listen addresses: list the addresses and \
+                     ports it serves, e.g. [\"10.0.0.5:8774\"]"
+                )
+            },
+        );
+        return Vec::new();
+    }
+    let mut listen: Vec<ServiceAddress> = Vec::new();
+    for (position, address, entry_span) in entries {
+        let port = address.port;
+        let shown = if field == "ports" {
+            format!("port {port}")
+        } else {
+            format!("`{address}`")
+        };
+        let message = if let Some(same) = listen.iter().find(|other| {
+            other.port == port
+                && (other.addr.is_none() || address.addr.is_none() || other.addr == address.addr)
+        }) {
+            Some(if *same == address {
+                format!("{shown} is listed twice for backend `{shown_name}`: list it once")
+            } else {
+                format!(
+                    "{shown} overlaps `{same}` of backend `{shown_name}`: a wildcard address \
+                     already covers every address on port {port}; keep one of them"
+                )
+            })
+        } else {
+            match port_owner.get(&port) {
+                Some(owner) if owner != shown_name => Some(format!(
+                    "port {port} is already used by backend `{owner}`: a port belongs to one \
+                     backend"
+                )),
+                _ => None,
+            }
+        };
+        if let Some(message) = message {
+            found.error(
+                Some(entry_span),
+                key(&format!("{field}[{position}]")),
+                message,
+            );
+            continue;
+        }
+        port_owner.insert(port, shown_name.to_string());
+        listen.push(address);
+    }
+    listen
 }
 
 /// `handover = { start = [...], stop = [...], timeout }` or `{ units = [A, B], timeout }`.

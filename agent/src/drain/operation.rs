@@ -1064,7 +1064,7 @@ impl Run {
 
     pub(super) fn health_check(&self) -> HealthCheck {
         self.backend.health.clone().unwrap_or_else(|| HealthCheck {
-            probe: Probe::Tcp(format!("127.0.0.1:{}", self.backend.ports[0])),
+            probe: Probe::Tcp(self.backend.local_address().to_string()),
             timeout: crate::config::DEFAULT_HEALTH_TIMEOUT,
         })
     }

@@ -29,7 +29,7 @@ use drain_agent_common::{
 use tracing::{debug, error, info, warn};
 
 use super::{
-    BackendSample, InstanceSample, TrackerError,
+    BackendSample, InstanceSample, TrackerError, backends,
     features::{self, Feature, FeatureState, FeatureStatus},
     gate, sockets, steer,
 };
@@ -84,8 +84,11 @@ pub struct EbpfTracker {
     flow_idle_check: Duration,
     adjustments: Vec<Adjustment>,
     started: Instant,
-    /// Local port → backend index, for seeding from the socket table.
-    backend_of_port: std::collections::HashMap<u16, usize>,
+    /// The backends' addresses and ports, for seeding from the socket table and the gate.
+    config: Config,
+    /// Per backend on every address, the node's addresses its gate last covered.
+    gate_addresses:
+        std::collections::BTreeMap<usize, std::collections::BTreeSet<(std::net::IpAddr, u16)>>,
     /// The seeded flows (by socket cookie) and their tuples: `SEEDED_TUPLES` is keyed by tuple,
     /// and the log names a removed connection by its addresses.
     seeded_tuples: std::collections::HashMap<u64, FlowKey>,
@@ -136,17 +139,7 @@ impl EbpfTracker {
             .load(EBPF_OBJECT)
             .map_err(TrackerError::load)?;
 
-        {
-            let mut ports: Array<&mut MapData, u32> =
-                Array::try_from(map_mut(&mut ebpf, names::BACKEND_BY_PORT)?).map_err(load_error)?;
-            for (index, backend) in config.backends.iter().enumerate() {
-                for &port in &backend.ports {
-                    ports
-                        .set(u32::from(port), index as u32 + 1, 0)
-                        .map_err(load_error)?;
-                }
-            }
-        }
+        backends::load(&mut ebpf, config)?;
 
         // Until the socket table is read for connections older than the agent, every
         // connection the sock_ops program starts tracking is noted, so seeding skips it.
@@ -258,12 +251,8 @@ impl EbpfTracker {
             adjustments: vec![Adjustment::default(); (MAX_BACKENDS * INSTANCES) as usize],
             steering: vec![Steering::default(); config.backends.len()],
             started: Instant::now(),
-            backend_of_port: config
-                .backends
-                .iter()
-                .enumerate()
-                .flat_map(|(index, backend)| backend.ports.iter().map(move |&port| (port, index)))
-                .collect(),
+            config: config.clone(),
+            gate_addresses: std::collections::BTreeMap::new(),
             seeded_tuples: std::collections::HashMap::new(),
             untracked_covered: vec![0; config.backends.len()],
             gates: config
@@ -392,7 +381,9 @@ impl EbpfTracker {
             if socket.state != procfs::net::TcpState::Established && !half_closed {
                 continue;
             }
-            let Some(&backend) = self.backend_of_port.get(&socket.local.port()) else {
+            // By address and port: another listener's connections on the port are not the
+            // backend's.
+            let Some(backend) = self.config.backend_serving(socket.local) else {
                 continue;
             };
             let (server_addr, server_port) = sockets::to_flow_bytes(socket.local);
@@ -565,6 +556,13 @@ impl EbpfTracker {
         if !self.gates.get(index).copied().unwrap_or(false) {
             return Ok(false);
         }
+        // The node's addresses as they are now: the gate refuses only what is addressed to it.
+        backends::refresh_node_addresses(
+            &mut self.ebpf,
+            &self.config,
+            index,
+            &mut self.gate_addresses,
+        )?;
         gate::close(&mut self.ebpf, index, deadline)?;
         Ok(true)
     }
@@ -970,6 +968,14 @@ pub(super) fn test_object(port: u16) -> Ebpf {
     let mut ports: Array<&mut MapData, u32> =
         Array::try_from(ebpf.map_mut(names::BACKEND_BY_PORT).unwrap()).unwrap();
     ports.set(u32::from(port), 1, 0).unwrap();
+    // The node's addresses in the tests' frames, for the gate.
+    let mut addresses: HashMap<&mut MapData, drain_agent_common::backend::ServiceAddress, u32> =
+        HashMap::try_from(ebpf.map_mut(names::BACKEND_ADDRESSES).unwrap()).unwrap();
+    for addr in ["10.0.0.2", "2001:db8::2"] {
+        addresses
+            .insert(backends::key(addr.parse().unwrap(), port), 1, 0)
+            .unwrap();
+    }
     ebpf
 }
 

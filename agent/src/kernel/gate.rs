@@ -407,6 +407,52 @@ mod tests {
         assert!(sample(&expired, 0).unwrap().expired);
     }
 
+    /// `frame` with VLAN tags (TPID, VLAN id) inserted after the MAC addresses.
+    fn tagged(frame: &[u8], tags: &[(u16, u16)]) -> Vec<u8> {
+        let mut out = Vec::from(&frame[..12]);
+        for &(tpid, id) in tags {
+            out.extend(tpid.to_be_bytes());
+            out.extend(id.to_be_bytes());
+        }
+        out.extend(&frame[12..]);
+        out
+    }
+
+    #[test]
+    fn a_tagged_syn_to_a_closed_gate_is_answered_on_its_own_vlan() {
+        let ebpf = gate_program(Some(Duration::from_secs(60)), &[]);
+        for (tags, v6) in [
+            (vec![(0x8100, 100)], false),
+            (vec![(0x88a8, 7), (0x8100, 100)], false),
+            (vec![(0x8100, 100)], true),
+        ] {
+            let syn = tagged(&segment(v6, 0x02, 20, 0), &tags);
+            let (verdict, reply) = run(&ebpf, &syn);
+            assert_eq!(verdict, XDP_TX, "{tags:?} v6={v6}");
+            let l3 = 14 + 4 * tags.len();
+            let ip_len = if v6 { 40 } else { 20 };
+            assert_eq!(reply.len(), l3 + ip_len + 20, "{tags:?}");
+            assert_eq!(&reply[0..6], &CLIENT_MAC);
+            assert_eq!(&reply[12..l3], &syn[12..l3], "the tags and EtherType stay");
+            let tcp = &reply[l3 + ip_len..];
+            assert_eq!(tcp[13], 0x14, "RST|ACK after {tags:?}");
+            assert_eq!(u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]), 1001);
+        }
+    }
+
+    #[test]
+    fn a_syn_to_another_address_on_the_port_passes_a_closed_gate() {
+        let ebpf = gate_program(Some(Duration::from_secs(60)), &[]);
+        // To 10.0.0.99: not the backend's (another listener's, or a host behind the node).
+        let mut elsewhere = segment(false, 0x02, 20, 0);
+        elsewhere[33] = 99;
+        assert_eq!(run(&ebpf, &elsewhere), (XDP_PASS, elsewhere.clone()));
+        let mut elsewhere6 = segment(true, 0x02, 20, 0);
+        elsewhere6[14 + 39] = 0x99;
+        assert_eq!(run(&ebpf, &elsewhere6).0, XDP_PASS);
+        assert_eq!(sample(&ebpf, 0).unwrap().refused, 0);
+    }
+
     #[test]
     fn an_ipv4_network_is_matched_inside_the_ipv4_mapped_range_after_the_backend() {
         let (bits, source) = allow_key(2, &"10.0.0.0/24".parse().unwrap());

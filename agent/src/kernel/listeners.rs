@@ -11,6 +11,8 @@ use std::{
 
 use procfs::net::TcpState;
 
+use crate::config::Backend;
+
 /// One listening socket of this network namespace.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Listener {
@@ -68,6 +70,23 @@ pub fn on_ports(ports: &[u16]) -> Result<Vec<Listener>, ListenerError> {
         .collect();
     found.sort();
     Ok(found)
+}
+
+/// The listening sockets of `backend`: on its addresses and ports. Another listener on the
+/// same port at another address (HAProxy's frontend on the VIP) is not the backend's.
+pub fn of_backend(backend: &Backend) -> Result<Vec<Listener>, ListenerError> {
+    Ok(on_ports(&backend.ports)?
+        .into_iter()
+        .filter(|listener| backend.serves(listener.local))
+        .collect())
+}
+
+/// The listening sockets on `backend`'s ports that are not the backend's.
+pub fn others_on_ports(backend: &Backend) -> Result<Vec<Listener>, ListenerError> {
+    Ok(on_ports(&backend.ports)?
+        .into_iter()
+        .filter(|listener| !backend.serves(listener.local))
+        .collect())
 }
 
 /// Per socket inode among `inodes`, the processes holding it and the fd each holds it as.

@@ -1,5 +1,6 @@
 //! Where connection numbers come from: the eBPF programs, or /proc in degraded mode.
 
+pub mod backends;
 pub mod ebpf;
 pub mod features;
 pub mod gate;

@@ -1,40 +1,34 @@
 //! Degraded mode: established connections per backend from the socket table. No kernel
 //! programs, so in-flight, idle and the totals are unknown (`null` in status).
 
-use std::collections::HashMap;
-
 use procfs::net::TcpState;
 
 use super::{BackendSample, TrackerError, sockets};
-use crate::config::Config;
+use crate::config::{Backend, Config};
 
-/// Counts established sockets on the configured ports.
+/// Counts established sockets on the configured addresses and ports.
 pub struct ProcfsTracker {
-    /// Local port → backend index.
-    backend_of_port: HashMap<u16, usize>,
-    backends: usize,
+    backends: Vec<Backend>,
 }
 
 impl ProcfsTracker {
     pub fn new(config: &Config) -> ProcfsTracker {
         ProcfsTracker {
-            backend_of_port: config
-                .backends
-                .iter()
-                .enumerate()
-                .flat_map(|(index, backend)| backend.ports.iter().map(move |&port| (port, index)))
-                .collect(),
-            backends: config.backends.len(),
+            backends: config.backends.clone(),
         }
     }
 
     pub fn sample(&self) -> Result<Vec<BackendSample>, TrackerError> {
-        let mut samples = vec![BackendSample::default(); self.backends];
+        let mut samples = vec![BackendSample::default(); self.backends.len()];
         for socket in sockets::tcp_sockets()? {
             if socket.state != TcpState::Established {
                 continue;
             }
-            if let Some(&backend) = self.backend_of_port.get(&socket.local.port()) {
+            if let Some(backend) = self
+                .backends
+                .iter()
+                .position(|backend| backend.serves(socket.local))
+            {
                 samples[backend].established += 1;
             }
         }

@@ -24,7 +24,7 @@ use std::{
 use procfs::net::TcpState;
 use tracing::{debug, warn};
 
-use crate::kernel::listeners;
+use crate::{config::Backend, kernel::listeners};
 
 /// One connection of the old version, held by the agent.
 pub struct Held {
@@ -32,15 +32,14 @@ pub struct Held {
     socket: OwnedFd,
 }
 
-/// Copies of every established connection the processes `pids` hold on `ports`.
-pub fn hold(pids: &[i32], ports: &[u16]) -> Vec<Held> {
+/// Copies of every established connection the processes `pids` hold on `backend`'s addresses
+/// and ports.
+pub fn hold(pids: &[i32], backend: &Backend) -> Vec<Held> {
     let established: BTreeMap<u64, SocketAddr> = procfs::net::tcp()
         .into_iter()
         .chain(procfs::net::tcp6())
         .flatten()
-        .filter(|entry| {
-            entry.state == TcpState::Established && ports.contains(&entry.local_address.port())
-        })
+        .filter(|entry| entry.state == TcpState::Established && backend.serves(entry.local_address))
         .map(|entry| (entry.inode, entry.local_address))
         .collect();
     let mut held = BTreeMap::new();

@@ -90,20 +90,22 @@ impl Operations {
             ));
         }
         let old_slot = sample.serving_instance;
-        let found = listeners::on_ports(&backend.ports)
+        let found = listeners::of_backend(&backend)
             .map_err(|err| Refusal::new(exit::ERROR, err.to_string()))?;
-        let missing: Vec<u16> = backend
-            .ports
+        let missing: Vec<String> = backend
+            .listen
             .iter()
-            .copied()
-            .filter(|port| !found.iter().any(|listener| listener.local.port() == *port))
+            .filter(|listen| !found.iter().any(|listener| listen.covers(listener.local)))
+            .map(ToString::to_string)
             .collect();
         if !missing.is_empty() {
             return Err(Refusal::new(
                 exit::REFUSED,
                 format!(
-                    "refused: nothing listens on port(s) {missing:?} of backend `{}`: a handover \
-                     hands over from a running version (`drain-agent cycle` restarts a stopped one)",
+                    "refused: nothing listens on {} of backend `{}`: a handover hands over from \
+                     a running version (`drain-agent cycle` restarts a stopped one; \
+                     `drain-agent check-config --online` names what listens on its ports)",
+                    missing.join(", "),
                     backend.name
                 ),
             ));
@@ -191,8 +193,12 @@ fn allow_accept_queue_migration() {
 
 /// The processes holding listeners on `ports` other than the `old` ones (inodes), less the old
 /// version's `old_pids`: what a start left listening, whether or not it was seen yet.
-pub(super) fn stray_listeners(ports: &[u16], old: &BTreeSet<u64>, old_pids: &[i32]) -> Vec<i32> {
-    let Ok(found) = listeners::on_ports(ports) else {
+pub(super) fn stray_listeners(
+    backend: &Backend,
+    old: &BTreeSet<u64>,
+    old_pids: &[i32],
+) -> Vec<i32> {
+    let Ok(found) = listeners::of_backend(backend) else {
         return Vec::new();
     };
     let fresh: BTreeSet<u64> = found
@@ -430,7 +436,7 @@ impl HandoverRun {
             ),
         });
         // Its connections outlive it in the agent's hands (see `keepalive`).
-        let held = keepalive::hold(&self.old.pids, &self.backend.ports);
+        let held = keepalive::hold(&self.old.pids, &self.backend);
         self.report.old_connections_held = held.len() as u64;
         self.report.old_stop_ms = Some(self.ms());
         let stopped = stop(
@@ -505,7 +511,7 @@ impl HandoverRun {
             .map_err(|err| format!("starting the new version failed: {err}"))?;
         let deadline = Instant::now() + self.handover.timeout;
         loop {
-            let found = listeners::on_ports(&self.backend.ports).map_err(|err| err.to_string())?;
+            let found = listeners::of_backend(&self.backend).map_err(|err| err.to_string())?;
             let fresh: Vec<Listener> = found
                 .into_iter()
                 .filter(|listener| !before.contains(&listener.inode))
@@ -639,7 +645,7 @@ impl HandoverRun {
     /// hold: what a failed start left behind.
     fn stray_listeners(&self) -> Vec<i32> {
         let old: BTreeSet<u64> = self.old.listeners.iter().map(|l| l.inode).collect();
-        stray_listeners(&self.backend.ports, &old, &self.old.pids)
+        stray_listeners(&self.backend, &old, &self.old.pids)
     }
 
     fn note_accepted(&mut self) {

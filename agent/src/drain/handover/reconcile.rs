@@ -59,7 +59,7 @@ impl Operations {
                     // journal has no new pids: whatever listens on the ports besides the old
                     // version's sockets is the new version, as in the live undo.
                     let old_listeners = record.old_listeners.iter().copied().collect();
-                    stray = stray_listeners(&backend.ports, &old_listeners, &record.old_pids)
+                    stray = stray_listeners(&backend, &old_listeners, &record.old_pids)
                         .into_iter()
                         .filter(|pid| !pids.contains(pid))
                         .collect();
@@ -76,7 +76,7 @@ impl Operations {
                 let owner = owner_of(&pids);
                 // The old version's connections outlive it, as in a handover's own stop.
                 let held = if record.switched {
-                    keepalive::hold(&pids, &backend.ports)
+                    keepalive::hold(&pids, &backend)
                 } else {
                     Vec::new()
                 };
