@@ -15,6 +15,13 @@ pub struct FlowKey {
     pub server_port: u16,
 }
 
+/// `Flow::state`: not a connection yet, only a note. A client segment with payload reached a
+/// socket the kernel was still establishing (`SYN_RECV`; the handshake-completing ACK being
+/// processed on another CPU) before the `sock_ops` program created its flow: the packet
+/// program writes this note (`client_next_seq` just past that payload, `request_pending`),
+/// and the `sock_ops` program, finding it, starts the flow with the request pending. Counted
+/// nowhere until then.
+pub const FLOW_EARLY: u32 = 1;
 /// `Flow::state`: the kernel established the connection; counted in `established`. (There is
 /// no half-open state: a flow is created only once the kernel established the connection.)
 pub const FLOW_ESTABLISHED: u32 = 2;
@@ -66,7 +73,7 @@ pub struct Flow {
     /// Where the flow is counted: `steer::counter_slot` of the backend the server port
     /// belongs to and of the instance (version) whose listener took the connection.
     pub backend: u32,
-    /// `FLOW_ESTABLISHED`.
+    /// `FLOW_ESTABLISHED`, or `FLOW_EARLY` for the note of a payload that came first.
     pub state: u32,
     /// 1 when the client's newest payload arrived after the node's newest payload: a request
     /// the node has not started answering.

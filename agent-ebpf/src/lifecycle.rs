@@ -16,8 +16,8 @@ use aya_ebpf::{
 };
 use drain_agent_common::{
     flow::{
-        COUNTED_IDLE, COUNTED_IN_FLIGHT, ENDED_VANISHED, FLOW_ESTABLISHED, Flow, FlowKey,
-        ORIGIN_HANDSHAKE, RST_FROM_CLIENT, RST_FROM_SERVER, carries_work,
+        COUNTED_IDLE, COUNTED_IN_FLIGHT, ENDED_VANISHED, FLOW_EARLY, FLOW_ESTABLISHED, Flow,
+        FlowKey, ORIGIN_HANDSHAKE, RST_FROM_CLIENT, RST_FROM_SERVER, carries_work, seq_after,
     },
     steer::counter_slot,
 };
@@ -82,12 +82,25 @@ fn established(ctx: &SockOpsContext) {
     // programs before this flow existed (at the listener, which has no storage); the kernel
     // queues it after this callback, so rcv_nxt does not include it yet.
     let payload = handshake_payload(ops);
+    let mut client_next_seq = rcv_nxt.wrapping_add(payload);
+    let mut request_pending = u32::from(payload != 0);
+    // A payload that reached this socket on another CPU while the kernel established it
+    // waits in the socket's backlog: the packet program left a note of where it ends.
+    let early = stored_flow(socket(ops))
+        .filter(|flow| flow.state == FLOW_EARLY)
+        .map(|note| note.client_next_seq);
+    if let Some(end) = early {
+        request_pending = 1;
+        if seq_after(end, client_next_seq) {
+            client_next_seq = end;
+        }
+    }
     let mut flow = Flow {
         backend: slot,
         state: FLOW_ESTABLISHED,
         origin: ORIGIN_HANDSHAKE,
-        request_pending: u32::from(payload != 0),
-        client_next_seq: rcv_nxt.wrapping_add(payload),
+        request_pending,
+        client_next_seq,
         server_next_seq: snd_nxt,
         client_acked: snd_una,
         // SAFETY: helper without preconditions.
@@ -134,7 +147,19 @@ fn established(ctx: &SockOpsContext) {
         // Userspace is reading the socket table: it must not seed this one too.
         let _ = ESTABLISHED_WHILE_SEEDING.insert(key, 1, 0);
     }
-    if store_flow(socket(ops), &mut flow).is_some() {
+    if let Some(stored) = store_flow(socket(ops), &mut flow) {
+        if early.is_some() {
+            // The storage existed (the note), so the kernel did not copy `flow` into it.
+            // The state last: a packet on another CPU takes it for the note until then.
+            *stored = Flow {
+                state: FLOW_EARLY,
+                ..flow
+            };
+            // SAFETY: a field of the storage this program run holds.
+            unsafe {
+                core::ptr::write_volatile(core::ptr::addr_of_mut!(stored.state), FLOW_ESTABLISHED)
+            };
+        }
         add(&mut counters.accepted, 1);
         // OR: other sock_ops programs may have set flags of their own.
         let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
@@ -160,8 +185,10 @@ fn closed(ctx: &SockOpsContext, old_state: u32) {
         return;
     }
     let ops = ctx.ops;
-    let Some(flow) = stored_flow(socket(ops)) else {
-        return; // a socket the agent never tracked (not a backend port, untracked)
+    let Some(flow) = stored_flow(socket(ops)).filter(|flow| flow.state == FLOW_ESTABLISHED) else {
+        // A socket the agent never tracked (not a backend port, untracked), or one that
+        // closed with only an early note, counted nowhere.
+        return;
     };
     // SAFETY: as in established.
     let all_acked = unsafe { field(addr_of!((*ops).snd_una)) == field(addr_of!((*ops).snd_nxt)) };

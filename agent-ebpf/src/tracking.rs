@@ -18,17 +18,24 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use drain_agent_common::flow::{
-    COUNTED_REMOVED, COUNTED_UNKNOWN, ENDED_VANISHED, FIN_FROM_CLIENT, FIN_FROM_SERVER, Flow,
-    PAYLOAD_SEEN, RST_FROM_CLIENT, RST_FROM_SERVER, in_client_window, seq_after,
+    COUNTED_REMOVED, COUNTED_UNKNOWN, ENDED_VANISHED, FIN_FROM_CLIENT, FIN_FROM_SERVER, FLOW_EARLY,
+    Flow, PAYLOAD_SEEN, RST_FROM_CLIENT, RST_FROM_SERVER, in_client_window, seq_after,
 };
 
 use crate::{
     accounting::{
-        Ending, account_end, claim, counters, hint, seeded_flow, seeded_in_use, settle, stored_flow,
+        Ending, account_end, claim, counters, hint, seeded_flow, seeded_in_use, settle, store_flow,
+        stored_flow,
     },
     backend,
+    lifecycle::{v4_mapped, v6},
     packet::{self, Direction, Segment, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
+
+/// `bpf_sock::state` of a socket the kernel is establishing (a passive open's child).
+const TCP_SYN_RECV: u32 = 3;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 /// last_seen_ns only needs GC precision; skipping the store keeps the flow's cache line clean.
 const LAST_SEEN_GRANULARITY_NS: u64 = 1_000_000_000;
@@ -57,15 +64,29 @@ pub fn packet(ctx: &SkBuffContext, direction: Direction) {
         return;
     }
     let stored = stored_flow(sk);
+    // SAFETY: as above (a field of every attached socket).
+    let establishing = stored.is_none()
+        && direction == Direction::ToServer
+        && unsafe { (*sk).state } == TCP_SYN_RECV;
     // Not a connection the agent saw established, and none older than the agent to look for.
-    if stored.is_none() && !seeded_in_use() {
+    if stored.is_none() && !seeded_in_use() && !establishing {
         return;
     }
     let frame = packet::skb_frame(ctx);
     let Ok(segment) = packet::parse(frame) else {
         return;
     };
+    if establishing {
+        note_early_payload(sk, port, &segment);
+        return;
+    }
     let (flow, seeded) = match stored {
+        Some(flow) if flow.state == FLOW_EARLY => {
+            if direction == Direction::ToServer {
+                extend_early(flow, &segment);
+            }
+            return;
+        }
         Some(flow) => (flow, false),
         None => match seeded(ctx) {
             Some(flow) => (flow, true),
@@ -75,6 +96,66 @@ pub fn packet(ctx: &SkBuffContext, direction: Direction) {
     match direction {
         Direction::ToServer => from_client(&segment, flow, seeded),
         Direction::FromServer => from_server(&segment, flow, seeded),
+    }
+}
+
+/// A client payload on a socket the kernel is still establishing, before the `sock_ops`
+/// program created its flow: the handshake-completing ACK is being processed on another CPU
+/// (RPS, veth, loopback), which holds the socket, and this segment waits in its backlog, past
+/// the point the flow will start from. Noted in the socket's storage (`FLOW_EARLY`, counted
+/// nowhere), so that the flow starts with the request pending. Only for the backend's own
+/// addresses: a note on another listener's connection would never be taken.
+#[inline(always)]
+fn note_early_payload(sk: *mut aya_ebpf::bindings::bpf_sock, port: u32, segment: &Segment) {
+    if segment.payload_len == 0 {
+        return;
+    }
+    let Some(watched) = backend::watched_port(port) else {
+        return;
+    };
+    // SAFETY: fields of the attached socket, as above; one volatile load each at a constant
+    // offset (the verifier refuses arithmetic on a socket pointer, which LLVM makes of an
+    // array walk).
+    let (family, local4, local6) = unsafe {
+        use core::ptr::{addr_of, read_volatile};
+        (
+            read_volatile(addr_of!((*sk).family)),
+            read_volatile(addr_of!((*sk).src_ip4)),
+            [
+                read_volatile(addr_of!((*sk).src_ip6[0])),
+                read_volatile(addr_of!((*sk).src_ip6[1])),
+                read_volatile(addr_of!((*sk).src_ip6[2])),
+                read_volatile(addr_of!((*sk).src_ip6[3])),
+            ],
+        )
+    };
+    let local = match family {
+        AF_INET => v4_mapped(local4),
+        AF_INET6 => v6(local6),
+        _ => return,
+    };
+    if backend::serving(watched, local, port as u16).is_none() {
+        return;
+    }
+    let mut note = Flow {
+        state: FLOW_EARLY,
+        request_pending: 1,
+        client_next_seq: segment.seq.wrapping_add(segment.payload_len),
+        ..Flow::default()
+    };
+    // Another CPU may have written the note first: then it is returned, and extended.
+    if let Some(flow) = store_flow(sk, &mut note) {
+        extend_early(flow, segment);
+    }
+}
+
+/// Moves an early note's end to just past `segment`'s payload, if that is later.
+#[inline(always)]
+fn extend_early(flow: &mut Flow, segment: &Segment) {
+    let end = segment.seq.wrapping_add(segment.payload_len);
+    if segment.payload_len != 0 && seq_after(end, flow.client_next_seq) {
+        flow.client_next_seq = end;
+        flow.request_pending = 1;
     }
 }
 

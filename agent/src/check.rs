@@ -64,11 +64,32 @@ pub async fn check(path: &Path, online: bool) -> (Option<Config>, Vec<Problem>) 
         Err(errors) => errors.0.into_iter().map(Problem::error).collect(),
     };
     problems.extend(check_kernel(&config));
+    problems.extend(check_gate_interfaces(&config));
     problems.extend(check_load_balancers(&config).await);
     if online {
         problems.extend(check_online(&config, &problems).await);
     }
     (Some(config), problems)
+}
+
+/// Where the gate cannot run natively and still answer on the right VLAN, it runs in generic
+/// mode: a note naming the VLAN devices and the way back to native mode.
+fn check_gate_interfaces(config: &Config) -> Vec<Problem> {
+    if !crate::kernel::gate::wanted(config) {
+        return Vec::new();
+    }
+    config
+        .interfaces
+        .iter()
+        .enumerate()
+        .filter_map(|(index, interface)| {
+            let why = crate::kernel::gate::stripped_vlans(interface)?;
+            Some(Problem::note(config.error_at(
+                &format!("interfaces[{index}]"),
+                format!("the gate attaches to {interface} in generic mode: {why}"),
+            )))
+        })
+        .collect()
 }
 
 /// Loads every kernel program and discards it (`kernel::features::probe`): the accounting

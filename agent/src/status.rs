@@ -39,6 +39,10 @@ pub struct Attachment {
     /// where the driver has no XDP support).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// Why the gate runs in generic mode on a driver that has native XDP (VLAN devices whose
+    /// tags the NIC strips: only the network stack still has them for the answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
 }
 
 /// Flow table fill level.

@@ -330,41 +330,10 @@ struct PacketCapture(std::os::fd::OwnedFd);
 
 impl PacketCapture {
     fn open(interface: &str) -> PacketCapture {
-        use std::os::fd::FromRawFd as _;
-        let protocol = (libc::ETH_P_IP as u16).to_be();
-        // SAFETY: plain system calls; the fd is owned from here on.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(protocol)) };
-        assert!(
-            fd >= 0,
-            "packet socket: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: fd was just created and is owned by nothing else.
-        let capture = PacketCapture(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
-        let name = std::ffi::CString::new(interface).unwrap();
-        // SAFETY: a NUL-terminated name.
-        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert_ne!(index, 0, "no interface {interface}");
-        // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
-        let mut address: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        address.sll_family = libc::AF_PACKET as u16;
-        address.sll_protocol = protocol;
-        address.sll_ifindex = index as i32;
-        // SAFETY: a valid socket and a sockaddr_ll of the right size.
-        let bound = unsafe {
-            libc::bind(
-                fd,
-                (&address as *const libc::sockaddr_ll).cast(),
-                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(
-            bound,
-            0,
-            "bind to {interface}: {}",
-            std::io::Error::last_os_error()
-        );
-        capture
+        PacketCapture(drain_agent_tests::packet_socket(
+            interface,
+            libc::ETH_P_IP as u16,
+        ))
     }
 
     /// Whether an IPv4 TCP segment to `port` with a header longer than 20 bytes arrives

@@ -348,3 +348,122 @@ fn a_drained_backend_keeps_its_gate_closed_across_an_agent_restart_for_what_is_l
     assert_eq!(resumed.code, Some(0), "{resumed:?}");
     assert_connects(&lab, Lab::node_addr(false, API), None);
 }
+
+/// Sends `frame` out of the client's eth0 and returns the first frame back whose TCP source
+/// port is `from_port`, with the VLAN tag the kernel reported beside it (it takes a received
+/// tag off the frame before a packet socket sees it): `(tag, frame)`.
+fn exchange(lab: &Lab, frame: Vec<u8>, from_port: u16) -> Option<(Option<u16>, Vec<u8>)> {
+    lab.client.run(move || {
+        use std::os::fd::AsRawFd as _;
+        let socket = drain_agent_tests::packet_socket("eth0", libc::ETH_P_ALL as u16);
+        let fd = socket.as_raw_fd();
+        let on: libc::c_int = 1;
+        // SAFETY: a valid socket and option value.
+        let set = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_PACKET,
+                libc::PACKET_AUXDATA,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "PACKET_AUXDATA");
+        // SAFETY: a valid socket and buffer.
+        let sent = unsafe { libc::send(fd, frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(sent, frame.len() as isize, "{}", io::Error::last_os_error());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            let mut buffer = [0u8; 2048];
+            let mut control = [0u8; 256];
+            let mut iov = libc::iovec {
+                iov_base: buffer.as_mut_ptr().cast(),
+                iov_len: buffer.len(),
+            };
+            // SAFETY: msghdr is plain data; zeroed is a valid start.
+            let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+            message.msg_iov = &mut iov;
+            message.msg_iovlen = 1;
+            message.msg_control = control.as_mut_ptr().cast();
+            message.msg_controllen = control.len();
+            // SAFETY: buffers outlive the call; non-blocking, so it never hangs the test.
+            let len = unsafe { libc::recvmsg(fd, &mut message, libc::MSG_DONTWAIT) };
+            if len < 0 {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let received = buffer[..len as usize].to_vec();
+            // An untagged IPv4 TCP segment (the tag, if any, is in the auxiliary data).
+            if received.len() < 54 || received[12..14] != [0x08, 0x00] || received[23] != 6 {
+                continue;
+            }
+            if u16::from_be_bytes([received[34], received[35]]) != from_port {
+                continue;
+            }
+            let mut tag = None;
+            // SAFETY: walking the control messages recvmsg wrote, within msg_controllen.
+            unsafe {
+                let mut cmsg = libc::CMSG_FIRSTHDR(&message);
+                while !cmsg.is_null() {
+                    if (*cmsg).cmsg_level == libc::SOL_PACKET
+                        && (*cmsg).cmsg_type == libc::PACKET_AUXDATA
+                    {
+                        let aux: libc::tpacket_auxdata =
+                            std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                        if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 {
+                            tag = Some(aux.tp_vlan_tci & 0x0fff);
+                        }
+                    }
+                    cmsg = libc::CMSG_NXTHDR(&message, cmsg);
+                }
+            }
+            return Some((tag, received));
+        }
+        None
+    })
+}
+
+/// The MAC address of `interface` in `netns`.
+fn mac_of(netns: &drain_agent_tests::Netns, interface: &str) -> [u8; 6] {
+    let path = format!("/sys/class/net/{interface}/address");
+    let text = netns.run(move || std::fs::read_to_string(path).unwrap());
+    let bytes: Vec<u8> = text
+        .trim()
+        .split(':')
+        .map(|byte| u8::from_str_radix(byte, 16).unwrap())
+        .collect();
+    bytes.try_into().unwrap()
+}
+
+#[test]
+fn a_syn_tagged_for_vlan_100_to_a_closed_gate_is_refused_with_a_reset_on_vlan_100() {
+    // This kernel has no 802.1Q devices (CONFIG_VLAN_8021Q), so the client writes the tagged
+    // SYN itself with a packet socket, as a host on VLAN 100 of a trunk would send it.
+    let (lab, _api, agent) = lab_with_gate("");
+    drain(&agent);
+    let node_mac = mac_of(&lab.node, "eth0");
+    let client_mac = mac_of(&lab.client, "eth0");
+    let mut frame = Vec::from(node_mac);
+    frame.extend(client_mac);
+    frame.extend([0x81, 0x00, 0x00, 100, 0x08, 0x00]);
+    let client: std::net::Ipv4Addr = drain_agent_tests::CLIENT_V4.parse().unwrap();
+    let node: std::net::Ipv4Addr = drain_agent_tests::NODE_V4.parse().unwrap();
+    frame.extend([0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0]);
+    frame.extend(client.octets());
+    frame.extend(node.octets());
+    frame.extend(40123u16.to_be_bytes());
+    frame.extend(API.to_be_bytes());
+    frame.extend(7000u32.to_be_bytes());
+    frame.extend(0u32.to_be_bytes());
+    frame.extend([0x50, 0x02, 0xfa, 0xf0, 0, 0, 0, 0]);
+    let (tag, reset) = exchange(&lab, frame, API)
+        .expect("no answer to the tagged SYN: the gate let it through or answered elsewhere");
+    assert_eq!(tag, Some(100), "the RST must come back on VLAN 100");
+    assert_eq!(reset[47], 0x14, "RST|ACK: {reset:?}");
+    assert_eq!(
+        u32::from_be_bytes([reset[42], reset[43], reset[44], reset[45]]),
+        7001,
+        "acknowledges the SYN"
+    );
+    assert_eq!(agent.backend("api")["gate"]["refused"], 1);
+}

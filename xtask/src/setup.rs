@@ -36,6 +36,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
     "xz-utils",
+    // Turns a veth's VLAN offload off, so that a test's tags travel inside the frames.
+    "ethtool",
     // Records the agent's system calls, checked against the unit's SystemCallFilter.
     "strace",
     // The fleet: the role and playbooks run by Debian's Ansible (ansible-core 2.14 in

@@ -179,6 +179,7 @@ impl EbpfTracker {
                 direction: direction.to_string(),
                 program_id,
                 mode: None,
+                why: None,
             });
         }
         // Connections start and end here: the packet programs above only follow them.
@@ -211,6 +212,7 @@ impl EbpfTracker {
                 direction: "sock_ops".to_string(),
                 program_id,
                 mode: None,
+                why: None,
             });
         }
         let mut features = vec![FeatureStatus {

@@ -66,8 +66,11 @@ pub fn attach(ebpf: &mut Ebpf, config: &Config) -> Result<Vec<Attachment>, Track
         // end has NAPI enabled, which this side cannot see: containers and test namespaces
         // get the generic mode, which always sends the RST.
         let driver = driver_of(interface);
+        let stripped = stripped_vlans(interface);
         let native = if driver.as_deref() == Some("veth") {
             Err("veth: XDP_TX needs NAPI on the peer".to_string())
+        } else if let Some(stripped) = &stripped {
+            Err(stripped.clone())
         } else {
             program
                 .attach(interface, XdpMode::Driver)
@@ -87,6 +90,9 @@ pub fn attach(ebpf: &mut Ebpf, config: &Config) -> Result<Vec<Attachment>, Track
                 "generic"
             }
         };
+        if let Some(stripped) = &stripped {
+            warn!(interface, "the gate runs in generic mode: {stripped}");
+        }
         debug!(
             interface,
             mode, program_id, "attached the gate as an XDP link"
@@ -96,9 +102,60 @@ pub fn attach(ebpf: &mut Ebpf, config: &Config) -> Result<Vec<Attachment>, Track
             direction: "gate".to_string(),
             program_id,
             mode: Some(mode.to_string()),
+            why: stripped,
         });
     }
     Ok(attachments)
+}
+
+/// Why native XDP on `interface` could not answer every SYN correctly: VLAN devices sit on it
+/// and the NIC strips their tags on receive (`rx-vlan-offload`), so the frame native XDP sees
+/// has no tag, and a RST sent back from there would leave untagged, into a void. The network
+/// stack keeps a stripped tag beside the frame and puts it back on the way out, so generic
+/// mode answers on the right VLAN. `None` when native mode is right (or it cannot be told:
+/// then the driver's own choice stands, as before).
+pub fn stripped_vlans(interface: &str) -> Option<String> {
+    let vlans = vlan_devices_on(interface);
+    if vlans.is_empty() {
+        return None;
+    }
+    /// `ETHTOOL_GFLAGS` and its receive-VLAN-offload bit (linux/ethtool.h).
+    const ETHTOOL_GFLAGS: u32 = 0x25;
+    const ETH_FLAG_RXVLAN: u32 = 1 << 8;
+    let mut value = [ETHTOOL_GFLAGS, 0u32];
+    let strips = ethtool(interface, value.as_mut_ptr().cast())
+        .is_none_or(|()| value[1] & ETH_FLAG_RXVLAN != 0);
+    strips.then(|| {
+        format!(
+            "VLAN device(s) {} on {interface}, whose tags the NIC strips on receive: native XDP \
+             would answer their SYNs untagged (ethtool -K {interface} rxvlan off allows native \
+             mode)",
+            vlans.join(", ")
+        )
+    })
+}
+
+/// The VLAN devices stacked on `interface` (its `upper_*` links whose type is vlan).
+fn vlan_devices_on(interface: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(format!("/sys/class/net/{interface}")) else {
+        return Vec::new();
+    };
+    let mut vlans: Vec<String> = entries
+        .flatten()
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .to_str()?
+                .strip_prefix("upper_")
+                .map(str::to_string)
+        })
+        .filter(|upper| {
+            std::fs::read_to_string(format!("/sys/class/net/{upper}/uevent"))
+                .is_ok_and(|uevent| uevent.lines().any(|line| line == "DEVTYPE=vlan"))
+        })
+        .collect();
+    vlans.sort();
+    vlans
 }
 
 /// The interface's driver name, as `ethtool -i` shows it; `None` if it cannot be read.
@@ -120,21 +177,30 @@ fn driver_of(interface: &str) -> Option<String> {
         regdump_len: u32,
     }
     const ETHTOOL_GDRVINFO: u32 = 0x03;
+    // SAFETY: a plain C struct, zero is a valid value for every field.
+    let mut info: DriverInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    ethtool(interface, (&mut info as *mut DriverInfo).cast())?;
+    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
+    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// One `SIOCETHTOOL` request on `interface`; `data` points at the command's struct, which
+/// starts with its command number and which the kernel fills in.
+fn ethtool(interface: &str, data: *mut libc::c_void) -> Option<()> {
     const SIOCETHTOOL: libc::c_ulong = 0x8946;
     let name = interface.as_bytes();
     if name.len() >= libc::IFNAMSIZ {
         return None;
     }
-    // SAFETY: plain C structs, zero is a valid value for every field.
-    let mut info: DriverInfo = unsafe { std::mem::zeroed() };
-    info.cmd = ETHTOOL_GDRVINFO;
+    // SAFETY: a plain C struct, zero is a valid value for every field.
     let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
     for (to, from) in request.ifr_name.iter_mut().zip(name) {
         *to = *from as libc::c_char;
     }
-    request.ifr_ifru.ifru_data = (&mut info as *mut DriverInfo).cast();
-    // SAFETY: a socket only for the ioctl, closed by OwnedFd; the ioctl writes into `info`,
-    // which outlives the call.
+    request.ifr_ifru.ifru_data = data.cast();
+    // SAFETY: a socket only for the ioctl, closed by OwnedFd; the ioctl writes into `data`,
+    // which the caller keeps alive across the call.
     unsafe {
         let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if socket < 0 {
@@ -146,8 +212,7 @@ fn driver_of(interface: &str) -> Option<String> {
             return None;
         }
     }
-    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
-    Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+    Some(())
 }
 
 /// The LPM-trie key of an allow-list network for backend `index`.

@@ -61,6 +61,7 @@ pub fn attach(ebpf: &mut Ebpf) -> Result<Attachment, TrackerError> {
         direction: "steer".to_string(),
         program_id,
         mode: None,
+        why: None,
     })
 }
 
