@@ -8,6 +8,8 @@
 # in STATE_DIR/previous-version, and rollback makes that the version again and restarts.
 # Every instance listens with SO_REUSEPORT; start-beside starts one more next to the running
 # one (a handover's new version, with a pidfile of its own) and returns once it listens.
+# STATE_DIR/graceful-timeout, if present, is gunicorn's --graceful-timeout (default 30 s; 0: a
+# stop cuts the requests in flight).
 # STATE_DIR/bind, if present, lists the addresses to bind (e.g. "198.18.0.11:8774
 # [2001:db8:da::11]:8774"); without it, every address on PORT.
 set -eu
@@ -40,7 +42,7 @@ start() {
     API_VERSION=$version \
     /usr/bin/python3 -m gunicorn --daemon --pid "$pidfile" \
         --worker-class gthread --workers 2 --threads 32 --keep-alive 300 \
-        --graceful-timeout 30 --backlog 4096 --reuse-port $binds \
+        --graceful-timeout "$(cat "$dir/graceful-timeout" 2>/dev/null || echo 30)" --backlog 4096 --reuse-port $binds \
         --chdir "$app_dir" --log-file "$dir/gunicorn.log" api:app
     # gunicorn --daemon returns before the workers listen; wait for the pidfile.
     i=0

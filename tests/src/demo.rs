@@ -39,6 +39,31 @@ pub struct DemoOptions {
     /// Upgrade with `drain-agent handover` (a new version beside the old, the node stays in
     /// rotation) instead of `drain-agent cycle`.
     pub handover: bool,
+    /// First upgrade to this version the way it is done without the agent — restart node by
+    /// node, HAProxy's health checks and retries only (the seed's procedure without a drain,
+    /// what Kolla-Ansible does) — under the same load, then to `to_version` with the agent;
+    /// the report's `baseline` holds the first run's figures. `None`: the agent run alone.
+    pub baseline: Option<String>,
+}
+
+/// How a run upgrades a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upgrade {
+    /// The service restarted in place (serve-api.sh restart: graceful), then the next node once
+    /// it answers its health check locally; nothing tells the load balancers.
+    Restart,
+    Cycle,
+    Handover,
+}
+
+impl Upgrade {
+    fn name(self) -> &'static str {
+        match self {
+            Upgrade::Restart => "restart",
+            Upgrade::Cycle => "cycle",
+            Upgrade::Handover => "handover",
+        }
+    }
 }
 
 /// One client-side probe request (our own, to see versions over time).
@@ -60,19 +85,75 @@ pub(crate) struct LbSample {
     vip_holder: Option<String>,
     /// API servers in rotation (UP) on the VIP holder; `None` when it could not be read.
     in_rotation: Option<u64>,
+    /// Per load balancer, how much each of [`HIDDEN`]'s counters of the "api" backend grew
+    /// since the run began (a restarted HAProxy's counters add on).
+    hidden: Vec<[u64; HIDDEN.len()]>,
 }
 
+/// What a load balancer hides from the client (a retry, a redispatch to another server) or
+/// loses, as HAProxy counts it per backend (`show stat` columns): report key, column.
+pub(crate) const HIDDEN: [(&str, &str); 6] = [
+    ("retries", "wretr"),
+    ("redispatches", "wredis"),
+    ("connection_errors", "econ"),
+    ("response_errors", "eresp"),
+    ("client_aborts", "cli_abrt"),
+    ("server_aborts", "srv_abrt"),
+];
+
 /// Runs the demo on a started tier and returns the report (also written to the results
-/// folder with the timeline picture).
+/// folder with the timeline picture): with a baseline, first the upgrade without the agent,
+/// then with it, under the same load.
 pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
     std::fs::create_dir_all(&options.results).expect("create the results folder");
+    let baseline = options.baseline.as_ref().map(|version| {
+        eprintln!(
+            "demo: first without the agent: every node restarted in turn to {version}, HAProxy's \
+             health checks and retries only"
+        );
+        let dir = options.results.join("baseline");
+        std::fs::create_dir_all(&dir).expect("create the baseline folder");
+        let (figures, samples, probes) = upgrade(tier, options, Upgrade::Restart, version, false);
+        write_report(&dir, &figures, &samples, &probes);
+        figures
+    });
+    let how = if options.handover {
+        Upgrade::Handover
+    } else {
+        Upgrade::Cycle
+    };
+    if baseline.is_some() {
+        eprintln!(
+            "demo: now with the agent: every node upgraded to {} with `drain-agent {}`",
+            options.to_version,
+            how.name()
+        );
+    }
+    let (mut report, samples, probes) =
+        upgrade(tier, options, how, &options.to_version, options.failover);
+    report["baseline"] = baseline.unwrap_or(Value::Null);
+    write_report(&options.results, &report, &samples, &probes);
+    report
+}
+
+/// One rolling upgrade of every node to `version` under the demo's load, as `how` says; its
+/// figures, and the samples and probes for its timeline.
+fn upgrade(
+    tier: &ApiTier,
+    options: &DemoOptions,
+    how: Upgrade,
+    version: &str,
+    failover_halfway: bool,
+) -> (Value, Vec<LbSample>, Vec<Probe>) {
     let started = Instant::now();
     let client = tier.topology.host("client");
     let url = format!("http://{VIP}:{FRONTEND_PORT}/mix");
+    let load_dir = client.dir.join(format!("load-{}", how.name()));
+    std::fs::create_dir_all(&load_dir).expect("create the load folder");
     // New connection per request: what survives a VIP move (docs/operations.md, the demo).
     let load = Load::start(
         &client.netns,
-        &client.dir,
+        &load_dir,
         &url,
         options.rate,
         options.duration,
@@ -91,21 +172,18 @@ pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
     let halfway = tier.nodes.len() / 2;
     let mut all_ok = true;
     for (index, node) in tier.nodes.iter().enumerate() {
-        if options.failover && index == halfway {
+        if failover_halfway && index == halfway {
             failover = fail_over(tier, started);
         }
-        std::fs::write(
-            tier.topology.host(node).dir.join("version"),
-            &options.to_version,
-        )
-        .unwrap();
+        std::fs::write(tier.topology.host(node).dir.join("version"), version).unwrap();
         let cycle_started_ms = started.elapsed().as_millis() as u64;
-        let operation = if options.handover {
-            "handover"
-        } else {
-            "cycle"
-        };
-        let outcome = tier.agents[index].cli(&[operation, "api", "--json"]);
+        if how == Upgrade::Restart {
+            let (ok, entry) = restart_in_place(tier, node, cycle_started_ms, started);
+            all_ok &= ok;
+            nodes.push(entry);
+            continue;
+        }
+        let outcome = tier.agents[index].cli(&[how.name(), "api", "--json"]);
         let report: Value = serde_json::from_str(&outcome.stdout)
             .unwrap_or_else(|_| json!({"outcome": "error", "message": outcome.stderr.trim()}));
         // Exit 7 says a load balancer did not confirm the return. When the only ones that did
@@ -153,23 +231,39 @@ pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
     let samples = samples.lock().unwrap().clone();
 
     let latency = &result.summary["latencyPercentiles"];
+    let haproxy = hidden_by_load_balancers(&samples);
+    let mut load = result.counts();
+    for (key, value) in [
+        ("url", json!(url)),
+        ("rate_per_second", json!(options.rate)),
+        ("requests", json!(result.total)),
+        ("errors", result.summary["errorDistribution"].clone()),
+        (
+            "latency_p50_ms",
+            json!(latency["p50"].as_f64().map(|s| s * 1000.0)),
+        ),
+        (
+            "latency_p99_ms",
+            json!(latency["p99"].as_f64().map(|s| s * 1000.0)),
+        ),
+    ] {
+        load[key] = value;
+    }
+    // What the load balancers hid (retried, redispatched) or lost counts against the run as
+    // much as what the client saw; a client that gave up (client_aborts) is not the node's.
+    let nothing_hidden = HIDDEN
+        .iter()
+        .filter(|(key, _)| *key != "client_aborts")
+        .all(|(key, _)| haproxy["total"][key] == 0);
     let report = json!({
-        "operation": if options.handover { "handover" } else { "cycle" },
+        "operation": how.name(),
         "capacity": capacity(&samples, tier.nodes.len()),
-        "ok": all_ok && result.errors == 0 && result.non_2xx == 0
-            && final_versions.values().all(|v| v.as_str() == Some(options.to_version.as_str())),
+        "ok": all_ok && result.errors == 0 && result.non_2xx == 0 && result.not_sent == 0
+            && nothing_hidden
+            && final_versions.values().all(|v| v.as_str() == Some(version)),
         "duration_ms": started.elapsed().as_millis() as u64,
-        "load": {
-            "url": url,
-            "rate_per_second": options.rate,
-            "requests": result.total,
-            "succeeded_2xx": result.ok_2xx,
-            "failed": result.errors,
-            "non_2xx": result.non_2xx,
-            "errors": result.summary["errorDistribution"],
-            "latency_p50_ms": latency["p50"].as_f64().map(|s| s * 1000.0),
-            "latency_p99_ms": latency["p99"].as_f64().map(|s| s * 1000.0),
-        },
+        "load": load,
+        "haproxy": haproxy,
         "nodes": nodes,
         "final_versions": final_versions,
         "failover": failover,
@@ -179,8 +273,65 @@ pub fn run(tier: &ApiTier, options: &DemoOptions) -> Value {
             "failed": probes.iter().filter(|p| p.status != Some(200)).count(),
         },
     });
-    write_report(&options.results, &report, &samples, &probes);
-    report
+    (report, samples, probes)
+}
+
+/// Restarts `node`'s service in place the way it is done without the agent (serve-api.sh
+/// restart: the old version stops gracefully, the new one starts) and waits until it answers
+/// its health check on the node itself, as a container's health check would; the load
+/// balancers learn of it from their own health checks only. Returns whether it came back, and
+/// the node's line.
+fn restart_in_place(
+    tier: &ApiTier,
+    node: &str,
+    started_ms: u64,
+    started: Instant,
+) -> (bool, Value) {
+    let host = tier.topology.host(node);
+    let status = host
+        .netns
+        .command(crate::topology::serve_api_script())
+        .args([
+            "restart",
+            host.dir.to_str().unwrap(),
+            &crate::topology::API_PORT.to_string(),
+        ])
+        .status();
+    let restarted_ms = started.elapsed().as_millis() as u64;
+    let addr = host.addr(crate::topology::API_PORT);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let healthy = loop {
+        let answered = host.netns.run(move || {
+            Connection::connect(addr)
+                .and_then(|mut c| c.get("/healthz"))
+                .is_ok_and(|r| r.status == 200)
+        });
+        if answered || Instant::now() >= deadline {
+            break answered;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let healthy_ms = started.elapsed().as_millis() as u64;
+    let ok = status.is_ok_and(|status| status.success()) && healthy;
+    eprintln!(
+        "demo: {node}: restarted in place in {:.1}s ({})",
+        (healthy_ms - started_ms) as f64 / 1000.0,
+        if ok { "healthy" } else { "NOT healthy" }
+    );
+    let report = json!({
+        "outcome": if ok { "restarted" } else { "failed" },
+        "restart_ms": restarted_ms - started_ms,
+        "time_to_healthy_ms": healthy.then_some(healthy_ms - restarted_ms),
+    });
+    (
+        ok,
+        node_entry(
+            node,
+            Some(started_ms),
+            json!(if ok { 0 } else { 1 }),
+            &report,
+        ),
+    )
 }
 
 /// Writes report.json and the timeline picture (timeline.svg) into `results`.
@@ -369,16 +520,31 @@ pub(crate) fn spawn_sampler(
     std::thread::spawn(move || {
         // Counters of a load balancer that stopped stay at their last value; a restarted
         // HAProxy counts from 0 again, which adds to the total rather than lowering it.
+        let grown = |now: u64, before: u64| now.checked_sub(before).unwrap_or(now);
         let mut last = vec![(0u64, 0u64); sockets.len()];
         let mut total = vec![(0u64, 0u64); sockets.len()];
-        while !stop.load(Ordering::Relaxed) {
+        // The backend's counters from the run's first reading on: growth only.
+        let mut hidden_last: Vec<Option<[u64; HIDDEN.len()]>> = vec![None; sockets.len()];
+        let mut hidden = vec![[0u64; HIDDEN.len()]; sockets.len()];
+        loop {
+            // One last reading after the stop: what the run's last requests cost counts too.
+            let stopping = stop.load(Ordering::Relaxed);
             let at_ms = started.elapsed().as_millis() as u64;
             for (index, socket) in sockets.iter().enumerate() {
                 if let Some(now) = frontend_counters(socket) {
-                    let grown = |now: u64, before: u64| now.checked_sub(before).unwrap_or(now);
                     total[index].0 += grown(now.0, last[index].0);
                     total[index].1 += grown(now.1, last[index].1);
                     last[index] = now;
+                }
+                if let Some(now) = backend_counters(socket) {
+                    if let Some(before) = hidden_last[index] {
+                        for (sum, (now, before)) in
+                            hidden[index].iter_mut().zip(now.iter().zip(before))
+                        {
+                            *sum += grown(*now, before);
+                        }
+                    }
+                    hidden_last[index] = Some(now);
                 }
             }
             let holder = lb_netns
@@ -393,10 +559,57 @@ pub(crate) fn spawn_sampler(
                 errors_5xx: total.iter().map(|c| c.1).sum(),
                 vip_holder,
                 in_rotation,
+                hidden: hidden.clone(),
             });
+            if stopping {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(250));
         }
     })
+}
+
+/// [`HIDDEN`]'s counters of the "api" backend, from the admin socket.
+fn backend_counters(socket: &Path) -> Option<[u64; HIDDEN.len()]> {
+    let (header, rows) = show_stat(socket, "-1 2 -1")?;
+    let row = rows.iter().find(|row| row.starts_with("api,BACKEND"))?;
+    let row: Vec<&str> = row.split(',').collect();
+    let mut counters = [0u64; HIDDEN.len()];
+    for (counter, (_, column)) in counters.iter_mut().zip(HIDDEN) {
+        let at = header.iter().position(|h| h == column)?;
+        // An empty field is a counter HAProxy has not started (0).
+        *counter = row.get(at)?.parse().unwrap_or(0);
+    }
+    Some(counters)
+}
+
+/// The report's `haproxy`: per load balancer and in total, how much each of [`HIDDEN`]'s
+/// counters grew over the run.
+pub(crate) fn hidden_by_load_balancers(samples: &[LbSample]) -> Value {
+    let last = samples
+        .last()
+        .map(|sample| sample.hidden.clone())
+        .unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    let mut total = [0u64; HIDDEN.len()];
+    for (name, counters) in ["lb1", "lb2"].iter().zip(&last) {
+        let mut lb = serde_json::Map::new();
+        for (at, (key, _)) in HIDDEN.iter().enumerate() {
+            lb.insert(key.to_string(), json!(counters[at]));
+            total[at] += counters[at];
+        }
+        out.insert(name.to_string(), Value::Object(lb));
+    }
+    out.insert(
+        "total".into(),
+        HIDDEN
+            .iter()
+            .enumerate()
+            .map(|(at, (key, _))| (key.to_string(), json!(total[at])))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+    );
+    Value::Object(out)
 }
 
 /// (req_tot, hrsp_5xx) of the "api" frontend, from the admin socket.
@@ -519,6 +732,7 @@ pub(crate) fn probes_json(probes: &[Probe]) -> Value {
 pub fn summary(report: &Value) -> String {
     let mut out = String::new();
     let load = &report["load"];
+    out.push_str(&side_by_side(report));
     out.push_str(&format!(
         "\n{:<8} {:>9} {:>9} {:>8} {:>10} {:>10} {:>11} {:>13}\n",
         "node", "in-flight", "idle", "drain", "restart", "healthy", "cut/resets", "gate-refused"
@@ -553,10 +767,13 @@ pub fn summary(report: &Value) -> String {
         ));
     }
     out.push_str(&format!(
-        "\nrequests {}  failed {}  non-2xx {}  latency p50 {:.1} ms  p99 {:.1} ms\n",
+        "\nrequests {} of {} scheduled  failed {}  non-2xx {}  not sent {}  latency p50 {:.1} ms  \
+         p99 {:.1} ms\n",
         load["requests"],
+        load["scheduled"],
         load["failed"],
         load["non_2xx"],
+        load["not_sent"],
         load["latency_p50_ms"].as_f64().unwrap_or(0.0),
         load["latency_p99_ms"].as_f64().unwrap_or(0.0),
     ));
@@ -579,5 +796,71 @@ pub fn summary(report: &Value) -> String {
         ));
     }
     out.push_str(&format!("final versions: {}\n", report["final_versions"]));
+    out
+}
+
+/// The run's load and what the load balancers hid, beside the baseline's when there is one:
+/// the demo's first screen.
+fn side_by_side(report: &Value) -> String {
+    let baseline = &report["baseline"];
+    let mut rows: Vec<(String, &Value, &Value)> = Vec::new();
+    for (label, key) in [
+        ("requests scheduled", "scheduled"),
+        ("sent", "sent"),
+        ("succeeded (2xx)", "succeeded_2xx"),
+        ("failed", "failed"),
+        ("answered non-2xx", "non_2xx"),
+        ("never sent", "not_sent"),
+    ] {
+        rows.push((label.into(), &baseline["load"][key], &report["load"][key]));
+    }
+    for (key, column) in HIDDEN {
+        rows.push((
+            format!("HAProxy {} ({column})", key.replace('_', " ")),
+            &baseline["haproxy"]["total"][key],
+            &report["haproxy"]["total"][key],
+        ));
+    }
+    let shown = |v: &Value| v.as_u64().map_or_else(|| "-".into(), |n| n.to_string());
+    let mut out = String::new();
+    if baseline.is_null() {
+        out.push_str(&format!("\n{:<36} {:>16}\n", "", "with the agent"));
+        for (label, _, agent) in rows {
+            out.push_str(&format!("{label:<36} {:>16}\n", shown(agent)));
+        }
+    } else {
+        out.push_str(&format!(
+            "\n{:<36} {:>18} {:>16}\n",
+            "", "without the agent", "with the agent"
+        ));
+        out.push_str(&format!(
+            "{:<36} {:>18} {:>16}\n",
+            "upgrade",
+            format!(
+                "restart → {}",
+                baseline["final_versions"]
+                    .as_object()
+                    .and_then(|v| v.values().next())
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+            ),
+            format!(
+                "{} → {}",
+                report["operation"].as_str().unwrap_or("?"),
+                report["final_versions"]
+                    .as_object()
+                    .and_then(|v| v.values().next())
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+            ),
+        ));
+        for (label, without, agent) in rows {
+            out.push_str(&format!(
+                "{label:<36} {:>18} {:>16}\n",
+                shown(without),
+                shown(agent)
+            ));
+        }
+    }
     out
 }

@@ -455,8 +455,11 @@ pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
     });
     let versions_ok = final_versions == expected_versions;
     let serving_ok = serving.values().all(|v| *v == true);
-    let load_ok =
-        load["failed"] == 0 && load["non_2xx"] == 0 && load["requests"].as_u64() > Some(0);
+    // A request never sent (every connection stuck) fails the run like a failed one.
+    let load_ok = load["failed"] == 0
+        && load["non_2xx"] == 0
+        && load["not_sent"] == 0
+        && load["requests"].as_u64() > Some(0);
     // The role again on the same nodes changes nothing: what an operator may re-run any time.
     let (rerun_code, rerun_output) = ssh.playbook(
         tier,

@@ -492,7 +492,17 @@ impl Lab {
 /// Writes `config` (which must set `control_socket` to DIR/control.sock) to DIR/agent.toml,
 /// starts `drain-agent run` in `netns`, and waits until its control socket answers.
 pub fn start_agent_with_config(netns: &Netns, dir: &Path, config: &str) -> Agent {
-    let mut agent = spawn_agent_in(netns, dir, config, "ebpf", &[]);
+    start_agent_with_config_and_env(netns, dir, config, &[])
+}
+
+/// [`start_agent_with_config`] with extra environment variables (the agent's test hooks).
+pub fn start_agent_with_config_and_env(
+    netns: &Netns,
+    dir: &Path,
+    config: &str,
+    env: &[(&str, &str)],
+) -> Agent {
+    let mut agent = spawn_agent_in(netns, dir, config, "ebpf", env);
     agent.wait_ready();
     agent
 }

@@ -16,31 +16,56 @@ use crate::{Netns, Process};
 pub struct Load {
     process: Process,
     output: PathBuf,
+    /// Requests its schedule holds (see [`LoadResult::scheduled`]).
+    scheduled: u64,
 }
 
 /// What the load generator counted.
 #[derive(Debug)]
 pub struct LoadResult {
+    /// Requests the schedule held: `rate × seconds + 1` (oha sends at 0, 1/rate, … up to and
+    /// including the deadline when it waits for ongoing requests).
+    pub scheduled: u64,
+    /// Requests that got an answer or an error: `ok_2xx + non_2xx + errors`.
     pub total: u64,
     pub ok_2xx: u64,
     pub non_2xx: u64,
     pub errors: u64,
+    /// Scheduled but never sent: oha drops the requests it could not send before the deadline
+    /// (every connection busy) and records nothing for them. A stalled node shows here, not
+    /// among the errors.
+    pub not_sent: u64,
     pub summary: Value,
 }
 
 impl LoadResult {
-    /// Panics unless the load was real (`at_least` requests) and not one request failed or
-    /// got a non-2xx answer; prints the result either way.
+    /// Panics unless the load was real (`at_least` requests), every scheduled request was
+    /// sent, and not one failed or got a non-2xx answer; prints the result either way.
     pub fn assert_no_failures(&self, at_least: u64) {
         eprintln!("load: {self:?}");
         assert!(self.total >= at_least, "too little load: {self:?}");
         assert_eq!(
-            (self.errors, self.non_2xx),
-            (0, 0),
-            "failed requests: {} / statuses: {}",
+            (self.errors, self.non_2xx, self.not_sent),
+            (0, 0, 0),
+            "failed requests: {} / statuses: {} / {} of {} scheduled never sent",
             self.summary["errorDistribution"],
-            self.summary["statusCodeDistribution"]
+            self.summary["statusCodeDistribution"],
+            self.not_sent,
+            self.scheduled
         );
+    }
+
+    /// The figures a report carries for one run of the load: `scheduled`, `sent`,
+    /// `succeeded_2xx`, `non_2xx`, `failed`, `not_sent`.
+    pub fn counts(&self) -> Value {
+        json!({
+            "scheduled": self.scheduled,
+            "sent": self.total,
+            "succeeded_2xx": self.ok_2xx,
+            "non_2xx": self.non_2xx,
+            "failed": self.errors,
+            "not_sent": self.not_sent,
+        })
     }
 }
 
@@ -97,7 +122,13 @@ impl Load {
         Load {
             process: Process::spawn("oha", &mut command),
             output,
+            scheduled: u64::from(rate) * duration.as_secs() + 1,
         }
+    }
+
+    /// Whether oha still runs.
+    pub fn running(&mut self) -> bool {
+        self.process.running()
     }
 
     pub fn finish(mut self, timeout: Duration) -> LoadResult {
@@ -126,11 +157,14 @@ impl Load {
             .flatten()
             .map(|(_, count)| count.as_u64().unwrap_or(0))
             .sum();
+        let total = ok_2xx + non_2xx + errors;
         LoadResult {
-            total: ok_2xx + non_2xx + errors,
+            scheduled: self.scheduled,
+            total,
             ok_2xx,
             non_2xx,
             errors,
+            not_sent: self.scheduled.saturating_sub(total),
             summary,
         }
     }
@@ -145,8 +179,9 @@ pub struct Window {
     pub result: LoadResult,
 }
 
-/// oha runs of `window` each, every one started when the previous one's deadline passes (the
-/// previous one still waits for its last answers), until `stop`; the last one runs to its end.
+/// oha runs of `window` each on a fixed schedule — run N starts at N × `window` whatever the
+/// earlier ones are doing (a run still waiting for a hung request never holds the next one
+/// back) — until `stop`; the runs still going then finish.
 #[allow(clippy::too_many_arguments)]
 pub fn drive_windows(
     netns: &str,
@@ -159,8 +194,13 @@ pub fn drive_windows(
     stop: &AtomicBool,
 ) -> Vec<Window> {
     let mut windows = Vec::new();
-    let mut running: Option<(usize, u64, Load)> = None;
-    let mut next = Instant::now();
+    let mut running: Vec<(usize, u64, Load)> = Vec::new();
+    let first = Instant::now();
+    let finish = |(index, started_ms, load): (usize, u64, Load)| Window {
+        index,
+        started_ms,
+        result: load.finish(window + Duration::from_secs(60)),
+    };
     for index in 0.. {
         let window_dir = dir.join(format!("window-{index:04}"));
         std::fs::create_dir_all(&window_dir).expect("create the load folder");
@@ -172,30 +212,26 @@ pub fn drive_windows(
             window,
             Connections::PerRequest(connections),
         );
-        let started_ms = started.elapsed().as_millis() as u64;
-        if let Some((index, started_ms, previous)) = running.replace((index, started_ms, load)) {
-            let result = previous.finish(window + Duration::from_secs(60));
-            windows.push(Window {
-                index,
-                started_ms,
-                result,
-            });
-        }
-        next += window;
+        running.push((index, started.elapsed().as_millis() as u64, load));
+        let next = first + window * (index as u32 + 1);
         while Instant::now() < next && !stop.load(Ordering::Relaxed) {
+            // Collect the runs that ended, without waiting for any.
+            let mut at = 0;
+            while at < running.len() {
+                if running[at].2.running() {
+                    at += 1;
+                } else {
+                    windows.push(finish(running.remove(at)));
+                }
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         if stop.load(Ordering::Relaxed) {
             break;
         }
     }
-    if let Some((index, started_ms, last)) = running {
-        windows.push(Window {
-            index,
-            started_ms,
-            result: last.finish(window + Duration::from_secs(60)),
-        });
-    }
+    windows.extend(running.into_iter().map(finish));
+    windows.sort_by_key(|window| window.index);
     windows
 }
 
@@ -203,6 +239,8 @@ pub fn drive_windows(
 /// distributions, the median p50 and the worst p99, and each window's own figures.
 pub fn windows_summary(windows: &[Window]) -> Value {
     let mut requests = 0;
+    let mut scheduled = 0;
+    let mut not_sent = 0;
     let mut ok_2xx = 0;
     let mut non_2xx = 0;
     let mut failed = 0;
@@ -214,6 +252,8 @@ pub fn windows_summary(windows: &[Window]) -> Value {
     for window in windows {
         let result = &window.result;
         requests += result.total;
+        scheduled += result.scheduled;
+        not_sent += result.not_sent;
         ok_2xx += result.ok_2xx;
         non_2xx += result.non_2xx;
         failed += result.errors;
@@ -233,16 +273,21 @@ pub fn windows_summary(windows: &[Window]) -> Value {
         window_list.push(json!({
             "window": window.index,
             "started_ms": window.started_ms,
+            "scheduled": result.scheduled,
             "requests": result.total,
             "failed": result.errors,
             "non_2xx": result.non_2xx,
+            "not_sent": result.not_sent,
             "latency_p50_ms": p50,
             "latency_p99_ms": p99,
         }));
     }
     p50s.sort_by(f64::total_cmp);
     json!({
+        "scheduled": scheduled,
+        "sent": requests,
         "requests": requests,
+        "not_sent": not_sent,
         "succeeded_2xx": ok_2xx,
         "failed": failed,
         "non_2xx": non_2xx,

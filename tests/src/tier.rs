@@ -8,7 +8,7 @@ use crate::{
     Agent, Process,
     topology::{
         API_PORT, FRONTEND_PORT, Haproxy, Host, Topology, haproxy_config, serve_api_script,
-        start_api, start_node_agent,
+        start_api, start_node_agent_with_env,
     },
     wait_until,
 };
@@ -39,6 +39,13 @@ pub struct TierOptions {
     pub rollback: bool,
     /// Start no agents: the fleet installs and starts them with the Ansible role.
     pub without_agents: bool,
+    /// The API's stop cuts the requests in flight (gunicorn `--graceful-timeout 0`, like a
+    /// service manager's kill at once) instead of finishing them: then only a drain that
+    /// waits for them loses none.
+    pub stop_cuts_requests: bool,
+    /// The agents' drains end without waiting for in-flight requests (the test hook
+    /// `DRAIN_AGENT_TEST_DRAIN_WITHOUT_WAITING`): the negative control.
+    pub drain_without_waiting: bool,
 }
 
 /// A running tier.
@@ -68,8 +75,16 @@ impl ApiTier {
         let node_hosts: Vec<&Host> = node_names.iter().map(|n| topology.host(n)).collect();
         let lb_hosts = [topology.host("lb1"), topology.host("lb2")];
         for node in &node_hosts {
+            if options.stop_cuts_requests {
+                std::fs::write(node.dir.join("graceful-timeout"), "0").unwrap();
+            }
             start_api(node, version);
         }
+        let env: &[(&str, &str)] = if options.drain_without_waiting {
+            &[("DRAIN_AGENT_TEST_DRAIN_WITHOUT_WAITING", "1")]
+        } else {
+            &[]
+        };
         let agents = node_hosts
             .iter()
             .filter(|_| !options.without_agents)
@@ -91,7 +106,7 @@ impl ApiTier {
                         dir = node.dir.display(),
                     ));
                 }
-                start_node_agent(node, &lb_hosts, &extra, "")
+                start_node_agent_with_env(node, &lb_hosts, &extra, "", env)
             })
             .collect();
         hand_over_orphaned_connections(lb_hosts[0], lb_hosts[1]);

@@ -293,6 +293,17 @@ impl Haproxy {
 /// agent-check alone. `extra_backend` may bring its own `restart`, which replaces the
 /// default one (serve-api.sh restart).
 pub fn start_node_agent(node: &Host, lbs: &[&Host], extra_backend: &str, extra_top: &str) -> Agent {
+    start_node_agent_with_env(node, lbs, extra_backend, extra_top, &[])
+}
+
+/// [`start_node_agent`] with extra environment variables (the agent's test hooks).
+pub fn start_node_agent_with_env(
+    node: &Host,
+    lbs: &[&Host],
+    extra_backend: &str,
+    extra_top: &str,
+    env: &[(&str, &str)],
+) -> Agent {
     let socket = node.dir.join("control.sock");
     let mut config = format!(
         "interfaces = [\"eth0\"]\ncontrol_socket = \"{}\"\nagent_check_listen = \"0.0.0.0:{AGENT_CHECK_PORT}\"\n{extra_top}\n",
@@ -324,5 +335,5 @@ pub fn start_node_agent(node: &Host, lbs: &[&Host], extra_backend: &str, extra_t
     config.push_str(&format!(
         "health = {{ http = \"http://127.0.0.1:{API_PORT}/healthz\", expect = 200, timeout = \"10s\" }}\n{extra_backend}\n",
     ));
-    crate::start_agent_with_config(&node.netns, &node.dir, &config)
+    crate::start_agent_with_config_and_env(&node.netns, &node.dir, &config, env)
 }

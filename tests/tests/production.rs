@@ -465,7 +465,7 @@ fn check_config_names_file_line_and_key_for_each_broken_config() {
         (
             "[[backend]]\nname = \"placement\"\nports = [8778]\n",
             "[[backend]]\nname = \"placement\"\n",
-            "missing field `ports`",
+            "backend[1]: missing field `listen`",
         ),
         (
             "name = \"lb1\"",

@@ -18,7 +18,14 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
-pub fn run(root: &Path, nodes: usize, rate: u32, seconds: u64, handover: bool) -> Result<()> {
+pub fn run(
+    root: &Path,
+    nodes: usize,
+    rate: u32,
+    seconds: u64,
+    handover: bool,
+    baseline: bool,
+) -> Result<()> {
     require_root()?;
     if nodes == 0 || nodes > 20 {
         bail!("--nodes must be between 1 and 20");
@@ -40,18 +47,27 @@ pub fn run(root: &Path, nodes: usize, rate: u32, seconds: u64, handover: bool) -
     );
     let tier = ApiTier::start(topology, nodes, "1.0");
     let operation = if handover { "handover" } else { "cycle" };
+    // With the baseline: 1.0 → 1.1 without the agent, then 1.1 → 1.2 with it.
+    let to_version = if baseline { "1.2" } else { "1.1" };
     eprintln!(
-        "demo: tier up; upgrading every node to 1.1 with `drain-agent {operation}` under load"
+        "demo: tier up; upgrading every node to {to_version} with `drain-agent {operation}` under \
+         load{}",
+        if baseline {
+            ", after the same upgrade to 1.1 without the agent"
+        } else {
+            ""
+        }
     );
     let report = demo::run(
         &tier,
         &DemoOptions {
             rate,
             duration: Duration::from_secs(seconds),
-            to_version: "1.1".into(),
+            to_version: to_version.into(),
             failover: true,
             results: results.clone(),
             handover,
+            baseline: baseline.then(|| "1.1".to_string()),
         },
     );
     drop(tier);

@@ -50,6 +50,10 @@ enum Task {
         /// old one; no node leaves the rotation) instead of `drain-agent cycle`.
         #[arg(long)]
         handover: bool,
+        /// Skip the first run, the upgrade without the agent (restart node by node, HAProxy's
+        /// health checks only), that the agent's run is compared with.
+        #[arg(long)]
+        no_baseline: bool,
     },
     /// The nightly soak: N rolling upgrades (versions alternating 1.1, 1.0, ...) of the demo
     /// tier under constant load through the VIP, faults at random points with --faults
@@ -166,10 +170,11 @@ fn main() -> Result<()> {
             rate,
             seconds,
             handover,
+            no_baseline,
         } => {
             setup::ensure()?;
             build(&root)?;
-            demo::run(&root, nodes, rate, seconds, handover)
+            demo::run(&root, nodes, rate, seconds, handover, !no_baseline)
         }
         Task::Soak {
             rollouts,

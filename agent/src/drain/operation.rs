@@ -628,6 +628,14 @@ impl Run {
                 ));
                 last_progress = Some(Instant::now());
             }
+            if confirmed && drain_without_waiting() {
+                // The suite's negative control: the load balancers stopped sending, and
+                // nothing waits for what the node still has in flight.
+                self.report.drained_ms = Some(millis(drain_started.elapsed()));
+                self.report.drain_evidence =
+                    Some("none: test hook DRAIN_AGENT_TEST_DRAIN_WITHOUT_WAITING".into());
+                break;
+            }
             if confirmed && evidence.is_some() && lb_sessions == Ok(0) {
                 // Confirm HAProxy's side right now rather than from a poll up to 200 ms old.
                 lb_sessions = self.lb_sessions().await;
@@ -1460,4 +1468,11 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Tests only (`DRAIN_AGENT_TEST_DRAIN_WITHOUT_WAITING`): a drain ends as soon as every load
+/// balancer confirmed it, whatever is in flight — the suite's negative control, which must
+/// lose requests where the real drain loses none.
+fn drain_without_waiting() -> bool {
+    std::env::var_os("DRAIN_AGENT_TEST_DRAIN_WITHOUT_WAITING").is_some()
 }
