@@ -213,6 +213,8 @@ fn through_haproxy_to_a_tls_backend_with_http_reuse_always_no_request_fails_duri
     );
     let report = handover.json();
     eprintln!("handover: {}", report["handover"]);
+    // Not held: the old version's exit closes them, and HAProxy drops them from its pool.
+    assert_eq!(report["handover"]["old_connections_held"], 0, "{report}");
     tier.assert_everywhere("node1", "UP");
     load.finish(Duration::from_secs(60))
         .assert_no_failures(1200);
@@ -336,7 +338,14 @@ fn a_large_body_sent_slowly_across_the_old_versions_stop_gets_its_own_answer_or_
             (200, format!("received {total}").as_str()),
             "the upload got an answer that is not its own"
         ),
-        Upload::Failed(why) => eprintln!("the upload failed cleanly: {why}"),
+        Upload::Failed(why) => {
+            eprintln!("the upload failed cleanly: {why}");
+            // Closed by the agent at the old version's exit, not relayed.
+            assert!(
+                report["handover"]["old_connections_closed"].as_u64() >= Some(1),
+                "{report}"
+            );
+        }
     }
 }
 
