@@ -213,8 +213,6 @@ fn through_haproxy_to_a_tls_backend_with_http_reuse_always_no_request_fails_duri
     );
     let report = handover.json();
     eprintln!("handover: {}", report["handover"]);
-    // Not held: the old version's exit closes them, and HAProxy drops them from its pool.
-    assert_eq!(report["handover"]["old_connections_held"], 0, "{report}");
     tier.assert_everywhere("node1", "UP");
     load.finish(Duration::from_secs(60))
         .assert_no_failures(1200);

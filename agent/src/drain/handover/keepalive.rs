@@ -56,16 +56,15 @@ const MAX_METHOD: usize = 32;
 pub struct Held {
     local: SocketAddr,
     socket: OwnedFd,
-    /// How many bytes the old version had read from it when the agent took hold, if it was
-    /// then between requests; `None` if a request was under way on it.
-    idle_at: Option<u64>,
+    /// Where the old version's reading of it stood when the agent took hold.
+    at_hold: Option<Reading>,
 }
 
 /// Whether a backend speaks TLS (its health check asks for https://). Its connections are not
-/// held: their TLS sessions end with the old process, so nothing that arrives on one later
-/// can be relayed, and a held copy would only hide the FIN the old process's exit sends,
+/// relayed: their TLS sessions end with the old process, so nothing that arrives on one later
+/// can be, and a copy held past the exit would only hide the FIN the old process's exit sends,
 /// which is what makes HAProxy drop the connection from its pool instead of sending a request
-/// on it.
+/// on it ([`close_idle`] closes the idle ones even earlier).
 pub fn speaks_tls(backend: &Backend) -> bool {
     backend.health.as_ref().is_some_and(
         |health| matches!(&health.probe, Probe::Http { url, .. } if url.scheme() == "https"),
@@ -134,15 +133,13 @@ pub fn hold(pids: &[i32], ports: &[u16]) -> Vec<Held> {
             }
             match listeners::take(local, pid, fd.fd) {
                 Ok(socket) => {
-                    let idle_at = reading(&socket)
-                        .filter(|reading| reading.between_requests)
-                        .map(|reading| reading.consumed);
+                    let at_hold = reading(&socket);
                     held.insert(
                         inode,
                         Held {
                             local,
                             socket,
-                            idle_at,
+                            at_hold,
                         },
                     );
                 }
@@ -172,15 +169,13 @@ pub fn relay(held: Vec<Held>, unused_for: Duration) -> Tally {
     for Held {
         local,
         socket,
-        idle_at,
+        at_hold,
     } in held
     {
-        // The old version read from it after the agent took hold (it went on with a request
-        // it had, or began one), or it was in the middle of one then: what waits on it, or
-        // comes next, may be the rest of a request, and the client waits for that request's
+        // Unless the old version stopped reading it at the end of a request, what waits on it,
+        // or comes next, may be the rest of a request, and the client waits for that request's
         // answer, which only the old process could have given.
-        let now = reading(&socket).map(|reading| reading.consumed);
-        if idle_at.is_none() || now != idle_at {
+        if !at_request_boundary(at_hold, reading(&socket)) {
             close(
                 &socket,
                 local,
@@ -201,6 +196,40 @@ pub fn relay(held: Vec<Held>, unused_for: Duration) -> Tally {
         tokio::spawn(carry(local, socket, unused_for, tally.clone()));
     }
     tally
+}
+
+/// Whether the old version stopped reading a connection where a request ends: it read
+/// nothing from it after the agent took hold, and either it was between requests then, or it
+/// answered after then (a request in flight at its stop, which a graceful stop finishes) and
+/// the client has all of the answer. A server that reads on after the hold (a body, or a
+/// request that came during its stop) fails this: the connection is closed, never guessed.
+fn at_request_boundary(at_hold: Option<Reading>, at_exit: Option<Reading>) -> bool {
+    let (Some(then), Some(now)) = (at_hold, at_exit) else {
+        return false;
+    };
+    now.consumed == then.consumed
+        && (then.between_requests || (now.acked > then.acked && now.delivered))
+}
+
+/// For a backend that speaks TLS, once its old version was told to stop: shuts down each held
+/// connection that is between requests, so that its FIN makes HAProxy drop it from its pool
+/// now, instead of when the old process exits (a graceful stop can take seconds, and a request
+/// sent meanwhile on a connection the server no longer reads is lost: gunicorn never reads its
+/// idle connections after SIGTERM). Its TLS session cannot be carried on. The others are let go
+/// to the old process, whose exit closes them. Returns how many were shut down.
+pub fn close_idle(held: Vec<Held>) -> u64 {
+    let mut closed = 0;
+    for Held { local, socket, .. } in held {
+        if reading(&socket).is_some_and(|reading| reading.between_requests) {
+            close(
+                &socket,
+                local,
+                "TLS between requests: its session ends with the old version",
+            );
+            closed += 1;
+        }
+    }
+    closed
 }
 
 /// Relays the requests of one held connection to the new version.
@@ -585,6 +614,10 @@ struct Reading {
     /// all of it delivered. A request under way has bytes received after the last sent (the
     /// head, or body after a `100 Continue`).
     between_requests: bool,
+    /// Bytes sent and acknowledged so far.
+    acked: u64,
+    /// Everything written to it was sent and acknowledged.
+    delivered: bool,
 }
 
 /// The kernel's view of a connection's reading (TCP_INFO and SIOCINQ); `None` if unreadable.
@@ -598,12 +631,14 @@ fn reading(socket: &OwnedFd) -> Option<Reading> {
         if before.bytes_received != after.bytes_received {
             continue;
         }
+        let delivered = after.unacked == 0 && after.notsent_bytes == 0;
         return Some(Reading {
             consumed: after.bytes_received.saturating_sub(unread),
             between_requests: unread == 0
-                && after.unacked == 0
-                && after.notsent_bytes == 0
+                && delivered
                 && after.last_data_sent_ms <= after.last_data_recv_ms,
+            acked: after.bytes_acked,
+            delivered,
         });
     }
     None
@@ -614,6 +649,7 @@ struct TcpInfo {
     unacked: u32,
     last_data_sent_ms: u32,
     last_data_recv_ms: u32,
+    bytes_acked: u64,
     bytes_received: u64,
     notsent_bytes: u32,
 }
@@ -624,6 +660,7 @@ fn tcp_info(socket: &OwnedFd) -> Option<TcpInfo> {
     const UNACKED: usize = 24;
     const LAST_DATA_SENT: usize = 44;
     const LAST_DATA_RECV: usize = 52;
+    const BYTES_ACKED: usize = 120;
     const BYTES_RECEIVED: usize = 128;
     const NOTSENT_BYTES: usize = 144;
     let mut buffer = [0u8; 256];
@@ -642,15 +679,13 @@ fn tcp_info(socket: &OwnedFd) -> Option<TcpInfo> {
         return None;
     }
     let u32_at = |at: usize| u32::from_ne_bytes(buffer[at..at + 4].try_into().unwrap());
+    let u64_at = |at: usize| u64::from_ne_bytes(buffer[at..at + 8].try_into().unwrap());
     Some(TcpInfo {
         unacked: u32_at(UNACKED),
         last_data_sent_ms: u32_at(LAST_DATA_SENT),
         last_data_recv_ms: u32_at(LAST_DATA_RECV),
-        bytes_received: u64::from_ne_bytes(
-            buffer[BYTES_RECEIVED..BYTES_RECEIVED + 8]
-                .try_into()
-                .unwrap(),
-        ),
+        bytes_acked: u64_at(BYTES_ACKED),
+        bytes_received: u64_at(BYTES_RECEIVED),
         notsent_bytes: u32_at(NOTSENT_BYTES),
     })
 }

@@ -434,13 +434,10 @@ impl HandoverRun {
         let listening: BTreeSet<u64> = self.old.listeners.iter().map(|l| l.inode).collect();
         self.old.pids = keepalive::processes(&self.old.pids, &listening);
         self.report.old_pids = self.old.pids.clone();
-        // Its connections outlive it in the agent's hands (see `keepalive`), unless TLS ends
-        // them with it anyway.
-        let held = if keepalive::speaks_tls(&self.backend) {
-            Vec::new()
-        } else {
-            keepalive::hold(&self.old.pids, &self.backend.ports)
-        };
+        // Its connections outlive it in the agent's hands (see `keepalive`); over TLS, only
+        // until the idle ones can be closed early.
+        let tls = keepalive::speaks_tls(&self.backend);
+        let mut held = keepalive::hold(&self.old.pids, &self.backend.ports);
         self.report.old_connections_held = held.len() as u64;
         self.report.old_stop_ms = Some(self.ms());
         let stopped = stop(
@@ -450,13 +447,16 @@ impl HandoverRun {
             self.old.unit.clone(),
         )
         .await;
+        if tls {
+            self.report.old_connections_closed = keepalive::close_idle(std::mem::take(&mut held));
+        }
         let exited = wait_exit(&self.old.pids, self.handover.timeout).await;
         if exited {
             self.report.old_exited_ms = Some(self.ms());
             let tally = keepalive::relay(held, self.handover.timeout);
             // Those closed at the exit; a later one (a TLS record or HTTP/2 as the first
             // bytes) is in the log.
-            self.report.old_connections_closed = tally.closed.load(Ordering::Relaxed);
+            self.report.old_connections_closed += tally.closed.load(Ordering::Relaxed);
         }
         self.take_sockets(&self.old);
         // The old listeners are closed: the kernel's lookup finds only the new version's.

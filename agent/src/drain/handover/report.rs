@@ -30,9 +30,9 @@ pub struct HandoverReport {
     /// request on it goes on to the new version (docs/handover.md).
     #[serde(default)]
     pub old_connections_held: u64,
-    /// Of those, the ones closed at once when the old version exited instead of relayed: it
-    /// had left a request unfinished on them, or what waited on them was not an HTTP/1.x
-    /// request (the client retries).
+    /// Of those, the ones closed instead of relayed: when the old version exited, it had left
+    /// a request unfinished on them, or what waited on them was not an HTTP/1.x request; over
+    /// TLS, the ones between requests when it was told to stop (the client retries).
     #[serde(default)]
     pub old_connections_closed: u64,
     /// New connections each version accepted while the handover ran.
