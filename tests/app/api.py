@@ -4,6 +4,8 @@ GET /            -> 200 "ok"
 GET /slow?ms=N   -> sleeps N ms, then 200
 GET /bytes?n=N   -> N bytes of body, streamed in 64 KiB chunks
 GET /mix         -> 200 after 1-10 ms, or 0.2-2 s for one request in ten
+POST /upload     -> reads the body in 64 KiB pieces as it arrives, then 200
+                    "received N" (N: the bytes it read)
 GET /healthz     -> 200, or 503 when the version starts with "broken", or every other
                     300 ms when it starts with "flapping"
 Every response carries X-API-Version from $API_VERSION (default "1.0").
@@ -38,6 +40,8 @@ def app(environ, start_response):
         else:
             time.sleep(random.uniform(0.001, 0.01))
         body = b"mix ok\n"
+    elif path == "/upload":
+        body = b"received %d" % _read_body(environ)
     elif path == "/bytes":
         n = _int(query, "n", 0)
         start_response("200 OK", headers + [("Content-Type", "application/octet-stream"),
@@ -58,6 +62,22 @@ def app(environ, start_response):
     start_response("200 OK", headers + [("Content-Type", "text/plain"),
                                         ("Content-Length", str(len(body)))])
     return [body]
+
+
+def _read_body(environ):
+    try:
+        left = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        left = 0
+    received = 0
+    stream = environ["wsgi.input"]
+    while left > 0:
+        part = stream.read(min(left, 65536))
+        if not part:
+            break
+        received += len(part)
+        left -= len(part)
+    return received
 
 
 def _stream(n):

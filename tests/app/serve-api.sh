@@ -8,8 +8,9 @@
 # in STATE_DIR/previous-version, and rollback makes that the version again and restarts.
 # Every instance listens with SO_REUSEPORT; start-beside starts one more next to the running
 # one (a handover's new version, with a pidfile of its own) and returns once it listens.
-# STATE_DIR/graceful-timeout, if present, is gunicorn's --graceful-timeout (default 30 s; 0: a
-# stop cuts the requests in flight).
+# STATE_DIR/graceful-timeout, if present, holds the seconds a stop lets requests in flight
+# finish (default 30; 0: a stop cuts them) before the workers are killed.
+# STATE_DIR/tls-cert and STATE_DIR/tls-key, if present, make it serve HTTPS with them.
 # STATE_DIR/bind, if present, lists the addresses to bind (e.g. "198.18.0.11:8774
 # [2001:db8:da::11]:8774"); without it, every address on PORT.
 set -eu
@@ -35,15 +36,19 @@ start() {
     if [ -f "$dir/restart-delay" ]; then sleep "$(cat "$dir/restart-delay")"; fi
     version=$(cat "$dir/version" 2>/dev/null || echo 1.0)
     echo "$version" > "$dir/running-version"
-    binds=""
+    graceful=$(cat "$dir/graceful-timeout" 2>/dev/null || echo 30)
+    set --
     for address in $(cat "$dir/bind" 2>/dev/null || echo "[::]:$port"); do
-        binds="$binds --bind $address"
+        set -- "$@" --bind "$address"
     done
+    if [ -f "$dir/tls-cert" ] && [ -f "$dir/tls-key" ]; then
+        set -- "$@" --certfile "$dir/tls-cert" --keyfile "$dir/tls-key"
+    fi
     API_VERSION=$version \
     /usr/bin/python3 -m gunicorn --daemon --pid "$pidfile" \
         --worker-class gthread --workers 2 --threads 32 --keep-alive 300 \
-        --graceful-timeout "$(cat "$dir/graceful-timeout" 2>/dev/null || echo 30)" --backlog 4096 --reuse-port $binds \
-        --chdir "$app_dir" --log-file "$dir/gunicorn.log" api:app
+        --graceful-timeout "$graceful" --backlog 4096 --reuse-port \
+        "$@" --chdir "$app_dir" --log-file "$dir/gunicorn.log" api:app
     # gunicorn --daemon returns before the workers listen; wait for the pidfile.
     i=0
     while [ ! -s "$pidfile" ] && [ "$i" -lt 200 ]; do sleep 0.05; i=$((i + 1)); done

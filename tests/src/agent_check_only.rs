@@ -41,6 +41,7 @@ pub fn tier(extra_backend: &str, agent_inter: &'static str, retries: u32) -> Tie
         agent_inter,
         retries,
         agent_check: true,
+        ..HaproxyOptions::default()
     };
     let lb = Haproxy::start(lb_host, &haproxy_config_with(lb_host, &nodes, &options));
     for node in ["node1", "node2"] {

@@ -111,7 +111,8 @@ pub fn handover_config() -> String {
     )
 }
 
-/// Starts the API on a node with `version` and waits until it answers.
+/// Starts the API on a node with `version` and waits until it answers (over HTTPS if the
+/// node has a certificate, see [`make_tls_certificate`]).
 pub fn start_api(node: &Host, version: &str) {
     std::fs::write(node.dir.join("version"), version).unwrap();
     let mut command = node.netns.command(serve_api_script());
@@ -121,13 +122,58 @@ pub fn start_api(node: &Host, version: &str) {
         "serve-api.sh start failed"
     );
     let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), API_PORT);
+    let tls = node.dir.join("tls-cert").exists();
     wait_until(Duration::from_secs(15), "the API to answer", || {
+        if tls {
+            // The tests' own HTTP client speaks cleartext only; curl checks the HTTPS API.
+            return node
+                .netns
+                .command("curl")
+                .args(["-sfk", "-o", "/dev/null", "-m", "2"])
+                .arg(format!("https://127.0.0.1:{API_PORT}/healthz"))
+                .status()
+                .is_ok_and(|status| status.success());
+        }
         node.netns.run(move || {
             http::Connection::connect(addr)
                 .and_then(|mut c| c.get("/healthz"))
                 .is_ok_and(|r| r.status == 200)
         })
     });
+}
+
+/// A self-signed certificate for the name `api` in the node's `tls-cert` and `tls-key`:
+/// serve-api.sh then serves HTTPS with it. Not a CA (rustls refuses a CA certificate as a
+/// server's own), with the name in subjectAltName (rustls ignores the CN).
+pub fn make_tls_certificate(node: &Host) {
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-subj", "/CN=api", "-days", "2"])
+        .args(["-addext", "subjectAltName=DNS:api"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(node.dir.join("tls-key"))
+        .arg("-out")
+        .arg(node.dir.join("tls-cert"))
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(status.success(), "openssl req for {}", node.name);
+}
+
+/// A backend's `health` over HTTPS, trusting the node's own certificate (for
+/// [`start_node_agent`]'s `extra_backend`, which replaces `{node_dir}`).
+pub fn https_health_config() -> String {
+    format!(
+        "health = {{ http = \"https://127.0.0.1:{API_PORT}/healthz\", host = \"api\", ca = \"{{node_dir}}/tls-cert\", expect = 200, timeout = \"10s\" }}"
+    )
 }
 
 /// HAProxy in front of the nodes: HTTP mode, redispatch, health checks, agent checks naming
@@ -147,6 +193,12 @@ pub struct HaproxyOptions {
     /// Agent checks on the server lines; without them the load balancer follows the runtime
     /// API only.
     pub agent_check: bool,
+    /// The servers speak HTTPS (`ssl verify none` on the server lines: traffic and health
+    /// checks over TLS).
+    pub tls: bool,
+    /// HAProxy's L7 retries (`retry-on` in the backend), e.g. "conn-failure empty-response":
+    /// what a TLS backend with connection reuse needs across a handover (docs/handover.md).
+    pub retry_on: Option<&'static str>,
 }
 
 impl Default for HaproxyOptions {
@@ -155,6 +207,8 @@ impl Default for HaproxyOptions {
             agent_inter: "500ms",
             retries: 3,
             agent_check: true,
+            tls: false,
+            retry_on: None,
         }
     }
 }
@@ -191,6 +245,9 @@ backend {BACKEND}
         dir = lb.dir.display(),
         retries = options.retries,
     );
+    if let Some(retry_on) = options.retry_on {
+        config.push_str(&format!("    retry-on {retry_on}\n"));
+    }
     for node in nodes {
         config.push_str(&format!(
             "    use-server {name} if {{ req.hdr(x-node) -m str {name} }}\n",
@@ -203,6 +260,9 @@ backend {BACKEND}
             name = node.name,
             v4 = node.v4,
         ));
+        if options.tls {
+            config.push_str(" ssl verify none");
+        }
         if options.agent_check {
             config.push_str(&format!(
                 " agent-check agent-port {AGENT_CHECK_PORT} agent-inter {agent_inter} \
@@ -290,8 +350,8 @@ impl Haproxy {
 
 /// Writes an agent config for a node behind `lbs` and starts the agent. With no `lbs` the
 /// agent knows no runtime API and no HAProxy server: the load balancers learn its state from
-/// agent-check alone. `extra_backend` may bring its own `restart`, which replaces the
-/// default one (serve-api.sh restart).
+/// agent-check alone. `extra_backend` may bring its own `restart` or `health`, which replace
+/// the default ones (serve-api.sh restart, HTTP on the API port).
 pub fn start_node_agent(node: &Host, lbs: &[&Host], extra_backend: &str, extra_top: &str) -> Agent {
     start_node_agent_with_env(node, lbs, extra_backend, extra_top, &[])
 }
@@ -331,9 +391,12 @@ pub fn start_node_agent_with_env(
             dir = node.dir.display(),
         ));
     }
+    if !extra_backend.contains("health =") {
+        config.push_str(&format!(
+            "health = {{ http = \"http://127.0.0.1:{API_PORT}/healthz\", expect = 200, timeout = \"10s\" }}\n",
+        ));
+    }
     let extra_backend = extra_backend.replace("{node_dir}", &node.dir.display().to_string());
-    config.push_str(&format!(
-        "health = {{ http = \"http://127.0.0.1:{API_PORT}/healthz\", expect = 200, timeout = \"10s\" }}\n{extra_backend}\n",
-    ));
+    config.push_str(&format!("{extra_backend}\n"));
     crate::start_agent_with_config_and_env(&node.netns, &node.dir, &config, env)
 }

@@ -8,7 +8,7 @@ use crate::{
     http::Connection,
     topology::{
         API_PORT, FRONTEND_PORT, Haproxy, HaproxyOptions, Host, Topology, haproxy_config_with,
-        start_api, start_node_agent,
+        make_tls_certificate, start_api, start_node_agent,
     },
     wait_until,
 };
@@ -29,12 +29,17 @@ pub fn tier_with(extra_backend: &str, extra_top: &str) -> Tier {
     tier_with_options(extra_backend, extra_top, &HaproxyOptions::default())
 }
 
-/// [`tier_with`], HAProxy set up with `options` (e.g. without agent checks).
+/// [`tier_with`], HAProxy set up with `options` (e.g. without agent checks). With
+/// `options.tls` the APIs serve HTTPS with a certificate of their own (and `extra_backend`
+/// should bring a `health` over https, e.g. [`crate::topology::https_health_config`]).
 pub fn tier_with_options(extra_backend: &str, extra_top: &str, options: &HaproxyOptions) -> Tier {
     let topology = Topology::new(&["client", "lb1", "lb2", "node1", "node2"]);
     let nodes: Vec<&Host> = vec![topology.host("node1"), topology.host("node2")];
     let lb_hosts: Vec<&Host> = vec![topology.host("lb1"), topology.host("lb2")];
     for node in &nodes {
+        if options.tls {
+            make_tls_certificate(node);
+        }
         start_api(node, "1.0");
     }
     let agents = nodes

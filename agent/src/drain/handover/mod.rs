@@ -17,7 +17,7 @@ mod version;
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -435,8 +435,15 @@ impl HandoverRun {
                     .saturating_sub(old.unknown),
             ),
         });
-        // Its connections outlive it in the agent's hands (see `keepalive`).
-        let held = keepalive::hold(&self.old.pids, &self.backend);
+        // Its processes now: a worker forked since the handover began (a pre-fork server
+        // replaces the ones that end) holds its listeners and connections too.
+        let listening: BTreeSet<u64> = self.old.listeners.iter().map(|l| l.inode).collect();
+        self.old.pids = keepalive::processes(&self.old.pids, &listening);
+        self.report.old_pids = self.old.pids.clone();
+        // Its connections outlive it in the agent's hands (see `keepalive`); over TLS, only
+        // until the idle ones can be closed early.
+        let tls = keepalive::speaks_tls(&self.backend);
+        let mut held = keepalive::hold(&self.old.pids, &self.backend);
         self.report.old_connections_held = held.len() as u64;
         self.report.old_stop_ms = Some(self.ms());
         let stopped = stop(
@@ -446,10 +453,16 @@ impl HandoverRun {
             self.old.unit.clone(),
         )
         .await;
+        if tls {
+            self.report.old_connections_closed = keepalive::close_idle(std::mem::take(&mut held));
+        }
         let exited = wait_exit(&self.old.pids, self.handover.timeout).await;
         if exited {
             self.report.old_exited_ms = Some(self.ms());
-            keepalive::relay(held, self.handover.timeout);
+            let tally = keepalive::relay(held, self.handover.timeout);
+            // Those closed at the exit; a later one (a TLS record or HTTP/2 as the first
+            // bytes) is in the log.
+            self.report.old_connections_closed += tally.closed.load(Ordering::Relaxed);
         }
         self.take_sockets(&self.old);
         // The old listeners are closed: the kernel's lookup finds only the new version's.

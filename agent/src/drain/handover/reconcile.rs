@@ -6,7 +6,7 @@ use tracing::warn;
 
 use super::{
     keepalive, stray_listeners,
-    version::{owner_of, still_running, stop, wait_exit},
+    version::{boot_id, owner_of, still_running, stop, wait_exit},
 };
 use crate::drain::{
     operation::Operations,
@@ -73,9 +73,15 @@ impl Operations {
                          reused, or another boot): they are left alone"
                     );
                 }
+                // The old version's processes now, as in a handover's own stop: its listeners
+                // (journaled inodes) are found only on the boot that journaled them.
+                if record.switched && !record.boot_id.is_empty() && record.boot_id == boot_id() {
+                    let listening = record.old_listeners.iter().copied().collect();
+                    pids = keepalive::processes(&pids, &listening);
+                }
                 let owner = owner_of(&pids);
                 // The old version's connections outlive it, as in a handover's own stop.
-                let held = if record.switched {
+                let held = if record.switched && !keepalive::speaks_tls(&backend) {
                     keepalive::hold(&pids, &backend)
                 } else {
                     Vec::new()

@@ -30,6 +30,11 @@ pub struct HandoverReport {
     /// request on it goes on to the new version (docs/handover.md).
     #[serde(default)]
     pub old_connections_held: u64,
+    /// Of those, the ones closed instead of relayed: when the old version exited, it had left
+    /// a request unfinished on them, or what waited on them was not an HTTP/1.x request; over
+    /// TLS, the ones between requests when it was told to stop (the client retries).
+    #[serde(default)]
+    pub old_connections_closed: u64,
     /// New connections each version accepted while the handover ran.
     pub accepted_by_old: u64,
     pub accepted_by_new: u64,
@@ -59,12 +64,13 @@ impl HandoverReport {
             out.push_str(&format!(
                 "  old version at stop: {} connections, {} in flight, {} unknown, {} idle; {} \
                  held open by the agent across the stop (their next request goes to the new \
-                 version)\n",
+                 version), {} of them closed at its exit (not between requests)\n",
                 counts.established,
                 counts.in_flight.unwrap_or(0),
                 counts.unknown.unwrap_or(0),
                 counts.idle.unwrap_or(0),
-                self.old_connections_held
+                self.old_connections_held,
+                self.old_connections_closed
             ));
         }
         out.push_str(&format!(
