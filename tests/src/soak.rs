@@ -1,6 +1,6 @@
 //! The nightly soak: N complete rolling upgrades of the demo tier (`drain-agent cycle api` on
 //! every node in turn, the version alternating 1.1, 1.0, 1.1, ...) under constant load through
-//! the VIP, with faults injected at random points (seeded, so a run can be replayed):
+//! the VIP, with faults injected at seeded random points (a run can be replayed):
 //!
 //! - the agent SIGKILLed mid-drain and started again at once (what `Restart=on-failure` does);
 //! - the agent SIGKILLed mid-restart (the restart made to take 3 s), started again at once;
@@ -11,6 +11,14 @@
 //!   the VIP stays where it went;
 //! - a release whose health check fails (version "broken-…"): the cycle rolls back to the
 //!   previous version, and the rollout retries the node with the good release.
+//!
+//! Faults are dealt, not drawn by chance: with `faults`, the first cycles carry one fault each
+//! from a shuffled deck of every kind, so that every kind happens in every run; later cycles
+//! get one with `fault_probability`. A fault counts only once it really happened: one whose
+//! phase the cycle did not show (or left before the fault's moment came) moves to the next
+//! cycle, and one still undealt when the run ends is *missed* and fails the run. After every
+//! agent kill the restarted agent must report that it reconciled the interrupted cycle (its
+//! status and its log), or the run fails.
 //!
 //! The load is oha at a fixed rate, a new connection per request, in runs of a fixed length
 //! started back to back (each run starts when the previous one's deadline passes). Each rollout
@@ -41,9 +49,9 @@ pub struct SoakOptions {
     pub rate: u32,
     /// Connections oha may have open at once.
     pub connections: u32,
-    /// Inject faults at random points.
+    /// Inject faults: every kind once on the first cycles, then at random.
     pub faults: bool,
-    /// Chance that a cycle gets a fault (with `faults`).
+    /// Chance that a cycle after the dealt ones gets a fault (with `faults`).
     pub fault_probability: f64,
     pub seed: u64,
     /// Each rollout lasts at least this long (the load runs throughout).
@@ -112,6 +120,25 @@ impl Rng {
     }
 }
 
+/// Rollouts a run with faults needs on `nodes` nodes: one cycle per fault kind at least
+/// (every kind is dealt on the first cycles).
+pub fn rollouts_needed_for_faults(nodes: usize) -> usize {
+    FaultKind::ALL.len().div_ceil(nodes.max(1))
+}
+
+/// Why the options cannot give every fault kind a cycle, if they cannot.
+pub fn check_fault_cycles(rollouts: usize, nodes: usize, faults: bool) -> Result<(), String> {
+    let needed = rollouts_needed_for_faults(nodes);
+    if faults && rollouts < needed {
+        return Err(format!(
+            "with faults, every one of the {} fault kinds is dealt a cycle of its own: {nodes} \
+             nodes need at least {needed} rollouts (--rollouts {needed}), {rollouts} given",
+            FaultKind::ALL.len()
+        ));
+    }
+    Ok(())
+}
+
 /// A seed from the clock and the pid, for runs that do not give one.
 pub fn fresh_seed() -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -123,6 +150,9 @@ pub fn fresh_seed() -> u64 {
 /// Runs the soak on a tier started with `TierOptions { nopreempt: true, rollback: true }` and
 /// returns the report (also written to `results` with the timeline and the hosts' logs).
 pub fn run(tier: &mut ApiTier, options: &SoakOptions) -> Value {
+    if let Err(problem) = check_fault_cycles(options.rollouts, tier.nodes.len(), options.faults) {
+        panic!("{problem}");
+    }
     std::fs::create_dir_all(&options.results).expect("create the results folder");
     widen_port_ranges(tier);
     let started = Instant::now();
@@ -136,11 +166,26 @@ pub fn run(tier: &mut ApiTier, options: &SoakOptions) -> Value {
     );
     std::thread::sleep(Duration::from_secs(2));
 
+    let mut rng = Rng::new(options.seed);
+    let mut first = if options.faults {
+        FaultKind::ALL.to_vec()
+    } else {
+        Vec::new()
+    };
+    shuffle(&mut first, &mut rng);
     let mut soak = Soak {
         tier,
         options,
-        rng: Rng::new(options.seed),
+        rng,
+        pending: first
+            .into_iter()
+            .map(|kind| Pending {
+                kind,
+                tries: Vec::new(),
+            })
+            .collect(),
         deck: Vec::new(),
+        not_reached: Vec::new(),
         started,
         retired: Vec::new(),
         rollouts: Vec::new(),
@@ -159,6 +204,7 @@ pub fn run(tier: &mut ApiTier, options: &SoakOptions) -> Value {
         soak.problems
             .push(format!("the soak stopped early: {message}"));
     }
+    soak.report_missed();
     let final_versions: serde_json::Map<String, Value> = soak
         .tier
         .nodes
@@ -196,8 +242,14 @@ struct Soak<'a> {
     tier: &'a mut ApiTier,
     options: &'a SoakOptions,
     rng: Rng,
-    /// Fault kinds still to deal (every kind once per round, in random order).
+    /// Faults dealt and not yet injected, the next one first: every kind at the start, then
+    /// one drawn by chance. A fault whose phase a cycle did not reach stays for the next.
+    pending: std::collections::VecDeque<Pending>,
+    /// Fault kinds still to draw after the first round (every kind once per round, in random
+    /// order).
     deck: Vec<FaultKind>,
+    /// Tries of a fault whose moment did not come (moved to the next cycle).
+    not_reached: Vec<Value>,
     started: Instant,
     /// HAProxy processes replaced by a reload or after a failover, finishing their work.
     retired: Vec<Process>,
@@ -207,6 +259,29 @@ struct Soak<'a> {
     /// Per node: every cycle started (for the timeline).
     cycles: BTreeMap<String, Vec<Value>>,
     problems: Vec<String>,
+}
+
+/// A fault dealt and not injected yet.
+struct Pending {
+    kind: FaultKind,
+    /// Where it was tried and why its moment did not come.
+    tries: Vec<Value>,
+}
+
+/// What became of a fault on its cycle.
+enum Fault {
+    /// It happened: its record.
+    Injected(Value),
+    /// Its moment did not come on this cycle: why (it moves to the next cycle).
+    NotReached(String),
+}
+
+/// Fisher-Yates with the soak's generator.
+fn shuffle(kinds: &mut [FaultKind], rng: &mut Rng) {
+    for i in (1..kinds.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        kinds.swap(i, j);
+    }
 }
 
 /// How many times a rollout runs `cycle` on one node before it gives up on it.
@@ -230,10 +305,27 @@ impl Soak<'_> {
             let mut nodes = Vec::new();
             let mut all_serving = true;
             for index in 0..self.tier.nodes.len() {
-                let fault = (self.options.faults
-                    && self.rng.chance(self.options.fault_probability))
-                .then(|| self.deal());
-                let node = self.upgrade_node(rollout, index, target, fault);
+                let fault = self.next_fault();
+                let (node, not_reached) = self.upgrade_node(rollout, index, target, fault);
+                if let Some(kind) = fault {
+                    match not_reached {
+                        None => {
+                            self.pending.pop_front();
+                        }
+                        Some(why) => {
+                            let tried = json!({
+                                "kind": kind.name(),
+                                "rollout": rollout + 1,
+                                "node": self.tier.nodes[index],
+                                "why": why,
+                            });
+                            self.not_reached.push(tried.clone());
+                            if let Some(pending) = self.pending.front_mut() {
+                                pending.tries.push(tried);
+                            }
+                        }
+                    }
+                }
                 all_serving &= node["ended_serving"] == true;
                 nodes.push(node);
                 if !all_serving {
@@ -260,26 +352,66 @@ impl Soak<'_> {
         }
     }
 
+    /// The fault the next cycle carries: the first one dealt and not injected yet (every kind
+    /// at the start of the run); once none is left, one drawn with `fault_probability`.
+    fn next_fault(&mut self) -> Option<FaultKind> {
+        if !self.options.faults {
+            return None;
+        }
+        if self.pending.is_empty() && self.rng.chance(self.options.fault_probability) {
+            let kind = self.deal();
+            self.pending.push_back(Pending {
+                kind,
+                tries: Vec::new(),
+            });
+        }
+        self.pending.front().map(|pending| pending.kind)
+    }
+
     fn deal(&mut self) -> FaultKind {
         if self.deck.is_empty() {
             self.deck = FaultKind::ALL.to_vec();
-            for i in (1..self.deck.len()).rev() {
-                let j = self.rng.below(i as u64 + 1) as usize;
-                self.deck.swap(i, j);
-            }
+            shuffle(&mut self.deck, &mut self.rng);
         }
         self.deck.pop().expect("a full deck")
     }
 
+    /// Every fault dealt and never injected is missed: a problem each, naming where it was
+    /// last tried.
+    fn report_missed(&mut self) {
+        for pending in &self.pending {
+            let problem = match pending.tries.last() {
+                Some(last) => format!(
+                    "fault {} missed: it was tried on {} cycle(s) and never happened; last in \
+                     rollout {} on {}: {}",
+                    pending.kind.name(),
+                    pending.tries.len(),
+                    last["rollout"],
+                    last["node"].as_str().unwrap_or("?"),
+                    last["why"].as_str().unwrap_or("?"),
+                ),
+                None => format!(
+                    "fault {} missed: dealt, but no cycle was left to carry it (rollout {} of \
+                     {} ended the run)",
+                    pending.kind.name(),
+                    self.rollouts.len(),
+                    self.options.rollouts,
+                ),
+            };
+            self.problems.push(problem);
+        }
+    }
+
     /// Cycles one node to `target` (retrying when a fault left it on the old version) and
-    /// says how it ended.
+    /// says how it ended; with a fault, also why the fault did not happen on this cycle if it
+    /// did not (it then moves to the next cycle).
     fn upgrade_node(
         &mut self,
         rollout: usize,
         index: usize,
         target: &str,
         fault: Option<FaultKind>,
-    ) -> Value {
+    ) -> (Value, Option<String>) {
         let name = self.tier.nodes[index].clone();
         let dir = self.tier.topology.host(&name).dir.clone();
         let release = match fault {
@@ -292,40 +424,78 @@ impl Soak<'_> {
         }
         let mut attempts = Vec::new();
         let mut fault_record = Value::Null;
+        let mut not_reached = None;
         let mut ended_serving = false;
         let mut version = None;
         for attempt in 1..=ATTEMPTS {
+            let with_fault = fault.filter(|_| attempt == 1);
+            if matches!(
+                with_fault,
+                Some(FaultKind::VipFailoverMidDrain | FaultKind::HaproxyReloadMidDrain)
+            ) {
+                // Before the cycle starts, so that waiting does not eat the drain.
+                self.wait_load_balancers_ready();
+            }
+            let log_from = std::fs::metadata(&self.tier.agents[index].log).map_or(0, |m| m.len());
             let cycle_started_ms = self.ms();
             let cycle = self.cycle_in_background(index);
-            let injected = match fault {
-                Some(kind) if attempt == 1 => self.inject(kind, index),
-                _ => Value::Null,
-            };
+            let mut injected = with_fault.map(|kind| self.inject(kind, index));
             let outcome = cycle.join().expect("the cycle thread");
             if fault == Some(FaultKind::BrokenRelease) {
                 // The fixed release, for the retry.
                 std::fs::write(dir.join("version"), target).unwrap();
             }
             let report: Value = serde_json::from_str(&outcome.stdout).unwrap_or(Value::Null);
-            let reconciled = if injected["agent_killed"] == true {
-                self.wait_reconciled(index)
-            } else {
-                Value::Null
-            };
+            let mut reconciliation = Value::Null;
+            if let Some(Fault::Injected(record)) = &injected {
+                if record["agent_killed"] == true {
+                    reconciliation = self.wait_reconciled(index, log_from);
+                    if reconciliation["seen"] != true
+                        && outcome.code != Some(8)
+                        && !report["outcome"].is_null()
+                    {
+                        // The CLI had its report: the cycle ended before the kill landed, and
+                        // the kill interrupted nothing.
+                        injected = Some(Fault::NotReached(format!(
+                            "the cycle had ended (exit {}, {}) before the kill landed: nothing \
+                             was interrupted",
+                            outcome.code.map_or_else(|| "?".into(), |c| c.to_string()),
+                            report["outcome"].as_str().unwrap_or("?"),
+                        )));
+                    }
+                }
+            }
             let settled = self.settle(index);
             // Only now: after a kill the CLI returns while the restart is still under way.
             let _ = std::fs::remove_file(dir.join("restart-delay"));
             version = demo::version_of(self.tier, &name);
             ended_serving = settled["serving"] == true;
             let on_target = version.as_deref() == Some(target);
+            let injection = match &injected {
+                Some(Fault::Injected(record)) => record.clone(),
+                Some(Fault::NotReached(why)) => json!({"not_reached": why}),
+                None => Value::Null,
+            };
             eprintln!(
                 "soak:   {name}: cycle exit {} ({}){}{}",
                 outcome
                     .code
                     .map_or_else(|| "signal".into(), |c| c.to_string()),
                 report["outcome"].as_str().unwrap_or("no report"),
-                match fault {
-                    Some(kind) if attempt == 1 => format!(", fault {}", kind.name()),
+                match (with_fault, &injected) {
+                    (Some(kind), Some(Fault::Injected(_))) => format!(
+                        ", fault {}{}",
+                        kind.name(),
+                        match reconciliation["seen"].as_bool() {
+                            Some(true) => ", reconciled",
+                            Some(false) => ", NO reconciliation seen",
+                            None => "",
+                        }
+                    ),
+                    (Some(kind), Some(Fault::NotReached(why))) => format!(
+                        ", fault {} not reached ({why}): it moves to the next cycle",
+                        kind.name()
+                    ),
                     _ => String::new(),
                 },
                 if ended_serving && on_target {
@@ -344,8 +514,8 @@ impl Soak<'_> {
                 "outcome": report["outcome"],
                 "message": report["message"].as_str().map(str::to_string)
                     .unwrap_or_else(|| outcome.stderr.trim().to_string()),
-                "fault": injected,
-                "reconciled": reconciled,
+                "fault": injection,
+                "reconciliation": reconciliation,
                 "settled": settled,
                 "version_after": version,
                 "report": report,
@@ -354,23 +524,28 @@ impl Soak<'_> {
                 .entry(name.clone())
                 .or_default()
                 .push(json!({"cycle_started_ms": cycle_started_ms, "report": report}));
-            if attempt == 1 {
-                if let Some(kind) = fault {
+            match (with_fault, injected) {
+                (Some(kind), Some(Fault::Injected(record))) => {
+                    let killed = record["agent_killed"] == true;
                     fault_record = json!({
                         "kind": kind.name(),
                         "rollout": rollout + 1,
                         "node": name,
-                        "injection": injected,
+                        "injection": record,
                         "exit_code": outcome.code,
-                        "outcome": if reconciled.is_null() {
-                            report["outcome"].clone()
+                        "outcome": if killed {
+                            reconciliation["outcome"].clone()
                         } else {
-                            reconciled["outcome"].clone()
+                            report["outcome"].clone()
                         },
                         "message": attempt_record["message"],
-                        "reconciled": reconciled,
+                        // Only an agent kill leaves something to reconcile.
+                        "reconciled": if killed { json!(reconciliation["seen"] == true) } else { Value::Null },
+                        "reconciliation": reconciliation,
                     });
                 }
+                (Some(_), Some(Fault::NotReached(why))) => not_reached = Some(why),
+                _ => {}
             }
             attempts.push(attempt_record);
             if !ended_serving || on_target {
@@ -384,6 +559,17 @@ impl Soak<'_> {
             fault_record["version_after"] = json!(version);
             fault_record["expected_version"] = json!(target);
             fault_record["ended_serving_on_expected_version"] = json!(ended_serving && on_target);
+            if fault_record["reconciled"] == false {
+                self.problems.push(format!(
+                    "rollout {}: {} on {name}: the restarted agent reported no reconciliation of \
+                     the interrupted cycle ({}); see hosts/{name}/agent.log",
+                    rollout + 1,
+                    fault_record["kind"].as_str().unwrap_or("?"),
+                    fault_record["reconciliation"]["message"]
+                        .as_str()
+                        .unwrap_or("?"),
+                ));
+            }
             self.faults.push(fault_record);
         }
         if !(ended_serving && on_target) {
@@ -399,13 +585,18 @@ impl Soak<'_> {
                 version.as_deref().unwrap_or("unknown"),
             ));
         }
-        json!({
+        let node = json!({
             "node": name,
-            "fault": fault.map(FaultKind::name),
+            "fault": fault.filter(|_| not_reached.is_none()).map(FaultKind::name),
+            "fault_not_reached": not_reached.as_ref().map(|why| json!({
+                "kind": fault.map(FaultKind::name),
+                "why": why,
+            })),
             "attempts": attempts,
             "ended_serving": ended_serving && on_target,
             "version": version,
-        })
+        });
+        (node, not_reached)
     }
 
     /// `drain-agent cycle api --json` against a node's agent, on a thread.
@@ -436,29 +627,46 @@ impl Soak<'_> {
         false
     }
 
-    /// Injects a fault into the cycle running on node `index`; returns what was done.
-    fn inject(&mut self, kind: FaultKind, index: usize) -> Value {
+    /// Watches the phase for `delay`; true if the backend is still in it at the end (the last
+    /// look is the last thing before the fault), false as soon as it left.
+    fn still_in_phase_after(&self, index: usize, phase: &str, delay: Duration) -> bool {
+        let deadline = Instant::now() + delay;
+        loop {
+            if self.phase(index).as_deref() != Some(phase) {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20).min(deadline - Instant::now()));
+        }
+    }
+
+    /// Injects a fault into the cycle running on node `index`: what was done, or why its
+    /// moment did not come on this cycle.
+    fn inject(&mut self, kind: FaultKind, index: usize) -> Fault {
         let (phase, max_delay_ms) = match kind {
             FaultKind::BrokenRelease => {
-                return json!({"at_ms": self.ms(), "what": "the new release answers 503 on /healthz"});
+                return Fault::Injected(
+                    json!({"at_ms": self.ms(), "what": "the new release answers 503 on /healthz"}),
+                );
             }
             FaultKind::AgentKillMidRestart => ("restarting", 2000),
             FaultKind::AgentKillMidDrain => ("draining", 800),
             FaultKind::HaproxyReloadMidDrain | FaultKind::VipFailoverMidDrain => ("draining", 500),
         };
-        if matches!(
-            kind,
-            FaultKind::VipFailoverMidDrain | FaultKind::HaproxyReloadMidDrain
-        ) {
-            self.wait_load_balancers_ready();
-        }
         if !self.wait_phase(index, phase, Duration::from_secs(15)) {
-            return json!({"at_ms": self.ms(), "missed": format!("the cycle never showed `{phase}`")});
+            return Fault::NotReached(format!("the cycle did not show `{phase}` within 15 s"));
         }
-        std::thread::sleep(Duration::from_millis(self.rng.below(max_delay_ms)));
-        let phase_at_injection = self.phase(index);
+        let delay = self.rng.below(max_delay_ms);
+        if !self.still_in_phase_after(index, phase, Duration::from_millis(delay)) {
+            return Fault::NotReached(format!(
+                "the cycle left `{phase}` before the fault's moment, {delay} ms into it"
+            ));
+        }
         let at_ms = self.ms();
-        let mut record = json!({"at_ms": at_ms, "phase_at_injection": phase_at_injection});
+        let mut record =
+            json!({"at_ms": at_ms, "phase_at_injection": phase, "delay_in_phase_ms": delay});
         match kind {
             FaultKind::AgentKillMidDrain | FaultKind::AgentKillMidRestart => {
                 self.tier.agents[index].kill_and_restart();
@@ -497,7 +705,7 @@ impl Soak<'_> {
             }
             FaultKind::BrokenRelease => unreachable!(),
         }
-        record
+        Fault::Injected(record)
     }
 
     /// Starts a new HAProxy on `lb` with the same config, taking over from the running one
@@ -568,41 +776,81 @@ impl Soak<'_> {
         );
     }
 
-    /// After an agent kill: waits until the new agent has reconciled the interrupted cycle and
-    /// returns its summary.
-    fn wait_reconciled(&self, index: usize) -> Value {
+    /// After an agent kill: waits (at most 90 s) until the restarted agent has reported the
+    /// reconciliation of the interrupted cycle — in its status (`last_operation` is a
+    /// `reconcile`) and in its log (from `log_from`, the log's length before the cycle) — and
+    /// returns what it said, `seen` true; `seen` false if it did not report one.
+    fn wait_reconciled(&self, index: usize, log_from: u64) -> Value {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            if let Some(status) = self.tier.agents[index].try_status() {
+            let log = self.agent_log_since(index, log_from);
+            let started = log
+                .iter()
+                .find(|line| line.contains("in the middle of an operation: reconciling"));
+            let status = self.tier.agents[index].try_status();
+            if let Some(status) = &status {
                 let backend = status["backends"]
                     .as_array()
                     .and_then(|b| b.iter().find(|b| b["name"] == BACKEND).cloned())
                     .unwrap_or(Value::Null);
                 let last = &backend["last_operation"];
                 if status["running"].is_null() && last["operation"] == "reconcile" {
-                    return json!({
-                        "outcome": last["outcome"],
-                        "message": last["message"],
-                        "state": backend["state"],
-                    });
+                    if let Some(started) = started {
+                        return json!({
+                            "seen": true,
+                            "interrupted_operation": log_field(started, "operation"),
+                            "interrupted_phase": log_field(started, "phase"),
+                            "outcome": last["outcome"],
+                            "message": last["message"],
+                            "state": backend["state"],
+                            "log": log,
+                        });
+                    }
                 }
-                // Killed just as the cycle ended: the journal held nothing to reconcile.
+                // Nothing reconciled and nothing under way a while after the start: the
+                // journal held no interrupted operation.
                 if status["running"].is_null()
                     && last.is_null()
                     && status["uptime_seconds"].as_f64().is_some_and(|s| s > 5.0)
                 {
                     return json!({
+                        "seen": false,
                         "outcome": null,
-                        "message": "nothing to reconcile: no operation was under way at the kill",
+                        "message": "the restarted agent found nothing to reconcile",
                         "state": backend["state"],
+                        "log": log,
                     });
                 }
             }
             if Instant::now() > deadline {
-                return json!({"outcome": null, "message": "no reconciliation within 90 s"});
+                return json!({
+                    "seen": false,
+                    "outcome": null,
+                    "message": format!(
+                        "no reconciliation reported within 90 s (status: {}, log: {})",
+                        if status.is_some() { "answering" } else { "not answering" },
+                        if started.is_some() { "reconciling" } else { "no reconciliation" },
+                    ),
+                    "log": log,
+                });
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The node's agent log lines about reconciliation written since `from` (bytes).
+    fn agent_log_since(&self, index: usize, from: u64) -> Vec<String> {
+        let bytes = std::fs::read(&self.tier.agents[index].log).unwrap_or_default();
+        let new = bytes.get(from as usize..).unwrap_or_default();
+        String::from_utf8_lossy(new)
+            .lines()
+            .filter(|line| {
+                line.contains("reconcil")
+                    || line.contains("the restart the previous")
+                    || line.contains("interrupted restart")
+            })
+            .map(|line| line.trim().to_string())
+            .collect()
     }
 
     /// Waits (at most 60 s) until the node is serving: the agent at rest in `serving`, and UP
@@ -670,6 +918,7 @@ impl Soak<'_> {
         let probe_failed = probes.iter().filter(|p| p.status != Some(200)).count();
 
         let mut by_kind: BTreeMap<&str, Value> = BTreeMap::new();
+        let mut never_injected = Vec::new();
         for kind in FaultKind::ALL {
             let events: Vec<&Value> = self
                 .faults
@@ -692,11 +941,23 @@ impl Soak<'_> {
                     .filter(|e| e[key] == true || e[key].as_u64().is_some_and(|n| n > 0))
                     .count()
             };
+            let missed = self.pending.iter().filter(|p| p.kind == kind).count();
+            let not_reached = self
+                .not_reached
+                .iter()
+                .filter(|t| t["kind"] == kind.name())
+                .count();
+            if self.options.faults && events.is_empty() && missed == 0 {
+                never_injected.push(kind.name());
+            }
+            let kills = events.iter().filter(|e| !e["reconciled"].is_null()).count();
             by_kind.insert(
                 kind.name(),
                 json!({
                     "injected": events.len(),
-                    "missed": events.iter().filter(|e| !e["injection"]["missed"].is_null()).count(),
+                    "not_reached": not_reached,
+                    "missed": missed,
+                    "reconciled": (kills > 0).then(|| events.iter().filter(|e| e["reconciled"] == true).count()),
                     "cycle_exit_codes": exit_codes,
                     "outcomes": outcomes,
                     "retried": count("retries"),
@@ -719,7 +980,21 @@ impl Soak<'_> {
         let final_ok = final_versions
             .values()
             .all(|v| v.as_str() == Some(last_target));
-        let ok = self.problems.is_empty()
+        let unreconciled = self
+            .faults
+            .iter()
+            .filter(|f| f["reconciled"] == false)
+            .count();
+        let mut problems = self.problems.clone();
+        problems.extend(
+            never_injected
+                .iter()
+                .map(|kind| format!("fault {kind} was never injected")),
+        );
+        let ok = problems.is_empty()
+            && self.pending.is_empty()
+            && never_injected.is_empty()
+            && unreconciled == 0
             && completed == self.options.rollouts
             && all_nodes_ok
             && final_ok
@@ -762,7 +1037,9 @@ impl Soak<'_> {
                 "connections": self.options.connections,
                 "load_window_seconds": self.options.window.as_secs(),
                 "min_rollout_seconds": self.options.min_rollout.as_secs(),
-                "fault_probability_per_cycle": if self.options.faults { self.options.fault_probability } else { 0.0 },
+                // Every kind dealt once on the first cycles, then this chance per cycle.
+            "faults_dealt_first": if self.options.faults { FaultKind::ALL.len() } else { 0 },
+            "fault_probability_per_cycle": if self.options.faults { self.options.fault_probability } else { 0.0 },
                 "url": url,
                 "new_connection_per_request": true,
             },
@@ -770,13 +1047,25 @@ impl Soak<'_> {
             "probe": {"requests": probes.len(), "failed": probe_failed},
             "faults": by_kind,
             "fault_events": self.faults,
+            "faults_not_reached": self.not_reached,
             "failovers": self.failovers,
             "rollouts": self.rollouts,
             "final_versions": final_versions,
-            "problems": self.problems,
+            "problems": problems,
             "nodes": nodes,
         })
     }
+}
+
+/// A field of a plain tracing line (`name=value` or `name="value"`).
+fn log_field(line: &str, name: &str) -> Option<String> {
+    let start = line.find(&format!(" {name}="))? + name.len() + 2;
+    let rest = &line[start..];
+    let value = match rest.strip_prefix('"') {
+        Some(quoted) => &quoted[..quoted.find('"')?],
+        None => rest.split_whitespace().next()?,
+    };
+    Some(value.to_string())
 }
 
 /// A server's status on one load balancer's runtime API; `None` while it does not answer.
@@ -864,8 +1153,15 @@ pub fn summary(report: &Value) -> String {
     ));
     if report["faults_enabled"] == true {
         out.push_str(&format!(
-            "{:<28} {:>8} {:>9} {:<22} {:>22}\n",
-            "fault", "injected", "retried", "cycle exit codes", "ended serving on target"
+            "{:<28} {:>8} {:>11} {:>6} {:>10} {:>7}  {:<18} {:>23}\n",
+            "fault",
+            "injected",
+            "not reached",
+            "missed",
+            "reconciled",
+            "retried",
+            "cycle exit codes",
+            "ended serving on target"
         ));
         for (kind, entry) in report["faults"].as_object().into_iter().flatten() {
             let codes: Vec<String> = entry["cycle_exit_codes"]
@@ -875,8 +1171,13 @@ pub fn summary(report: &Value) -> String {
                 .map(|(code, n)| format!("{code}×{n}"))
                 .collect();
             out.push_str(&format!(
-                "{kind:<28} {:>8} {:>9} {:<22} {:>22}\n",
+                "{kind:<28} {:>8} {:>11} {:>6} {:>10} {:>7}  {:<18} {:>23}\n",
                 entry["injected"].to_string(),
+                entry["not_reached"].to_string(),
+                entry["missed"].to_string(),
+                entry["reconciled"]
+                    .as_u64()
+                    .map_or_else(|| "-".to_string(), |n| n.to_string()),
                 entry["retried"].to_string(),
                 codes.join(" "),
                 entry["ended_serving_on_expected_version"].to_string(),
@@ -893,4 +1194,44 @@ pub fn summary(report: &Value) -> String {
         "soak: FAILED\n"
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_with_faults_needs_a_cycle_per_kind() {
+        assert_eq!(rollouts_needed_for_faults(3), 2);
+        assert_eq!(rollouts_needed_for_faults(5), 1);
+        assert_eq!(rollouts_needed_for_faults(2), 3);
+        assert!(check_fault_cycles(2, 3, true).is_ok());
+        assert!(check_fault_cycles(1, 3, false).is_ok());
+        let refused = check_fault_cycles(1, 3, true).unwrap_err();
+        assert!(refused.contains("at least 2 rollouts"), "{refused}");
+    }
+
+    #[test]
+    fn the_first_round_deals_every_kind_once() {
+        for seed in 0..50 {
+            let mut kinds = FaultKind::ALL.to_vec();
+            shuffle(&mut kinds, &mut Rng::new(seed));
+            kinds.sort();
+            assert_eq!(kinds, FaultKind::ALL.to_vec());
+        }
+    }
+
+    #[test]
+    fn fields_are_read_from_plain_log_lines() {
+        let line = "2026-05-20T10:00:00.000000Z  WARN drain_agent::drain::reconcile: the previous \
+                    agent stopped in the middle of an operation: reconciling backend=\"api\" \
+                    operation=\"cycle\" phase=\"draining\" on_restart=\"restore\"";
+        assert_eq!(log_field(line, "operation").as_deref(), Some("cycle"));
+        assert_eq!(log_field(line, "phase").as_deref(), Some("draining"));
+        assert_eq!(
+            log_field("x phase=restarting y", "phase").as_deref(),
+            Some("restarting")
+        );
+        assert_eq!(log_field(line, "missing"), None);
+    }
 }

@@ -56,15 +56,17 @@ enum Task {
         no_baseline: bool,
     },
     /// The nightly soak: N rolling upgrades (versions alternating 1.1, 1.0, ...) of the demo
-    /// tier under constant load through the VIP, faults at random points with --faults
-    /// (root). Writes results/soak-STAMP/ and fails if any request failed or any node did not
-    /// end serving on the expected version.
+    /// tier under constant load through the VIP, faults with --faults (root). Writes
+    /// results/soak-STAMP/ and fails if any request failed, any node did not end serving on the
+    /// expected version, a fault kind never happened or an agent kill was not reconciled.
     Soak {
         /// Complete rolling upgrades to run.
         #[arg(long, default_value_t = 50)]
         rollouts: usize,
-        /// Inject faults at random points: agent SIGKILL mid-drain and mid-restart, HAProxy
-        /// reload mid-drain, VIP failover mid-drain, a release that fails its health check.
+        /// Inject faults: agent SIGKILL mid-drain and mid-restart, HAProxy reload mid-drain,
+        /// VIP failover mid-drain, a release that fails its health check. Every kind is dealt
+        /// on the first cycles (one each, seeded order), later cycles get one with probability
+        /// 1/2; needs at least 5 cycles (rollouts × nodes), else exit 2.
         #[arg(long)]
         faults: bool,
         /// Seed of the fault generator (printed by every run), to replay a run.
@@ -185,20 +187,22 @@ fn main() -> Result<()> {
             rollout_seconds,
             window_seconds,
         } => {
+            let args = soak::Args {
+                rollouts,
+                faults,
+                seed,
+                nodes,
+                rate,
+                rollout_seconds,
+                window_seconds,
+            };
+            if let Err(err) = soak::check_args(&args) {
+                eprintln!("error: {err:#}");
+                std::process::exit(2);
+            }
             setup::ensure()?;
             build(&root)?;
-            soak::run(
-                &root,
-                &soak::Args {
-                    rollouts,
-                    faults,
-                    seed,
-                    nodes,
-                    rate,
-                    rollout_seconds,
-                    window_seconds,
-                },
-            )
+            soak::run(&root, &args)
         }
         Task::Package => {
             setup::ensure()?;

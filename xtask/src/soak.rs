@@ -1,6 +1,6 @@
 //! `cargo xtask soak`: the nightly automation. N rolling upgrades of the demo tier under
-//! constant load, with faults at random points when asked; a report, a timeline picture and
-//! every host's logs under results/soak-STAMP/.
+//! constant load, with faults when asked (every kind at least once per run); a report, a
+//! timeline picture and every host's logs under results/soak-STAMP/.
 
 use std::{path::Path, time::Duration};
 
@@ -23,14 +23,25 @@ pub struct Args {
     pub window_seconds: u64,
 }
 
-pub fn run(root: &Path, args: &Args) -> Result<()> {
-    crate::demo::require_root()?;
+/// Refuses what cannot run, before anything is set up (a usage error: exit 2). With faults,
+/// every fault kind is dealt a cycle of its own on the first cycles, so the run needs at least
+/// as many cycles (rollouts × nodes) as there are kinds.
+pub fn check_args(args: &Args) -> Result<()> {
     if args.nodes < 2 || args.nodes > 20 {
         bail!("--nodes must be between 2 and 20 (a cycle needs another server UP: min_serving)");
     }
     if args.rollouts == 0 || args.rate == 0 || args.window_seconds == 0 {
         bail!("--rollouts, --rate and --window-seconds must be at least 1");
     }
+    if let Err(problem) = soak::check_fault_cycles(args.rollouts, args.nodes, args.faults) {
+        bail!("--faults: {problem}");
+    }
+    Ok(())
+}
+
+pub fn run(root: &Path, args: &Args) -> Result<()> {
+    crate::demo::require_root()?;
+    check_args(args)?;
     let seed = args.seed.unwrap_or_else(soak::fresh_seed);
     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
         .to_string()
