@@ -1000,6 +1000,8 @@ impl Soak<'_> {
             && final_ok
             && failed == 0
             && non_2xx == 0
+            // A scheduled request never sent (every connection stuck) counts as lost.
+            && load["not_sent"] == 0
             && probe_failed == 0
             && requests > 0;
         let nodes: Vec<Value> = self

@@ -56,6 +56,7 @@ fn three_rolling_upgrades_with_every_fault_kind_lose_no_request_and_end_on_the_n
     let load = &report["load"];
     assert!(load["requests"].as_u64().unwrap() >= 5000, "{load}");
     assert_eq!(load["failed"], 0, "failed requests: {}", load["errors"]);
+    assert_eq!(load["not_sent"], 0, "scheduled requests never sent: {load}");
     assert_eq!(load["non_2xx"], 0, "{}", load["status_codes"]);
     assert_eq!(report["probe"]["failed"], 0, "{}", report["probe"]);
     assert_eq!(report["rollouts_completed"], 3, "{}", report["problems"]);
