@@ -56,9 +56,9 @@ pub fn packet(ctx: &SkBuffContext, direction: Direction) {
     // socket the kernel attaches (full, request or time-wait). 0 once the kernel closed the
     // socket and released its port: the RST of an abort leaves after that, and its flow
     // (ended, in the storage until the socket is freed) re-counts the ending.
-    // SAFETY: checked non-null; the verifier allows this field of any attached socket.
     // Only the port: a connection to another address on it (another listener's) has no
     // storage and, older than the agent, was never seeded, so the lookups below skip it.
+    // SAFETY: checked non-null; the verifier allows this field of any attached socket.
     let port = unsafe { (*sk).src_port };
     if port != 0 && backend::watched_port(port).is_none() {
         return;
