@@ -2,12 +2,14 @@
 //! `ansible-playbook` installs the agent with the role (deploy/ansible/site.yml), then upgrades
 //! the API node by node (rolling-upgrade.yml) while oha sends load through the VIP.
 //!
-//! The lab's nodes share the host's file system and have no systemd: the role unpacks the
-//! package under a prefix per node and starts the agent with start-stop-daemon. Everything —
-//! keys, sshd configs, Ansible's temporary files, the agents' files — lives in the run's
-//! directory; sshd runs in a mount namespace of its own whose /run is a private tmpfs (sshd
-//! needs /run/sshd), so nothing is written outside it. `cargo xtask fleet` runs it; the
-//! fleet tests a shorter one.
+//! By default the API nodes boot systemd ([`crate::booted`]): the role installs the `.deb`
+//! with apt, the agent runs under its shipped unit, a cycle restarts the API's unit. The older
+//! lab ([`NodeKind::Namespaces`]) keeps nodes that share the host's file system and have no
+//! systemd: the role unpacks the package under a prefix per node and starts the agent with
+//! start-stop-daemon; sshd runs in a mount namespace of its own whose /run is a private tmpfs
+//! (sshd needs /run/sshd). Either way everything — keys, configs, root file systems, Ansible's
+//! temporary files — lives in the run's directory. `cargo xtask fleet` runs it; the fleet
+//! tests a shorter one.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -21,7 +23,9 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::{
-    Process, agent_binary, demo, load, must,
+    Process, agent_binary,
+    booted::{self, BootedNode, NodeSetup},
+    demo, load, must,
     tier::{ApiTier, TierOptions, VIP},
     topology::{API_PORT, BACKEND, FRONTEND_PORT, Host, Topology, serve_api_script},
     wait_until,
@@ -42,6 +46,17 @@ const PLAYBOOK_DEADLINE: Duration = Duration::from_secs(600);
 /// Length of one oha run; runs follow each other until the playbook is done.
 const LOAD_WINDOW: Duration = Duration::from_secs(5);
 
+/// How the fleet's API nodes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    /// Containers that boot systemd (`systemd-nspawn -b`): the agent installed by apt and run
+    /// by its shipped unit, the API a systemd unit restarted by `systemd_unit`.
+    Booted,
+    /// Network namespaces on the host: sshd in a mount namespace, the agent under a prefix
+    /// started by start-stop-daemon, the API by tests/app/serve-api.sh.
+    Namespaces,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
@@ -55,17 +70,74 @@ pub struct FleetOptions {
     pub results: PathBuf,
 }
 
-/// Starts the demo's tier without agents (the role installs them) on `topology`.
-pub fn start_tier(topology: Topology, nodes: usize) -> ApiTier {
-    ApiTier::start_with(
+/// The tier and its API nodes, ready for Ansible: the controller's key and every node's host
+/// key made for this run; booted nodes already running systemd, sshd and the API.
+pub struct Fleet {
+    // Drop order: the containers power off before the tier removes their namespaces.
+    pub booted: Vec<BootedNode>,
+    pub tier: ApiTier,
+    pub kind: NodeKind,
+}
+
+impl Fleet {
+    /// A booted node by name (None for namespace nodes).
+    pub fn booted(&self, name: &str) -> Option<&BootedNode> {
+        self.booted.iter().find(|node| node.name == name)
+    }
+}
+
+/// Starts the demo's tier without agents (the role installs them) on `topology`, its API
+/// nodes of `kind`.
+pub fn start(topology: Topology, nodes: usize, kind: NodeKind) -> Fleet {
+    let names: Vec<String> = (1..=nodes).map(|i| format!("node{i}")).collect();
+    let ssh_dir = topology.dir.path().join("fleet/ssh");
+    std::fs::create_dir_all(&ssh_dir).unwrap();
+    keygen(&ssh_dir.join("id_ed25519"), "drain-agent fleet controller");
+    for name in &names {
+        let node = topology.host(name);
+        keygen(&node.dir.join("ssh_host_ed25519_key"), name);
+    }
+    let booted = match kind {
+        NodeKind::Namespaces => Vec::new(),
+        NodeKind::Booted => {
+            let rootfs = booted::rootfs(&rootfs_cache())
+                .unwrap_or_else(|err| panic!("the nodes' root file system: {err}"));
+            let authorized_key = std::fs::read_to_string(ssh_dir.join("id_ed25519.pub")).unwrap();
+            names
+                .iter()
+                .map(|name| {
+                    let host = topology.host(name);
+                    BootedNode::boot(
+                        host,
+                        &NodeSetup {
+                            rootfs: &rootfs,
+                            root: topology.dir.path().join("roots").join(name),
+                            authorized_key: &authorized_key,
+                            host_key: &host.dir.join("ssh_host_ed25519_key"),
+                            version: FROM_VERSION,
+                        },
+                    )
+                    .unwrap_or_else(|err| panic!("boot {name}: {err}"))
+                })
+                .collect()
+        }
+    };
+    let tier = ApiTier::start_with(
         topology,
         nodes,
         FROM_VERSION,
         &TierOptions {
             without_agents: true,
+            api_by_nodes: kind == NodeKind::Booted,
             ..TierOptions::default()
         },
-    )
+    );
+    Fleet { booted, tier, kind }
+}
+
+/// Where the nodes' root file system is cached: target/nodes.
+fn rootfs_cache() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/nodes")
 }
 
 /// sshd on every API node, and what the controller needs to reach them: a key pair made for
@@ -79,25 +151,25 @@ pub struct Ssh {
 }
 
 impl Ssh {
-    /// Generates the keys, starts sshd on every node of `tier`, waits until each answers, and
-    /// writes the inventory: `deb` is the package the role installs; `break_node` gets a
-    /// version that fails its health check.
-    pub fn start(tier: &ApiTier, deb: &Path, to_version: &str, break_node: Option<&str>) -> Ssh {
+    /// Starts sshd on every namespace node (booted nodes run their own), waits until each
+    /// answers, and writes the known hosts and the inventory: `deb` is the package the role
+    /// installs; `break_node` gets a version that fails its health check.
+    pub fn start(fleet: &Fleet, deb: &Path, to_version: &str, break_node: Option<&str>) -> Ssh {
+        let tier = &fleet.tier;
         let dir = tier.topology.dir.path().join("fleet");
         let ssh_dir = dir.join("ssh");
-        std::fs::create_dir_all(&ssh_dir).unwrap();
         let key = ssh_dir.join("id_ed25519");
-        keygen(&key, "drain-agent fleet controller");
         let mut known_hosts = String::new();
         let mut sshd = Vec::new();
         for name in &tier.nodes {
             let node = tier.topology.host(name);
             let host_key = node.dir.join("ssh_host_ed25519_key");
-            keygen(&host_key, name);
             let public = std::fs::read_to_string(host_key.with_extension("pub")).unwrap();
             let public: Vec<&str> = public.split_whitespace().take(2).collect();
             known_hosts.push_str(&format!("{} {}\n", node.v4, public.join(" ")));
-            sshd.push(start_sshd(node, &host_key, &key.with_extension("pub")));
+            if fleet.kind == NodeKind::Namespaces {
+                sshd.push(start_sshd(node, &host_key, &key.with_extension("pub")));
+            }
         }
         std::fs::write(ssh_dir.join("known_hosts"), known_hosts).unwrap();
         let client = tier.topology.host("client");
@@ -116,7 +188,7 @@ impl Ssh {
         std::fs::write(
             &inventory,
             serde_json::to_string_pretty(&inventory_for(
-                tier, &deb, to_version, break_node, &reports,
+                fleet, &deb, to_version, break_node, &reports,
             ))
             .unwrap(),
         )
@@ -204,17 +276,25 @@ impl Ssh {
         (status.and_then(|status| status.code()), output)
     }
 
-    /// `drain-agent status --json` of a node's agent (installed by the role under its prefix).
-    pub fn agent_status(&self, tier: &ApiTier, node: &str) -> Option<Value> {
-        let prefix = prefix(tier.topology.host(node));
-        let out = Command::new(prefix.join("usr/bin/drain-agent"))
-            .args(["status", "--json", "--control-socket"])
-            .arg(prefix.join("run/drain-agent/control.sock"))
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())?
+    /// `drain-agent status --json` of a node's agent: the packaged binary in a booted node,
+    /// the one the role installed under its prefix in a namespace node.
+    pub fn agent_status(&self, fleet: &Fleet, node: &str) -> Option<Value> {
+        let stdout = match fleet.booted(node) {
+            Some(booted) => {
+                let (ok, stdout) = booted.run(&["drain-agent", "status", "--json"]);
+                ok.then_some(stdout.into_bytes())?
+            }
+            None => {
+                let prefix = prefix(fleet.tier.topology.host(node));
+                let out = Command::new(prefix.join("usr/bin/drain-agent"))
+                    .args(["status", "--json", "--control-socket"])
+                    .arg(prefix.join("run/drain-agent/control.sock"))
+                    .output()
+                    .ok()?;
+                out.status.success().then_some(out.stdout)?
+            }
+        };
+        serde_json::from_slice(&stdout).ok()
     }
 }
 
@@ -284,49 +364,65 @@ Subsystem sftp /usr/lib/openssh/sftp-server
     Process::spawn("sshd", &mut command)
 }
 
-/// The lab's inventory: every API node with its install prefix, the load balancers' runtime
-/// APIs, the backend with the lab's restart and rollback (tests/app/serve-api.sh), and the
+/// The lab's inventory: every API node (with its install prefix when it is a namespace
+/// node), the load balancers' runtime APIs, the backend with the lab's restart and rollback
+/// (the API's systemd units in a booted node, tests/app/serve-api.sh otherwise), and the
 /// version each node is to get.
 fn inventory_for(
-    tier: &ApiTier,
+    fleet: &Fleet,
     deb: &Path,
     to_version: &str,
     break_node: Option<&str>,
     reports: &Path,
 ) -> Value {
+    let tier = &fleet.tier;
     let mut hosts = serde_json::Map::new();
     for name in &tier.nodes {
         let node = tier.topology.host(name);
-        let dir = node.dir.display().to_string();
-        let script = serve_api_script().display().to_string();
-        let command = |action: &str| json!({"command": [script, action, dir, API_PORT.to_string()], "timeout": "60s"});
         let new_version = if break_node == Some(name.as_str()) {
             format!("broken-{to_version}")
         } else {
             to_version.to_string()
         };
-        hosts.insert(
-            name.clone(),
-            json!({
+        let backend = |restart: Value, rollback: Value| {
+            json!([{
+                "name": BACKEND,
+                "ports": [API_PORT],
+                "haproxy": {"backend": BACKEND},
+                "drain_timeout": "30s",
+                "restart": restart,
+                "rollback": rollback,
+                "health": {
+                    "http": format!("http://127.0.0.1:{API_PORT}/healthz"),
+                    "expect": 200,
+                    "timeout": "10s",
+                },
+            }])
+        };
+        let vars = match fleet.kind {
+            NodeKind::Booted => json!({
                 "ansible_host": node.v4.to_string(),
-                "drain_agent_prefix": prefix(node),
-                "drain_agent_backends": [{
-                    "name": BACKEND,
-                    "ports": [API_PORT],
-                    "haproxy": {"backend": BACKEND},
-                    "drain_timeout": "30s",
-                    "restart": command("restart"),
-                    "rollback": command("rollback"),
-                    "health": {
-                        "http": format!("http://127.0.0.1:{API_PORT}/healthz"),
-                        "expect": 200,
-                        "timeout": "10s",
-                    },
-                }],
-                "lab_node_dir": dir,
+                "drain_agent_backends": backend(
+                    json!({"systemd_unit": booted::API_UNIT, "timeout": "60s"}),
+                    json!({"command": ["systemctl", "start", booted::ROLLBACK_UNIT], "timeout": "60s"}),
+                ),
+                "lab_node_dir": booted::STATE_IN_NODE,
                 "lab_new_version": new_version,
             }),
-        );
+            NodeKind::Namespaces => {
+                let dir = node.dir.display().to_string();
+                let script = serve_api_script().display().to_string();
+                let command = |action: &str| json!({"command": [script, action, dir, API_PORT.to_string()], "timeout": "60s"});
+                json!({
+                    "ansible_host": node.v4.to_string(),
+                    "drain_agent_prefix": prefix(node),
+                    "drain_agent_backends": backend(command("restart"), command("rollback")),
+                    "lab_node_dir": dir,
+                    "lab_new_version": new_version,
+                })
+            }
+        };
+        hosts.insert(name.clone(), vars);
     }
     let lbs: Vec<&Host> = ["lb1", "lb2"]
         .iter()
@@ -355,14 +451,15 @@ fn inventory_for(
 /// Runs the fleet on a tier from [`start_tier`]: builds the package, starts sshd on every
 /// node, installs the agents with site.yml, then runs rolling-upgrade.yml under load. Returns
 /// the report (also written to the results folder with the timeline and Ansible's output).
-pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
+pub fn run(fleet: &Fleet, options: &FleetOptions) -> Value {
+    let tier = &fleet.tier;
     std::fs::create_dir_all(&options.results).expect("create the results folder");
     let started = Instant::now();
     let started_at = SystemTime::now();
     let deb = crate::package::build(&agent_binary(), tier.topology.dir.path())
         .unwrap_or_else(|err| panic!("build the package: {err}"));
     let ssh = Ssh::start(
-        tier,
+        fleet,
         &deb,
         &options.to_version,
         options.break_node.as_deref(),
@@ -375,8 +472,15 @@ pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
         true,
     );
     if deploy_code != Some(0) {
+        save_journals(fleet, &options.results);
         return failed_before_upgrade(options, deploy_code, started);
     }
+    // When systemd started each node's API before the upgrade: a cycle's restart changes it.
+    let api_started_before: Vec<u64> = fleet
+        .booted
+        .iter()
+        .map(|node| node.unit_started_us(booted::API_UNIT))
+        .collect();
 
     let url = format!("http://{VIP}:{FRONTEND_PORT}/mix");
     let watch = demo::Watch::start(
@@ -422,18 +526,38 @@ pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
         expected_versions.insert(name.clone(), json!(expected));
         final_versions.insert(name.clone(), json!(demo::version_of(tier, name)));
         serving.insert(name.clone(), json!(serving_everywhere(tier, name)));
-        let last_operation = ssh.agent_status(tier, name).and_then(|status| {
+        let last_operation = ssh.agent_status(fleet, name).and_then(|status| {
             status["backends"][0]["last_operation"]["operation"]
                 .as_str()
                 .map(str::to_string)
         });
-        nodes.push(node_entry(
+        let mut entry = node_entry(
             name,
             &ssh.reports.join(format!("{name}.json")),
             started_at,
             last_operation,
-        ));
+        );
+        if let Some(node) = fleet.booted(name) {
+            entry["pid1"] = json!(node.pid1());
+            entry["agent_unit"] = json!(node.unit_state("drain-agent.service"));
+            entry["agent_package"] = json!(node.package_version(crate::package::NAME));
+            entry["api_restarted_by_systemd"] =
+                json!(node.unit_started_us(booted::API_UNIT) != api_started_before[index]);
+        }
+        nodes.push(entry);
     }
+    save_journals(fleet, &options.results);
+    // Booted nodes: systemd is PID 1 and runs the packaged agent, and it restarted the API of
+    // every node the play reached (the broken one too: its restart, then its rollback) and of
+    // no other.
+    let booted_ok = nodes.iter().enumerate().all(|(index, node)| {
+        fleet.kind == NodeKind::Namespaces
+            || (node["pid1"] == "systemd"
+                && node["agent_unit"] == "active"
+                && node["agent_package"] == json!(crate::package::version())
+                && node["api_restarted_by_systemd"]
+                    == json!(break_index.is_none_or(|broken| index <= broken)))
+    });
     let recap = recap(&output);
     let load = load::windows_summary(&windows);
     let expected_exit_ok = match break_index {
@@ -474,7 +598,11 @@ pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
         });
     let report = json!({
         "ok": expected_exit_ok && recap_ok && untouched_ok && versions_ok && serving_ok && load_ok
-            && idempotent,
+            && idempotent && booted_ok,
+        "node_kind": match fleet.kind {
+            NodeKind::Booted => "booted (systemd-nspawn -b, systemd as PID 1)",
+            NodeKind::Namespaces => "namespaces (no systemd; the agent under a prefix)",
+        },
         "title": format!("Rolling upgrade by Ansible under load{}", options.break_node.as_ref().map_or(String::new(), |node| format!(", {node} broken"))),
         "duration_ms": started.elapsed().as_millis() as u64,
         "playbook": {
@@ -492,6 +620,7 @@ pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
             "every_node_serving": serving_ok,
             "no_failed_request": load_ok,
             "site_yml_again_changes_nothing": idempotent,
+            "agents_run_by_systemd_from_the_package": booted_ok,
         },
         "site_yml_again": {"exit_code": rerun_code, "recap": rerun_recap},
         "load": with_demo_latency(load, &url, options.rate),
@@ -508,6 +637,18 @@ pub fn run(tier: &ApiTier, options: &FleetOptions) -> Value {
     });
     demo::write_report(&options.results, &report, &samples, &probes);
     report
+}
+
+/// Every booted node's journal of the agent and the API, into the results folder.
+fn save_journals(fleet: &Fleet, results: &Path) {
+    for node in &fleet.booted {
+        for unit in ["drain-agent.service", booted::API_UNIT] {
+            let _ = std::fs::write(
+                results.join(format!("journal-{}-{unit}.log", node.name)),
+                node.journal(unit),
+            );
+        }
+    }
 }
 
 /// The report when the role could not even install the agents.

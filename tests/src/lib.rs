@@ -5,6 +5,7 @@
 //! panics. Tests panic with context instead of returning errors, so a failure points at a line.
 
 pub mod agent_check_only;
+pub mod booted;
 pub mod demo;
 pub mod fleet;
 pub mod http;

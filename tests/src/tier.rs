@@ -39,6 +39,8 @@ pub struct TierOptions {
     pub rollback: bool,
     /// Start no agents: the fleet installs and starts them with the Ansible role.
     pub without_agents: bool,
+    /// Start no API servers: the nodes' own service managers run them (booted nodes).
+    pub api_by_nodes: bool,
     /// The API's stop cuts the requests in flight (gunicorn `--graceful-timeout 0`, like a
     /// service manager's kill at once) instead of finishing them: then only a drain that
     /// waits for them loses none.
@@ -78,7 +80,9 @@ impl ApiTier {
             if options.stop_cuts_requests {
                 std::fs::write(node.dir.join("graceful-timeout"), "0").unwrap();
             }
-            start_api(node, version);
+            if !options.api_by_nodes {
+                start_api(node, version);
+            }
         }
         let env: &[(&str, &str)] = if options.drain_without_waiting {
             &[("DRAIN_AGENT_TEST_DRAIN_WITHOUT_WAITING", "1")]

@@ -1,6 +1,8 @@
 //! The fleet: the Debian package installs and removes cleanly, the Ansible role and playbooks
 //! pass ansible-lint, and the real `ansible-playbook` upgrades the demo's tier over SSH under
-//! load — every node, or up to the first node whose new version fails its health check.
+//! load — every node, or up to the first node whose new version fails its health check — on
+//! API nodes that boot systemd (the package installed by apt, the agent under its shipped
+//! unit), and once on the older namespace nodes without systemd.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,7 +12,7 @@ use std::{
 
 use drain_agent_tests::{
     Netns, TempDir, agent_binary, command_output,
-    fleet::{self, FleetOptions},
+    fleet::{self, FleetOptions, NodeKind},
     must, package, require_root,
     tier::host_names,
     topology::Topology,
@@ -201,7 +203,7 @@ impl Footprint {
 }
 
 /// Builds the tier, runs the fleet, tears everything down, and checks that nothing is left.
-fn run_fleet(nodes: usize, break_node: Option<&str>) -> Value {
+fn run_fleet(nodes: usize, break_node: Option<&str>, kind: NodeKind) -> Value {
     let names = host_names(nodes);
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let topology = Topology::new(&names);
@@ -214,9 +216,9 @@ fn run_fleet(nodes: usize, break_node: Option<&str>) -> Value {
     let before = Footprint::take(&run_dir, &marker);
     let results = TempDir::new("fleet-results");
     let report = {
-        let tier = fleet::start_tier(topology, nodes);
+        let fleet = fleet::start(topology, nodes, kind);
         fleet::run(
-            &tier,
+            &fleet,
             &FleetOptions {
                 rate: 150,
                 to_version: "1.1".into(),
@@ -262,9 +264,35 @@ fn assert_no_failed_request(report: &Value) {
     assert_eq!(load["non_2xx"], 0, "{load}");
 }
 
+/// Every node booted systemd, which runs the agent from the package under its shipped unit.
+fn assert_agents_run_by_systemd_from_the_package(report: &Value) {
+    for node in report["nodes"].as_array().unwrap() {
+        assert_eq!(node["pid1"], "systemd", "{node}");
+        assert_eq!(node["agent_unit"], "active", "{node}");
+        assert_eq!(node["agent_package"], package::version(), "{node}");
+    }
+}
+
 #[test]
-fn a_rolling_upgrade_by_ansible_under_load_upgrades_every_node_without_a_failed_request() {
-    let report = run_fleet(2, None);
+fn a_rolling_upgrade_by_ansible_on_nodes_that_boot_systemd_installs_the_package_and_upgrades_every_node_without_a_failed_request()
+ {
+    let report = run_fleet(2, None, NodeKind::Booted);
+    assert_agents_run_by_systemd_from_the_package(&report);
+    for node in report["nodes"].as_array().unwrap() {
+        // The cycle's restart went through systemd: the API unit's start time changed.
+        assert_eq!(node["api_restarted_by_systemd"], true, "{node}");
+    }
+    assert_every_node_upgraded_without_a_failed_request(&report);
+}
+
+#[test]
+fn a_rolling_upgrade_by_ansible_on_namespace_nodes_without_systemd_upgrades_every_node_without_a_failed_request()
+ {
+    let report = run_fleet(2, None, NodeKind::Namespaces);
+    assert_every_node_upgraded_without_a_failed_request(&report);
+}
+
+fn assert_every_node_upgraded_without_a_failed_request(report: &Value) {
     assert_eq!(report["playbook"]["exit_code"], 0, "{}", report["playbook"]);
     for node in ["node1", "node2"] {
         let recap = &report["playbook"]["recap"][node];
@@ -284,7 +312,7 @@ fn a_rolling_upgrade_by_ansible_under_load_upgrades_every_node_without_a_failed_
         assert_eq!(node["exit_code"], 0, "{node}");
         assert_eq!(node["cut_in_flight"], 0, "{node}");
     }
-    assert_no_failed_request(&report);
+    assert_no_failed_request(report);
     assert_eq!(
         report["checks"]["site_yml_again_changes_nothing"], true,
         "the role changed something on a second run: {}",
@@ -296,7 +324,8 @@ fn a_rolling_upgrade_by_ansible_under_load_upgrades_every_node_without_a_failed_
 #[test]
 fn a_node_whose_new_version_fails_its_health_check_stops_the_play_and_later_nodes_keep_the_old_version()
  {
-    let report = run_fleet(3, Some("node2"));
+    let report = run_fleet(3, Some("node2"), NodeKind::Booted);
+    assert_agents_run_by_systemd_from_the_package(&report);
     let playbook = &report["playbook"];
     assert!(
         playbook["exit_code"].as_i64().is_some_and(|code| code != 0),
@@ -309,6 +338,17 @@ fn a_node_whose_new_version_fails_its_health_check_stops_the_play_and_later_node
     // The cycle rolled node2 back to the version it ran before (exit 6): serving 1.0.
     assert_eq!(nodes[1]["exit_code"], 6, "node2: {}", nodes[1]);
     assert_eq!(nodes[2]["touched"], false, "node3 was cycled: {}", nodes[2]);
+    // systemd restarted node1's API and node2's (its restart, then its rollback unit), not
+    // node3's.
+    let restarted: Vec<Option<bool>> = nodes
+        .iter()
+        .map(|node| node["api_restarted_by_systemd"].as_bool())
+        .collect();
+    assert_eq!(
+        restarted,
+        [Some(true), Some(true), Some(false)],
+        "{nodes:?}"
+    );
     assert_eq!(report["final_versions"]["node1"], "1.1");
     assert_eq!(report["final_versions"]["node2"], "1.0");
     assert_eq!(report["final_versions"]["node3"], "1.0");

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context as _, Result, bail};
 use drain_agent_tests::{
     TempDir,
-    fleet::{self, FleetOptions},
+    fleet::{self, FleetOptions, NodeKind},
     tier::host_names,
     topology::Topology,
 };
@@ -37,7 +37,13 @@ pub fn check_args(nodes: usize, break_node: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-pub fn run(root: &Path, nodes: usize, rate: u32, break_node: Option<String>) -> Result<()> {
+pub fn run(
+    root: &Path,
+    nodes: usize,
+    rate: u32,
+    break_node: Option<String>,
+    kind: NodeKind,
+) -> Result<()> {
     crate::demo::require_root()?;
     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
         .to_string()
@@ -45,7 +51,11 @@ pub fn run(root: &Path, nodes: usize, rate: u32, break_node: Option<String>) -> 
     let results = root.join("results").join(format!("fleet-{stamp}"));
     eprintln!(
         "fleet: starting 2 load balancers (HAProxy + keepalived, VIP), {nodes} API nodes \
-         (gunicorn {} + sshd) and a client (ansible-playbook, oha at {rate} req/s)",
+         ({}gunicorn {} + sshd) and a client (ansible-playbook, oha at {rate} req/s)",
+        match kind {
+            NodeKind::Booted => "systemd-nspawn -b: systemd, ",
+            NodeKind::Namespaces => "namespaces: ",
+        },
         fleet::FROM_VERSION
     );
     let names = host_names(nodes);
@@ -56,9 +66,9 @@ pub fn run(root: &Path, nodes: usize, rate: u32, break_node: Option<String>) -> 
         TempDir::at("/tmp/drain-agent-fleet".into()),
         &names,
     );
-    let tier = fleet::start_tier(topology, nodes);
+    let fleet = fleet::start(topology, nodes, kind);
     let report = fleet::run(
-        &tier,
+        &fleet,
         &FleetOptions {
             rate,
             to_version: "1.1".into(),
@@ -66,7 +76,7 @@ pub fn run(root: &Path, nodes: usize, rate: u32, break_node: Option<String>) -> 
             results: results.clone(),
         },
     );
-    drop(tier);
+    drop(fleet);
     print!("{}", fleet::summary(&report));
     println!(
         "\nreport: {}\ntimeline: {}\nAnsible's output: {}",

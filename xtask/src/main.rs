@@ -102,6 +102,10 @@ enum Task {
         /// must stop there, leave later nodes untouched, and exit non-zero.
         #[arg(long = "break", value_name = "NODE")]
         break_node: Option<String>,
+        /// API nodes as network namespaces of this host (no systemd; the agent unpacked under
+        /// a prefix) instead of containers that boot systemd and install the package with apt.
+        #[arg(long)]
+        namespace_nodes: bool,
     },
     /// Measure every speed figure of docs/performance.md, each beside a baseline from the same
     /// run (root): throughput with and without the agent, the kernel programs' cost per packet
@@ -213,6 +217,7 @@ fn main() -> Result<()> {
             nodes,
             rate,
             break_node,
+            namespace_nodes,
         } => {
             if let Err(err) = fleet::check_args(nodes, break_node.as_deref()) {
                 eprintln!("error: {err:#}");
@@ -220,7 +225,12 @@ fn main() -> Result<()> {
             }
             setup::ensure()?;
             build(&root)?;
-            fleet::run(&root, nodes, rate, break_node)
+            let kind = if namespace_nodes {
+                drain_agent_tests::fleet::NodeKind::Namespaces
+            } else {
+                drain_agent_tests::fleet::NodeKind::Booted
+            };
+            fleet::run(&root, nodes, rate, break_node, kind)
         }
         Task::Bench { json, only } => {
             setup::ensure()?;

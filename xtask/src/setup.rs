@@ -46,6 +46,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ansible-lint",
     "openssh-server",
     "openssh-client",
+    // The fleet's API nodes boot systemd: a Debian root file system made once by mmdebstrap,
+    // booted per node by systemd-nspawn.
+    "mmdebstrap",
+    "systemd-container",
 ];
 
 /// The third-party load generator (per-request status and error accounting, JSON output).
